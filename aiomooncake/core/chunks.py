@@ -1,0 +1,42 @@
+"""Chunk plans for the data plane, and the bounds check every write must pass.
+
+Large messages are split so several engine requests are in flight at once (pipelining inside the
+engine, and a bounded amount of work per completion check). The receiver announces
+``[addr, addr + capacity)``; the intra-node NVLink transport does not bound-check remote writes,
+so the sender checks every planned write against that announcement before submitting it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MessageMismatch
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    offset: int
+    length: int
+
+
+def plan_chunks(nbytes: int, chunk_bytes: int, min_chunks: int = 1) -> list[Chunk]:
+    """Split ``nbytes`` into chunks of at most ``chunk_bytes`` (and at least ``min_chunks`` pieces
+    when the message is large enough that splitting helps), aligned to 4 KiB where possible."""
+    if nbytes < 0 or chunk_bytes <= 0 or min_chunks <= 0:
+        raise ValueError("nbytes must be >= 0, chunk_bytes and min_chunks > 0")
+    if nbytes == 0:
+        return []
+    size = min(chunk_bytes, max(4096, -(-nbytes // min_chunks)))
+    if size < nbytes and size > 4096:
+        size = (size + 4095) // 4096 * 4096
+    return [Chunk(off, min(size, nbytes - off)) for off in range(0, nbytes, size)]
+
+
+def check_write(addr: int, capacity: int, chunk: Chunk) -> int:
+    """Return the remote address of ``chunk``, or raise if it would land outside the destination."""
+    if chunk.offset < 0 or chunk.length < 0 or chunk.offset + chunk.length > capacity:
+        raise MessageMismatch(
+            f"refusing a write of {chunk.length} B at offset {chunk.offset}: the receiver's "
+            f"destination holds only {capacity} B"
+        )
+    return addr + chunk.offset

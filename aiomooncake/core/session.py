@@ -1,0 +1,458 @@
+"""The per-peer rendezvous state machine (no I/O).
+
+The adapter calls methods (``post_send``, ``post_recv``, ``receive``, ``accept`` ...); the session
+updates its state and appends frames to :attr:`Session.outbox` and events to
+:attr:`Session.events`, which the adapter drains after every call.
+
+Send path (sender's view)::
+
+    small:  EAGER ---------------------------------> ACK | NACK          => done | failed
+    large:  RTS ---> CTS(addr, capacity) => WriteRequested ... write_finished => DONE  => done
+                 \\-> NACK                                                               => failed
+
+Receive path (receiver's view)::
+
+    post_recv --(matches EAGER or RTS, in tag order)--> RecvMatched
+    EAGER: adapter copies the payload, calls delivered()          => ACK,  RecvComplete
+    RTS:   adapter prepares the destination, calls accept()       => CTS;  DONE => RecvComplete
+    dtype or size differ                                            => NACK, RecvFailed(MessageMismatch)
+
+Cancellation: an unmatched receive is withdrawn locally; a receive whose CTS went out sends RCANCEL
+and is only released (RecvReleased) once the sender answers DONE or ABORT, so no byte lands in its
+buffer afterwards. A cancelled send sends ABORT; an unmatched message is withdrawn by the receiver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Union
+
+from ..errors import (
+    AiomooncakeError,
+    MessageMismatch,
+    PeerClosed,
+    ProtocolError,
+    TransferCancelled,
+    TransferFailed,
+)
+from .matching import TagMatcher
+from .messages import (
+    Abort,
+    Ack,
+    Code,
+    Cts,
+    Done,
+    Eager,
+    Message,
+    Nack,
+    RCancel,
+    Rts,
+)
+
+
+class SendState(Enum):
+    EAGER_SENT = "eager-sent"
+    RTS_SENT = "rts-sent"
+    WRITING = "writing"
+    CANCELLING = "cancelling"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class RecvState(Enum):
+    POSTED = "posted"
+    MATCHED = "matched"
+    CTS_SENT = "cts-sent"
+    CANCELLING = "cancelling"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class RecvSpec:
+    """What a receive expects; ``None`` fields accept anything (recv_tensor)."""
+
+    dtype: str | None = None
+    numel: int | None = None
+
+
+@dataclass(eq=False, slots=True)
+class SendOp:
+    id: int
+    tag: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    device: str
+    eager: bool
+    state: SendState
+    addr: int = 0
+    capacity: int = 0
+    link: str = ""
+    context: object = None  # the adapter's handle (future, tensor, ...)
+
+
+@dataclass(eq=False, slots=True)
+class RecvOp:
+    id: int
+    tag: int
+    spec: RecvSpec
+    state: RecvState = RecvState.POSTED
+    msg: Eager | Rts | None = None
+    link: str = ""
+    context: object = None
+
+    @property
+    def remote_op(self) -> int:
+        assert self.msg is not None
+        return self.msg.op
+
+
+@dataclass(frozen=True, slots=True)
+class SendComplete:
+    op: SendOp
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    op: SendOp
+    error: AiomooncakeError
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequested:
+    """The receiver is ready: write ``op.nbytes`` into ``[op.addr, op.addr + op.capacity)``."""
+
+    op: SendOp
+
+
+@dataclass(frozen=True, slots=True)
+class StopWriting:
+    """The receiver cancelled: stop submitting writes, then call ``write_finished``."""
+
+    op: SendOp
+
+
+@dataclass(frozen=True, slots=True)
+class RecvMatched:
+    """A receive matched a message; for eager ones ``op.msg.data`` holds the payload."""
+
+    op: RecvOp
+
+
+@dataclass(frozen=True, slots=True)
+class RecvComplete:
+    op: RecvOp
+
+
+@dataclass(frozen=True, slots=True)
+class RecvFailed:
+    op: RecvOp
+    error: AiomooncakeError
+
+
+@dataclass(frozen=True, slots=True)
+class RecvReleased:
+    """A cancelled receive's buffer is safe: the sender will write no more into it."""
+
+    op: RecvOp
+
+
+@dataclass(frozen=True, slots=True)
+class MessageArrived:
+    """An unexpected message is waiting (used for any-source receives)."""
+
+    tag: int
+
+
+Event = Union[
+    SendComplete, SendFailed, WriteRequested, StopWriting, RecvMatched, RecvComplete, RecvFailed,
+    RecvReleased, MessageArrived,
+]
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+@dataclass(eq=False)
+class Session:
+    """Both halves (sending and receiving) of the protocol with one peer."""
+
+    eager_threshold: int = 64 * 1024
+    outbox: list[Message] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    closed: AiomooncakeError | None = None
+
+    def __post_init__(self) -> None:
+        self._next_send = 1
+        self._next_recv = 1
+        self._sends: dict[int, SendOp] = {}
+        self._incoming: dict[int, RecvOp] = {}  # remote op id -> matched receive
+        self._unexpected: dict[int, Eager | Rts] = {}  # remote op id -> unmatched message
+        self._matcher: TagMatcher[RecvOp, Eager | Rts] = TagMatcher()
+
+    # ------------------------------------------------------------------ sending
+    def post_send(self, tag: int, dtype: str, shape: tuple[int, ...], nbytes: int, device: str,
+                  payload: bytes | None) -> SendOp:
+        """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous."""
+        self._check_open()
+        eager = payload is not None
+        op = SendOp(self._next_send, tag, dtype, shape, nbytes, device, eager,
+                    SendState.EAGER_SENT if eager else SendState.RTS_SENT)
+        self._next_send += 1
+        self._sends[op.id] = op
+        if payload is not None:
+            if len(payload) != nbytes:
+                raise ValueError("eager payload length differs from nbytes")
+            self.outbox.append(Eager(op.id, tag, dtype, shape, payload))
+        else:
+            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device))
+        return op
+
+    def is_eager(self, nbytes: int) -> bool:
+        return nbytes <= self.eager_threshold
+
+    def write_finished(self, op: SendOp, error: AiomooncakeError | None = None) -> None:
+        """The adapter's writes for ``op`` have all settled (``error`` if any failed)."""
+        if op.state is SendState.WRITING and error is None:
+            self.outbox.append(Done(op.id))
+            self._finish_send(op, None)
+        elif op.state is SendState.WRITING:
+            self.outbox.append(Abort(op.id, Code.FAILED, str(error)))
+            self._finish_send(op, error)
+        elif op.state is SendState.CANCELLING:
+            # The receiver asked us to stop; whatever happened, it gets a final word.
+            if error is None:
+                self.outbox.append(Done(op.id))
+            else:
+                self.outbox.append(Abort(op.id, Code.CANCELLED, "cancelled by the receiver"))
+            self._finish_send(op, TransferCancelled(
+                f"the receiver cancelled its recv (tag {op.tag}) before this message arrived"))
+
+    def cancel_send(self, op: SendOp) -> bool:
+        """Withdraw a send the caller gave up on. Returns True if the adapter must still wait for
+        in-flight writes (then call ``write_finished``); the op is otherwise finished now."""
+        if op.state in (SendState.EAGER_SENT, SendState.RTS_SENT):
+            self.outbox.append(Abort(op.id, Code.CANCELLED, "the sender cancelled this message"))
+            self._sends.pop(op.id, None)
+            op.state = SendState.FAILED
+            return False
+        if op.state is SendState.WRITING:
+            op.state = SendState.CANCELLING
+            return True
+        return op.state is SendState.CANCELLING
+
+    def _finish_send(self, op: SendOp, error: AiomooncakeError | None) -> None:
+        self._sends.pop(op.id, None)
+        if error is None:
+            op.state = SendState.DONE
+            self.events.append(SendComplete(op))
+        else:
+            op.state = SendState.FAILED
+            self.events.append(SendFailed(op, error))
+
+    # ---------------------------------------------------------------- receiving
+    def post_recv(self, tag: int, spec: RecvSpec) -> RecvOp:
+        self._check_open()
+        op = RecvOp(self._next_recv, tag, spec)
+        self._next_recv += 1
+        msg = self._matcher.post(tag, op)
+        if msg is not None:
+            del self._unexpected[msg.op]
+            self._match(op, msg)
+        return op
+
+    def accept(self, op: RecvOp, link: str, addr: int, capacity: int) -> None:
+        """The destination of a matched rendezvous receive is ready at ``addr``."""
+        if op.state is not RecvState.MATCHED or not isinstance(op.msg, Rts):
+            raise RuntimeError(f"accept() on a receive in state {op.state.value}")
+        if self.closed is not None:
+            return
+        op.state = RecvState.CTS_SENT
+        op.link = link
+        self.outbox.append(Cts(op.remote_op, addr, capacity, link))
+
+    def delivered(self, op: RecvOp) -> None:
+        """The eager payload of ``op`` was copied into the destination."""
+        if op.state is not RecvState.MATCHED or not isinstance(op.msg, Eager):
+            raise RuntimeError(f"delivered() on a receive in state {op.state.value}")
+        self._incoming.pop(op.remote_op, None)
+        if self.closed is None:
+            self.outbox.append(Ack(op.remote_op))
+        op.state = RecvState.DONE
+        self.events.append(RecvComplete(op))
+
+    def refuse(self, op: RecvOp, error: AiomooncakeError) -> None:
+        """The adapter could not prepare or fill the destination of a matched receive."""
+        if op.state is not RecvState.MATCHED:
+            raise RuntimeError(f"refuse() on a receive in state {op.state.value}")
+        code = Code.MISMATCH if isinstance(error, MessageMismatch) else Code.FAILED
+        self._incoming.pop(op.remote_op, None)
+        if self.closed is None:
+            self.outbox.append(Nack(op.remote_op, code, str(error)))
+        op.state = RecvState.FAILED
+        self.events.append(RecvFailed(op, error))
+
+    def cancel_recv(self, op: RecvOp) -> bool:
+        """Give up on a receive. Returns True if the caller must wait for RecvReleased before the
+        buffer is safe (the sender may be writing into it); False if it is safe now."""
+        if op.state is RecvState.POSTED:
+            self._matcher.withdraw_posted(op.tag, op)
+            op.state = RecvState.FAILED
+            return False
+        if op.state is RecvState.MATCHED:
+            self._incoming.pop(op.remote_op, None)
+            if self.closed is None:
+                self.outbox.append(Nack(op.remote_op, Code.CANCELLED, "the receiver cancelled its recv"))
+            op.state = RecvState.FAILED
+            return False
+        if op.state is RecvState.CTS_SENT:
+            op.state = RecvState.CANCELLING
+            if self.closed is None:
+                self.outbox.append(RCancel(op.remote_op))
+                return True
+            return False
+        return op.state is RecvState.CANCELLING
+
+    def _match(self, op: RecvOp, msg: Eager | Rts) -> None:
+        op.msg = msg
+        spec = op.spec
+        numel = numel_of(msg.shape)
+        nbytes = len(msg.data) if isinstance(msg, Eager) else msg.nbytes
+        problem = None
+        if spec.dtype is not None and spec.dtype != msg.dtype:
+            problem = f"dtype differs: the sender sent {msg.dtype}, the recv expects {spec.dtype}"
+        elif spec.numel is not None and spec.numel != numel:
+            problem = (f"size differs: the sender sent {numel} elements ({nbytes} B) of {msg.dtype}, "
+                       f"the recv's tensor holds {spec.numel}")
+        self._incoming[msg.op] = op
+        op.state = RecvState.MATCHED
+        if problem is not None:
+            self.refuse(op, MessageMismatch(f"tag {op.tag}: {problem}; no byte was written"))
+            return
+        self.events.append(RecvMatched(op))
+
+    # ------------------------------------------------------------------- frames
+    def receive(self, msg: Message) -> None:
+        """Feed one data-path frame from the peer."""
+        if self.closed is not None:
+            return
+        if isinstance(msg, (Eager, Rts)):
+            if msg.op in self._incoming or msg.op in self._unexpected:
+                raise ProtocolError(f"duplicate message id {msg.op}")
+            recv = self._matcher.arrive(msg.tag, msg)
+            if recv is None:
+                self._unexpected[msg.op] = msg
+                self.events.append(MessageArrived(msg.tag))
+            else:
+                self._match(recv, msg)
+        elif isinstance(msg, Cts):
+            self._on_cts(msg)
+        elif isinstance(msg, Ack):
+            s = self._sends.get(msg.op)
+            if s is not None and s.state is SendState.EAGER_SENT:
+                self._finish_send(s, None)
+        elif isinstance(msg, Nack):
+            s = self._sends.get(msg.op)
+            if s is not None and s.state in (SendState.EAGER_SENT, SendState.RTS_SENT):
+                self._finish_send(s, _remote_error(msg.code, msg.reason))
+        elif isinstance(msg, (Done, Abort)):
+            self._on_sender_final(msg)
+        elif isinstance(msg, RCancel):
+            s = self._sends.get(msg.op)
+            if s is not None and s.state is SendState.WRITING:
+                s.state = SendState.CANCELLING
+                self.events.append(StopWriting(s))
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} frame after the handshake")
+
+    def _on_cts(self, msg: Cts) -> None:
+        s = self._sends.get(msg.op)
+        if s is None or s.state is not SendState.RTS_SENT:
+            return  # a race with our own cancellation: the receiver will see our ABORT
+        if msg.capacity < s.nbytes:
+            self.outbox.append(Abort(s.id, Code.MISMATCH, "destination too small"))
+            self._finish_send(s, MessageMismatch(
+                f"tag {s.tag}: the receiver's destination holds {msg.capacity} B, the message has "
+                f"{s.nbytes} B; nothing was written"))
+            return
+        s.addr, s.capacity, s.link = msg.addr, msg.capacity, msg.link
+        s.state = SendState.WRITING
+        self.events.append(WriteRequested(s))
+
+    def _on_sender_final(self, msg: Done | Abort) -> None:
+        pending = self._unexpected.pop(msg.op, None)
+        if pending is not None:  # aborted before any receive matched it: withdraw
+            if isinstance(msg, Done):
+                raise ProtocolError(f"DONE for message {msg.op} that was never accepted")
+            self._matcher.withdraw_unexpected(pending.tag, pending)
+            return
+        r = self._incoming.pop(msg.op, None)
+        if r is None:
+            return
+        if r.state is RecvState.CANCELLING:
+            r.state = RecvState.FAILED
+            self.events.append(RecvReleased(r))
+        elif r.state is RecvState.CTS_SENT and isinstance(msg, Done):
+            r.state = RecvState.DONE
+            self.events.append(RecvComplete(r))
+        elif isinstance(msg, Abort):
+            # MATCHED (we were preparing) or CTS_SENT: the sender gave up on this message
+            r.state = RecvState.FAILED
+            self.events.append(RecvFailed(r, _remote_error(msg.code, msg.reason, sender=True)))
+        else:
+            raise ProtocolError(f"DONE for message {msg.op} before its CTS")
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self, error: AiomooncakeError | None = None) -> None:
+        """The connection is gone: fail everything still pending with ``error`` (PeerClosed)."""
+        if self.closed is not None:
+            return
+        err = error if error is not None else PeerClosed("the peer closed the connection")
+        self.closed = err
+        for s in list(self._sends.values()):
+            if s.state is SendState.WRITING or s.state is SendState.CANCELLING:
+                # The adapter still owns in-flight writes; it reports through write_finished.
+                s.state = SendState.CANCELLING
+                self.events.append(StopWriting(s))
+                self.events.append(SendFailed(s, err))
+            else:
+                self.events.append(SendFailed(s, err))
+                s.state = SendState.FAILED
+        self._sends.clear()
+        posted, _ = self._matcher.drain()
+        for r in posted:
+            r.state = RecvState.FAILED
+            self.events.append(RecvFailed(r, err))
+        for r in self._incoming.values():
+            if r.state is RecvState.CANCELLING:
+                self.events.append(RecvReleased(r))
+            else:
+                self.events.append(RecvFailed(r, err))
+            r.state = RecvState.FAILED
+        self._incoming.clear()
+        self._unexpected.clear()
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise PeerClosed(f"the peer connection is closed ({self.closed})")
+
+    def has_unexpected(self, tag: int) -> bool:
+        return self._matcher.has_unexpected(tag)
+
+    @property
+    def pending(self) -> int:
+        """Operations not yet finished (for diagnostics and tests)."""
+        return len(self._sends) + len(self._incoming) + self._matcher.posted_count()
+
+
+def _remote_error(code: Code, reason: str, sender: bool = False) -> AiomooncakeError:
+    who = "sender" if sender else "receiver"
+    if code is Code.MISMATCH:
+        return MessageMismatch(f"the {who} refused the message: {reason}")
+    if code is Code.CANCELLED:
+        return TransferCancelled(f"the {who} cancelled: {reason}")
+    return TransferFailed(f"the {who} failed: {reason}")

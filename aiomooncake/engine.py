@@ -1,0 +1,361 @@
+"""The engine adapter: the only module that imports ``mooncake``.
+
+It owns one Mooncake ``TransferEngine`` per transport kind per process (created on first use), the
+cache of registered memory, and completion. The engine reports completion by polling only, so a
+:class:`_Poller` per event loop checks every in-flight request with the non-blocking
+``transfer_check_status`` (one single-request batch per chunk, because that call looks only at a
+batch's first request), spinning briefly for latency and then backing off so an idle process
+costs nothing: no OS thread per operation, and each loop iteration holds the loop for microseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .core.regions import Region, RegionCache
+from .errors import ConfigurationError, TransferFailed
+from .tensors import Allocation, allocation_of, release_allocation
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("tcp", "rdma", "nvlink")
+
+# The engine logs through glog; keep its INFO chatter out of the user's terminal unless asked.
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+def _te_module() -> Any:
+    try:
+        from mooncake import engine as te
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "the Mooncake Transfer Engine is not installed: pip install 'aiomooncake[cpu]' "
+            "(or [cuda12] / [cuda13]); the CPU wheel also needs Debian's libibverbs1 and librdmacm1"
+        ) from e
+    return te
+
+
+def capabilities() -> list[str]:
+    """Transports this process could provide, best first."""
+    caps = []
+    te = _te_module()
+    if getattr(te, "SUPPORT_INTRA_NVLINK", False) and torch.cuda.is_available():
+        caps.append("nvlink")
+    if _has_rdma_hca() and not os.environ.get("MC_FORCE_TCP"):
+        caps.append("rdma")
+    caps.append("tcp")
+    return caps
+
+
+def _has_rdma_hca() -> bool:
+    try:
+        return bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Stats:
+    registrations: int
+    unregistrations: int
+    cached_regions: int
+    writes_submitted: int
+
+
+class Engine:
+    """One TransferEngine instance serving every peer of this process that uses its transport."""
+
+    _instances: dict[str, Engine] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, kind: str, host: str) -> None:
+        if kind not in TRANSPORTS:
+            raise ConfigurationError(f"unknown transport {kind!r}; choose one of {TRANSPORTS}")
+        self.kind = kind
+        self.host = host
+        te = _te_module()
+        self._te = te.TransferEngine()
+        saved = {k: os.environ.get(k) for k in ("MC_INTRANODE_NVLINK", "MC_FORCE_TCP")}
+        # The transport is picked by the environment at init time, not by the protocol argument.
+        os.environ.pop("MC_INTRANODE_NVLINK", None)
+        if kind == "nvlink":
+            os.environ["MC_INTRANODE_NVLINK"] = "1"
+        elif kind == "tcp":
+            os.environ["MC_FORCE_TCP"] = "1"
+        try:
+            rc = self._te.initialize(host, "P2PHANDSHAKE", "rdma" if kind == "rdma" else "tcp", "")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if rc != 0:
+            raise ConfigurationError(f"the Transfer Engine failed to initialize the {kind} transport "
+                                     f"on {host} (rc={rc}); see the engine's log above")
+        self.segment = f"{host}:{self._te.get_rpc_port()}"
+        self._regions = RegionCache()
+        self._reg_lock = threading.Lock()
+        self.registrations = 0
+        self.unregistrations = 0
+        self.writes_submitted = 0
+        log.info("transfer engine up: transport=%s segment=%s", kind, self.segment)
+
+    # ------------------------------------------------------------ instances
+    @classmethod
+    async def get(cls, kind: str, host: str) -> Engine:
+        """The process-wide engine for ``kind``, created (off the loop) on first use."""
+        inst = cls._instances.get(kind)
+        if inst is not None:
+            return inst
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, cls._get_sync, kind, host)
+
+    @classmethod
+    def _get_sync(cls, kind: str, host: str) -> Engine:
+        with cls._lock:
+            inst = cls._instances.get(kind)
+            if inst is None:
+                inst = cls(kind, host)
+                cls._instances[kind] = inst
+                for t in _pinned.values():
+                    inst.acquire(t, pin=True)
+            return inst
+
+    @classmethod
+    def existing(cls) -> list[Engine]:
+        return list(cls._instances.values())
+
+    # ---------------------------------------------------------- registration
+    def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
+        """Make sure the allocation holding ``t`` is registered; count one user of it.
+
+        Call :meth:`release` when the transfer is over."""
+        alloc = allocation_of(t)
+        with self._reg_lock:
+            r = self._regions.find(alloc.base, alloc.size, alloc.ident)
+            if r is not None:
+                release_allocation(alloc)
+            else:
+                r = self._register(alloc)
+            if pin:
+                r.pinned += 1
+            else:
+                r.inflight += 1
+            return r
+
+    def release(self, r: Region, pin: bool = False) -> None:
+        with self._reg_lock:
+            if pin:
+                r.pinned -= 1
+            else:
+                r.inflight -= 1
+
+    def _register(self, alloc: Allocation) -> Region:
+        for stale in self._regions.overlapping(alloc.base, alloc.size):
+            if stale.inflight or (stale.pinned and stale.alive()):
+                raise TransferFailed(
+                    f"memory at 0x{alloc.base:x}+{alloc.size} overlaps a registration still in use "
+                    f"(0x{stale.base:x}+{stale.size}); was a registered buffer freed while in flight?")
+            self._unregister(stale)
+        rc = self._te.register_memory(alloc.base, alloc.size, "*")
+        if rc != 0:
+            release_allocation(alloc)
+            raise TransferFailed(f"the engine refused to register {alloc.size} B at 0x{alloc.base:x} "
+                                 f"(rc={rc}); for GPU memory check that the {self.kind} transport "
+                                 "supports this device")
+        self.registrations += 1
+        r = Region(alloc.base, alloc.size, alloc.ident, alloc.alive, handle=alloc)
+        self._regions.add(r)
+        return r
+
+    def _unregister(self, r: Region) -> None:
+        self._regions.remove(r)
+        rc = self._te.unregister_memory(r.base)
+        self.unregistrations += 1
+        release_allocation(r.handle)  # type: ignore[arg-type]
+        if rc != 0:
+            log.warning("unregistering 0x%x failed (rc=%s)", r.base, rc)
+
+    def trim(self) -> int:
+        """Unregister cached regions that are neither pinned nor in flight; return how many."""
+        n = 0
+        with self._reg_lock:
+            for r in self._regions:
+                if not r.inflight and not r.pinned:
+                    self._unregister(r)
+                    n += 1
+        return n
+
+    def stats(self) -> Stats:
+        return Stats(self.registrations, self.unregistrations, len(self._regions), self.writes_submitted)
+
+    # ------------------------------------------------------------- transfers
+    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> WriteJob:
+        """Write ``pieces`` of ``(src_addr, dst_addr, length)`` into ``segment``, at most ``window``
+        requests in flight. Await the job (or :meth:`WriteJob.stop` it)."""
+        job = WriteJob(self, segment, list(pieces), max(1, window))
+        _Poller.for_loop().add(job)
+        return job
+
+    def _submit(self, segment: str, src: int, dst: int, length: int) -> int:
+        self.writes_submitted += 1
+        return int(self._te.transfer_submit_write(segment, src, dst, length))
+
+    def _check(self, batch: int) -> int:
+        return int(self._te.transfer_check_status(batch))
+
+    def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
+        """Blocking raw write (benchmark baseline)."""
+        return int(self._te.transfer_sync_write(segment, src, dst, length))
+
+
+@dataclass(eq=False)
+class WriteJob:
+    engine: Engine
+    segment: str
+    pieces: list[tuple[int, int, int]]
+    window: int
+    future: asyncio.Future[None] = field(init=False)
+    inflight: list[int] = field(default_factory=list)
+    next: int = 0
+    error: str | None = None
+    stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    def stop(self) -> None:
+        """Submit nothing more; the future resolves once in-flight requests settle."""
+        self.stopped = True
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.future.__await__()
+
+    def step(self) -> bool:
+        """Check in-flight requests, top up the window; True when the job is finished."""
+        eng = self.engine
+        if self.inflight:
+            still = []
+            for b in self.inflight:
+                st = eng._check(b)
+                if st == 0:
+                    still.append(b)
+                elif st != 1:
+                    self.error = self.error or f"the engine reported status {st} for a write"
+            self.inflight = still
+        while (not self.stopped and self.error is None and self.next < len(self.pieces)
+               and len(self.inflight) < self.window):
+            src, dst, n = self.pieces[self.next]
+            self.next += 1
+            b = eng._submit(self.segment, src, dst, n)
+            if b == 0:
+                self.error = f"the engine could not submit a write of {n} B to {self.segment}"
+                break
+            self.inflight.append(b)
+        if self.inflight:
+            return False
+        if not self.future.done():
+            if self.error is not None:
+                self.future.set_exception(TransferFailed(self.error))
+            else:
+                self.future.set_result(None)
+        return True
+
+
+class _Poller:
+    """Drives every write job of one event loop.
+
+    Spins (yielding to the loop each round) while jobs progress, backs off to sleeping up to
+    ``max_sleep`` when they do not, and stops entirely when nothing is in flight."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
+    spin_s = 0.0002
+    max_sleep = 0.0005
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.jobs: list[WriteJob] = []
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_loop(cls) -> _Poller:
+        loop = asyncio.get_running_loop()
+        p = cls._by_loop.get(loop)
+        if p is None:
+            p = cls._by_loop[loop] = cls(loop)
+        return p
+
+    def add(self, job: WriteJob) -> None:
+        job.step()  # submit the first window right away
+        if job.future.done():
+            return
+        self.jobs.append(job)
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        last_progress = time.perf_counter()
+        delay = 0.0
+        while self.jobs:
+            before = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
+            n_before = len(self.jobs)
+            self.jobs = [j for j in self.jobs if not _safe_step(j)]
+            after = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
+            now = time.perf_counter()
+            if len(self.jobs) != n_before or after != before:
+                last_progress = now
+                delay = 0.0
+            if not self.jobs:
+                break
+            if now - last_progress < self.spin_s:
+                await asyncio.sleep(0)
+            else:
+                delay = min(self.max_sleep, delay * 2 if delay else 0.00005)
+                await asyncio.sleep(delay)
+
+
+def _safe_step(job: WriteJob) -> bool:
+    try:
+        return job.step()
+    except Exception as e:  # never let one job kill the poller
+        log.exception("write job failed")
+        if not job.future.done():
+            job.future.set_exception(TransferFailed(f"engine error: {e}"))
+        return True
+
+
+# ------------------------------------------------------------------ pinning
+_pinned: dict[int, torch.Tensor] = {}
+
+
+def register(t: torch.Tensor) -> None:
+    """Register ``t``'s memory with every engine now and later, and keep it registered until
+    :func:`unregister`: sends and receives from it then never pay for registration."""
+    if id(t) in _pinned:
+        return
+    _pinned[id(t)] = t
+    for e in Engine.existing():
+        e.acquire(t, pin=True)
+
+
+def unregister(t: torch.Tensor) -> None:
+    if _pinned.pop(id(t), None) is None:
+        return
+    for e in Engine.existing():
+        with e._reg_lock:
+            alloc = allocation_of(t)
+            r = e._regions.find(alloc.base, alloc.size, alloc.ident)
+            release_allocation(alloc)
+            if r is not None and r.pinned:
+                r.pinned -= 1

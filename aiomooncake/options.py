@@ -1,0 +1,68 @@
+"""User-tunable options shared by ``listen`` and ``connect``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import ConfigurationError
+
+_TRANSPORTS = ("auto", "tcp", "rdma", "nvlink")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every knob, with the default that suits most users.
+
+    transport: "auto" picks intra-node NVLink for same-host CUDA peers, RDMA where both hosts have
+        HCAs, TCP otherwise; a fixed value must be possible for both peers or the handshake fails.
+    eager_threshold: messages up to this many bytes travel inside the control frame.
+    chunk_bytes / window: large messages are written in chunks of at most ``chunk_bytes`` with up
+        to ``window`` engine requests in flight.
+    heartbeat_interval / heartbeat_timeout: liveness of the control connection; a silent peer is
+        declared dead after ``heartbeat_timeout`` seconds and its pending operations fail.
+    max_frame: the largest control frame accepted (bounds what a peer can make us buffer).
+    handshake_timeout: how long connecting and the handshake may take.
+    cancel_timeout: how long a cancelled receive waits for the sender to confirm it stopped writing
+        before the connection is closed.
+    engine_host: the address the local Transfer Engine advertises (default: the control socket's).
+    secret: shared secret for the authenticated handshake (default: $AIOMOONCAKE_SECRET).
+    """
+
+    transport: str = "auto"
+    eager_threshold: int = 64 * 1024
+    chunk_bytes: int = 16 * 1024 * 1024
+    window: int = 4
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 2.0
+    max_frame: int = 0  # 0: eager_threshold + 64 KiB
+    handshake_timeout: float = 30.0
+    cancel_timeout: float = 10.0
+    engine_host: str | None = None
+    secret: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.transport not in _TRANSPORTS:
+            raise ConfigurationError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if self.eager_threshold < 0 or self.chunk_bytes <= 0 or self.window <= 0:
+            raise ConfigurationError("eager_threshold must be >= 0, chunk_bytes and window > 0")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigurationError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if self.max_frame == 0:
+            object.__setattr__(self, "max_frame", self.eager_threshold + 64 * 1024)
+        elif self.max_frame < self.eager_threshold + 1024:
+            raise ConfigurationError("max_frame must exceed eager_threshold by at least 1 KiB")
+        if self.secret is None and os.environ.get("AIOMOONCAKE_SECRET"):
+            object.__setattr__(self, "secret", os.environ["AIOMOONCAKE_SECRET"])
+
+    @classmethod
+    def build(cls, options: Options | None = None, **overrides: Any) -> Options:
+        base = options if options is not None else cls()
+        if not overrides:
+            return base
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigurationError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return replace(base, **overrides)

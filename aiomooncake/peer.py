@@ -1,0 +1,480 @@
+"""The public ``Peer``: awaitable tensor send and receive over one connection.
+
+The peer glues the pure :class:`~aiomooncake.core.session.Session` to I/O: it feeds control frames
+in, writes the frames the session emits, and acts on its events (registering memory, driving the
+engine's writes, copying eager payloads, resolving the callers' futures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .core.chunks import check_write, plan_chunks
+from .core.messages import Message
+from .core.regions import Region
+from .core.session import (
+    MessageArrived,
+    RecvComplete,
+    RecvFailed,
+    RecvMatched,
+    RecvOp,
+    RecvReleased,
+    RecvSpec,
+    SendComplete,
+    SendFailed,
+    SendOp,
+    Session,
+    StopWriting,
+    WriteRequested,
+)
+from .engine import Engine, WriteJob
+from .errors import (
+    AiomooncakeError,
+    ConfigurationError,
+    MessageMismatch,
+    PeerClosed,
+    Timeout,
+    TransferCancelled,
+    TransferFailed,
+)
+from .options import Options
+from .tensors import (
+    byte_view,
+    device_kind,
+    dtype_from_name,
+    dtype_name,
+    fill_from_bytes,
+    record_ready,
+    to_bytes,
+    wait_event,
+)
+from .transport.connection import Connection
+from .transport.handshake import Agreement, Link
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _SendCtx:
+    fut: asyncio.Future[None]
+    src: torch.Tensor
+    ready: torch.cuda.Event | None
+    stop: bool = False
+    job: WriteJob | None = None
+
+
+@dataclass(eq=False)
+class _RecvCtx:
+    fut: asyncio.Future[torch.Tensor]
+    dest: torch.Tensor | None  # what the caller gave (None for recv_tensor)
+    device: torch.device | None  # recv_tensor's requested device
+    ready: torch.cuda.Event | None
+    stream: Any = None  # the caller's current CUDA stream at post time
+    work: torch.Tensor | None = None  # contiguous tensor the bytes land in
+    region: tuple[Engine, Region] | None = None
+    released: asyncio.Future[None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Peer:
+    """One connected remote process. Create with :func:`aiomooncake.connect` or
+    :meth:`Listener.accept`; use ``async with peer:`` to close it."""
+
+    def __init__(self, conn: Connection, agreement: Agreement, options: Options) -> None:
+        self._conn = conn
+        self._opts = options
+        self._links: dict[str, Link] = agreement.links
+        self.remote_info: dict[str, Any] = agreement.remote
+        self._session = Session(eager_threshold=options.eager_threshold)
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
+        self._side_streams: dict[int, Any] = {}
+        self._closing = False
+        conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
+
+    # ================================================================ public
+    @property
+    def address(self) -> str:
+        """The remote control address, ``host:port``."""
+        return self._conn.peername
+
+    @property
+    def transports(self) -> dict[str, str]:
+        """The transport of each data-plane link, e.g. ``{"cpu": "tcp", "cuda": "nvlink"}``."""
+        return {name: link.transport for name, link in self._links.items()}
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed is not None
+
+    async def send(self, tensor: torch.Tensor, tag: int = 0, *, timeout: float | None = None) -> None:
+        """Send ``tensor``; return once its bytes are in the receiver's tensor.
+
+        A non-contiguous tensor is sent as its contiguous copy. For CUDA tensors the bytes are read
+        only after the work already queued on the caller's current stream is done."""
+        if timeout is None:
+            return await self._send(tensor, tag)
+        try:
+            return await asyncio.wait_for(self._send(tensor, tag), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"send (tag {tag}) to {self.address} did not finish within {timeout:g} s") from None
+
+    async def recv(self, tensor: torch.Tensor, tag: int = 0, *, timeout: float | None = None) -> torch.Tensor:
+        """Receive the next message with ``tag`` into ``tensor`` (same dtype and number of elements as
+        the sent one) and return it. A non-contiguous ``tensor`` is filled through a contiguous
+        temporary. For CUDA, work the caller queues on its current stream afterwards sees the data."""
+        self._check_tensor(tensor, "recv into")
+        return await self._with_timeout(self._recv(tensor, None, tag), timeout, "recv", tag)
+
+    async def recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
+                          timeout: float | None = None) -> torch.Tensor:
+        """Receive the next message with ``tag`` into a new tensor of the sender's shape and dtype.
+
+        ``device=None`` allocates on CUDA (the current device) when the sender's tensor was on CUDA
+        and this process has CUDA, else on the CPU."""
+        dev = torch.device(device) if device is not None else None
+        return await self._with_timeout(self._recv(None, dev, tag), timeout, "recv_tensor", tag)
+
+    def probe(self, tag: int = 0) -> bool:
+        """True if a message with ``tag`` has arrived and no receive has claimed it yet."""
+        return self._session.has_unexpected(tag)
+
+    async def wait_incoming(self, tag: int = 0) -> None:
+        """Wait until :meth:`probe` would return True (for any-source receives)."""
+        while not self._session.has_unexpected(tag):
+            if self._conn.closed is not None:
+                raise self._conn.closed
+            fut = self._loop.create_future()
+            self._arrivals.setdefault(tag, []).append(fut)
+            try:
+                await fut
+            finally:
+                waiters = self._arrivals.get(tag)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+
+    async def close(self) -> None:
+        """Close the connection; pending operations fail with PeerClosed. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._conn.close(None, reason="the peer closed the connection")
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Peer {self.address} {state} {self.transports}>"
+
+    # ================================================================== send
+    async def _send(self, tensor: torch.Tensor, tag: int) -> None:
+        self._check_tensor(tensor, "send")
+        src = tensor if tensor.is_contiguous() else tensor.contiguous()
+        ready = record_ready(src)
+        nbytes = src.numel() * src.element_size()
+        if self._conn._paused is not None:
+            await self._conn.drain()
+        s = self._session
+        payload = None
+        if s.is_eager(nbytes):
+            if src.device.type == "cuda":
+                await wait_event(ready)
+                with torch.cuda.stream(self._side_stream(src.device)):
+                    payload = to_bytes(src.cpu())
+            else:
+                payload = to_bytes(src)
+        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, device_kind(src), payload)
+        ctx = _SendCtx(self._loop.create_future(), src, ready)
+        op.context = ctx
+        self._flush()
+        try:
+            await ctx.fut
+        except asyncio.CancelledError:
+            if not ctx.fut.done() and s.cancel_send(op):
+                ctx.stop = True
+                if ctx.job is not None:
+                    ctx.job.stop()
+            self._flush()
+            raise
+
+    async def _write(self, op: SendOp) -> None:
+        ctx: _SendCtx = op.context  # type: ignore[assignment]
+        link = self._links.get(op.link)
+        error: AiomooncakeError | None = None
+        region = None
+        try:
+            if link is None:
+                raise TransferFailed(f"the receiver asked for link {op.link!r}, which this peer lacks")
+            await wait_event(ctx.ready)
+            src = ctx.src
+            if link.name == "cpu" and src.device.type == "cuda":
+                with torch.cuda.stream(self._side_stream(src.device)):
+                    src = src.cpu()  # the host link cannot read device memory: stage once
+            if ctx.stop:
+                raise TransferCancelled("cancelled before any byte was written")
+            region = link.engine.acquire(src)
+            base = src.data_ptr()
+            pieces = [(base + c.offset, check_write(op.addr, op.capacity, c), c.length)
+                      for c in plan_chunks(op.nbytes, self._opts.chunk_bytes)]
+            ctx.job = link.engine.write(link.remote_segment, pieces, self._opts.window)
+            if ctx.stop:
+                ctx.job.stop()
+            await ctx.job
+            if ctx.job.stopped and ctx.job.next < len(pieces):
+                raise TransferCancelled("stopped before every byte was written")
+        except AiomooncakeError as e:
+            error = e
+        except Exception as e:  # an engine or torch error: report it, never hang the receiver
+            log.exception("write for tag %s failed", op.tag)
+            error = TransferFailed(f"{type(e).__name__}: {e}")
+        finally:
+            if region is not None and link is not None:
+                link.engine.release(region)
+        self._session.write_finished(op, error)
+        self._flush()
+
+    # ================================================================== recv
+    async def _recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> torch.Tensor:
+        if dest is not None:
+            spec = RecvSpec(dtype_name(dest.dtype), dest.numel())
+            ready = record_ready(dest)
+            stream = torch.cuda.current_stream(dest.device) if dest.device.type == "cuda" else None
+        else:
+            spec, ready, stream = RecvSpec(), None, None
+        ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
+        op = self._post_recv(tag, spec, ctx)
+        try:
+            return await ctx.fut
+        except asyncio.CancelledError:
+            await self._cancel_recv(op, ctx)
+            raise
+
+    def _post_recv(self, tag: int, spec: RecvSpec, ctx: _RecvCtx) -> RecvOp:
+        # post_recv may match at once; its events are only handled in _flush, after the context
+        # is attached.
+        op = self._session.post_recv(tag, spec)
+        op.context = ctx
+        self._flush()
+        return op
+
+    async def _cancel_recv(self, op: RecvOp, ctx: _RecvCtx) -> None:
+        if ctx.fut.done():
+            return
+        must_wait = self._session.cancel_recv(op)
+        ctx.released = self._loop.create_future() if must_wait else None
+        self._flush()
+        if ctx.released is None:
+            self._release(ctx)
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(ctx.released), self._opts.cancel_timeout)
+        except asyncio.TimeoutError:
+            log.error("%s did not confirm it stopped writing into a cancelled recv (tag %s) within "
+                      "%g s; closing the connection", self.address, op.tag, self._opts.cancel_timeout)
+            self._conn.close(PeerClosed("the peer did not answer a cancellation"))
+
+    def _matched(self, op: RecvOp) -> None:
+        ctx: _RecvCtx = op.context  # type: ignore[assignment]
+        msg = op.msg
+        assert msg is not None
+        try:
+            if ctx.dest is None:
+                dev = ctx.device
+                if dev is None:
+                    dev = torch.device("cuda", torch.cuda.current_device()) if (
+                        getattr(msg, "device", "cpu") == "cuda" and torch.cuda.is_available()) else torch.device("cpu")
+                ctx.work = torch.empty(msg.shape, dtype=dtype_from_name(msg.dtype), device=dev)
+                if dev.type == "cuda":
+                    ctx.stream = torch.cuda.current_stream(dev)
+            else:
+                ctx.work = ctx.dest if ctx.dest.is_contiguous() else torch.empty(
+                    ctx.dest.shape, dtype=ctx.dest.dtype, device=ctx.dest.device)
+        except AiomooncakeError as e:
+            self._session.refuse(op, e)
+            return
+        except Exception as e:
+            self._session.refuse(op, TransferFailed(f"could not allocate the destination: {e}"))
+            return
+        if hasattr(msg, "data"):  # eager
+            if ctx.work.device.type == "cpu":
+                fill_from_bytes(ctx.work, msg.data)  # type: ignore[union-attr]
+                self._session.delivered(op)
+            else:
+                self._spawn(self._deliver_cuda(op, ctx, msg.data))  # type: ignore[union-attr]
+        elif ctx.work.device.type == "cpu" and ctx.ready is None:
+            self._accept(op, ctx)
+        else:
+            self._spawn(self._accept_cuda(op, ctx))
+
+    async def _deliver_cuda(self, op: RecvOp, ctx: _RecvCtx, data: bytes) -> None:
+        assert ctx.work is not None
+        with torch.cuda.stream(ctx.stream):
+            fill_from_bytes(ctx.work, data)  # ordered after the caller's earlier work on its stream
+        if op.state.value == "matched":
+            self._session.delivered(op)
+        self._flush()
+
+    async def _accept_cuda(self, op: RecvOp, ctx: _RecvCtx) -> None:
+        try:
+            await wait_event(ctx.ready)  # earlier work on the caller's stream may still use the buffer
+        finally:
+            if op.state.value == "matched":
+                self._accept(op, ctx)
+            self._flush()
+
+    def _accept(self, op: RecvOp, ctx: _RecvCtx) -> None:
+        assert ctx.work is not None and op.msg is not None
+        work = ctx.work
+        sender_dev = getattr(op.msg, "device", "cpu")
+        link_name = "cuda" if (work.device.type == "cuda" and sender_dev == "cuda" and "cuda" in self._links) else "cpu"
+        if link_name == "cpu" and work.device.type == "cuda":
+            ctx.extra["device_work"] = work
+            work = ctx.work = torch.empty(work.shape, dtype=work.dtype)  # staged through host memory
+        link = self._links[link_name]
+        try:
+            region = link.engine.acquire(work)
+        except AiomooncakeError as e:
+            self._session.refuse(op, e)
+            return
+        except Exception as e:
+            self._session.refuse(op, TransferFailed(f"could not register the destination: {e}"))
+            return
+        ctx.region = (link.engine, region)
+        self._session.accept(op, link_name, work.data_ptr(), work.numel() * work.element_size())
+
+    def _completed(self, op: RecvOp) -> None:
+        ctx: _RecvCtx = op.context  # type: ignore[assignment]
+        self._release(ctx)
+        work = ctx.work
+        assert work is not None
+        try:
+            staged = ctx.extra.get("device_work")
+            if staged is not None:
+                with torch.cuda.stream(ctx.stream):
+                    staged.copy_(work, non_blocking=False)
+                work = staged
+            result = work
+            if ctx.dest is not None and work is not ctx.dest:
+                if ctx.dest.device.type == "cuda":
+                    with torch.cuda.stream(ctx.stream):
+                        ctx.dest.copy_(work)
+                else:
+                    ctx.dest.copy_(work)
+                result = ctx.dest
+        except Exception as e:
+            _set_exc(ctx.fut, TransferFailed(f"could not copy into the destination: {e}"))
+            return
+        if not ctx.fut.done():
+            ctx.fut.set_result(result)
+
+    def _release(self, ctx: _RecvCtx) -> None:
+        if ctx.region is not None:
+            eng, region = ctx.region
+            ctx.region = None
+            eng.release(region)
+
+    # ============================================================ plumbing
+    def _on_message(self, msg: Message) -> None:
+        self._session.receive(msg)
+        self._flush()
+
+    def _on_lost(self, error: AiomooncakeError) -> None:
+        self._session.close(error if isinstance(error, PeerClosed) else PeerClosed(str(error)))
+        self._flush()
+        for waiters in self._arrivals.values():
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def _flush(self) -> None:
+        s = self._session
+        while s.outbox or s.events:
+            if s.outbox:
+                out, s.outbox = s.outbox, []
+                for m in out:
+                    self._conn.send(m)
+            if s.events:
+                events, s.events = s.events, []
+                for ev in events:
+                    self._dispatch(ev)
+
+    def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, SendComplete):
+            fut = ev.op.context.fut  # type: ignore[union-attr]
+            if not fut.done():
+                fut.set_result(None)
+        elif isinstance(ev, SendFailed):
+            _set_exc(ev.op.context.fut, ev.error)  # type: ignore[union-attr]
+        elif isinstance(ev, WriteRequested):
+            self._spawn(self._write(ev.op))
+        elif isinstance(ev, StopWriting):
+            ctx: _SendCtx = ev.op.context  # type: ignore[assignment]
+            ctx.stop = True
+            if ctx.job is not None:
+                ctx.job.stop()
+        elif isinstance(ev, RecvMatched):
+            self._matched(ev.op)
+        elif isinstance(ev, RecvComplete):
+            self._completed(ev.op)
+        elif isinstance(ev, RecvFailed):
+            rctx: _RecvCtx = ev.op.context  # type: ignore[assignment]
+            self._release(rctx)
+            _set_exc(rctx.fut, ev.error)
+        elif isinstance(ev, RecvReleased):
+            rctx = ev.op.context  # type: ignore[assignment]
+            self._release(rctx)
+            if rctx.released is not None and not rctx.released.done():
+                rctx.released.set_result(None)
+        elif isinstance(ev, MessageArrived):
+            for f in self._arrivals.pop(ev.tag, []):
+                if not f.done():
+                    f.set_result(None)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _side_stream(self, device: torch.device) -> Any:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        st = self._side_streams.get(idx)
+        if st is None:
+            st = self._side_streams[idx] = torch.cuda.Stream(device=idx)
+        return st
+
+    def _check_tensor(self, t: Any, what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ConfigurationError(f"cannot {what} a {type(t).__name__}: pass a torch.Tensor")
+        device_kind(t)
+        if t.device.type == "cuda" and "cuda" not in self._links:
+            raise ConfigurationError("this peer has no CUDA link")
+        if t.is_sparse or t.layout != torch.strided:
+            raise ConfigurationError(f"cannot {what} a {t.layout} tensor: only dense (strided) tensors")
+
+    async def _with_timeout(self, coro: Any, timeout: float | None, what: str, tag: int) -> torch.Tensor:
+        if timeout is None:
+            return await coro  # type: ignore[no-any-return]
+        try:
+            return await asyncio.wait_for(coro, timeout)  # type: ignore[no-any-return]
+        except asyncio.TimeoutError:
+            raise Timeout(f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+
+
+def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # mark retrieved: a cancelled caller must not cause "never retrieved" noise
+
+
+__all__ = ["MessageMismatch", "Peer"]

@@ -1,0 +1,124 @@
+"""Torch-side helpers: dtype names on the wire, byte views, allocations and CUDA stream ordering.
+
+No mooncake here: the engine adapter asks this module *which memory* a tensor lives in, and the
+peer asks it how to wait for the caller's stream without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError, MessageMismatch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise MessageMismatch(f"the peer sent dtype {name!r}, which this torch ({torch.__version__}) "
+                              "does not know; upgrade torch on this side")
+    return dt
+
+
+def device_kind(t: torch.Tensor) -> str:
+    kind = t.device.type
+    if kind not in ("cpu", "cuda"):
+        raise ConfigurationError(f"tensors on {t.device} are not supported; use a cpu or cuda tensor")
+    return kind
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (works for every dtype, 0-d included)."""
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    """Copy a small contiguous CPU tensor's bytes (the eager path)."""
+    if t.numel() == 0:
+        return b""
+    return byte_view(t).numpy().tobytes()
+
+
+def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
+    """Copy an eager payload into a contiguous destination."""
+    if not data:
+        return
+    src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    byte_view(dest).copy_(src, non_blocking=dest.device.type == "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The allocation a tensor's bytes live in: what gets registered with the engine."""
+
+    base: int
+    size: int
+    ident: Any
+    weak: int | None = None  # a CPU storage's weak reference, to tell when it died
+
+    def alive(self) -> bool:
+        return self.weak is None or not torch.UntypedStorage._expired(self.weak)
+
+
+def allocation_of(t: torch.Tensor) -> Allocation:
+    """The registrable allocation behind ``t``: its storage on CPU, its caching-allocator segment
+    (the cudaMalloc block) on CUDA, identified by the driver's unique buffer id."""
+    if t.device.type == "cuda":
+        return _cuda_allocation(t.data_ptr())
+    storage = t.untyped_storage()
+    base, size = storage.data_ptr(), storage.nbytes()
+    return Allocation(base, size, ("cpu", base, size), storage._weak_ref())
+
+
+def release_allocation(a: Allocation) -> None:
+    if a.weak is not None:
+        torch.UntypedStorage._free_weak_ref(a.weak)
+
+
+_driver: Any = None
+
+
+def _cuda_allocation(ptr: int) -> Allocation:
+    global _driver
+    if _driver is None:
+        try:
+            from cuda.bindings import driver as _d
+        except ImportError:  # cuda-python < 12.6 layout
+            from cuda import cuda as _d  # type: ignore[no-redef]
+        _driver = _d
+    d = _driver
+    err, base, size = d.cuMemGetAddressRange(ptr)
+    if err != d.CUresult.CUDA_SUCCESS:
+        raise ConfigurationError(f"cuMemGetAddressRange failed for 0x{ptr:x}: {err}")
+    err, buf_id = d.cuPointerGetAttribute(d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_BUFFER_ID, ptr)
+    if err != d.CUresult.CUDA_SUCCESS:
+        raise ConfigurationError(f"cuPointerGetAttribute(BUFFER_ID) failed for 0x{ptr:x}: {err}")
+    return Allocation(int(base), int(size), ("cuda", int(buf_id)))
+
+
+def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
+    """Mark the point on the caller's current stream after which ``t`` may be read or overwritten
+    by the engine (None for CPU tensors)."""
+    if t.device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(t.device))
+    return ev
+
+
+async def wait_event(ev: torch.cuda.Event | None) -> None:
+    """Wait for a CUDA event without blocking the loop or synchronizing the device."""
+    if ev is None or ev.query():
+        return
+    delay = 0.0
+    while not ev.query():
+        await asyncio.sleep(delay)
+        delay = min(0.001, delay * 2 if delay else 0.00002)

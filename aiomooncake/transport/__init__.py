@@ -1,0 +1,1 @@
+"""The asyncio transport: framed msgpack over a TCP socket, the handshake and heartbeats."""

@@ -1,0 +1,165 @@
+"""One control connection: an asyncio Protocol that frames messages and watches liveness.
+
+Until the handshake is over, frames queue for the handshake coroutine; afterwards each frame goes
+straight to the handler (the peer's session), with no task switch on the hot path. Heartbeats go
+out every ``interval`` seconds; if nothing at all arrives for ``timeout`` seconds the peer is
+declared dead and the connection is closed with PeerClosed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from ..core.messages import Bye, Message, Ping, Pong
+from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
+from .framing import FrameDecoder, pack
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], None]
+LostHandler = Callable[[AiomooncakeError], None]
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, max_frame: int) -> None:
+        self._decoder = FrameDecoder(max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._handshake: asyncio.Queue[Message | AiomooncakeError] = asyncio.Queue()
+        self._handler: Handler | None = None
+        self._on_lost: LostHandler | None = None
+        self._closed: AiomooncakeError | None = None
+        self._last_rx = time.monotonic()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._paused: asyncio.Future[None] | None = None
+        self.peername: str = "?"
+        self.sockname: tuple[str, int] = ("", 0)
+
+    # ---------------------------------------------------------- asyncio API
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peername = f"{peer[0]}:{peer[1]}" if peer else "?"
+        sock = transport.get_extra_info("sockname")
+        if sock:
+            self.sockname = (sock[0], sock[1])
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            msgs = self._decoder.feed(data)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        for m in msgs:
+            if isinstance(m, Ping):
+                self.send(Pong(m.stamp))
+            elif isinstance(m, Pong):
+                pass
+            elif isinstance(m, Bye):
+                self.close(PeerClosed(f"the peer at {self.peername} closed the connection: {m.reason}"))
+                return
+            elif self._handler is None:
+                self._handshake.put_nowait(m)
+            else:
+                try:
+                    self._handler(m)
+                except ProtocolError as e:
+                    self._protocol_error(e)
+                    return
+            if self._closed is not None:
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f": {exc}" if exc else ""
+        self._lost(PeerClosed(f"the connection to {self.peername} was lost{why}"))
+
+    def pause_writing(self) -> None:
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None:
+            if not self._paused.done():
+                self._paused.set_result(None)
+            self._paused = None
+
+    # ------------------------------------------------------------ our API
+    def send(self, msg: Message) -> None:
+        if self._closed is None and self._transport is not None:
+            self._transport.write(pack(msg))
+
+    async def drain(self) -> None:
+        """Wait while the socket's write buffer is over its high-water mark."""
+        while self._paused is not None and self._closed is None:
+            await asyncio.shield(self._paused)
+        if self._closed is not None:
+            raise self._closed
+
+    async def next_handshake_message(self, timeout: float) -> Message:
+        try:
+            item = await asyncio.wait_for(self._handshake.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no handshake reply from {self.peername} within {timeout:.0f} s") from None
+        if isinstance(item, AiomooncakeError):
+            raise item
+        return item
+
+    def start(self, handler: Handler, on_lost: LostHandler, interval: float, timeout: float) -> None:
+        """Leave the handshake: deliver frames to ``handler`` and start heartbeats."""
+        self._handler = handler
+        self._on_lost = on_lost
+        while not self._handshake.empty():  # frames that arrived right behind the handshake
+            item = self._handshake.get_nowait()
+            if isinstance(item, AiomooncakeError):
+                on_lost(item)
+                return
+            handler(item)
+        if self._closed is not None:
+            on_lost(self._closed)
+            return
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(interval, timeout))
+
+    def close(self, error: AiomooncakeError | None = None, reason: str = "closed by the peer") -> None:
+        if self._closed is not None:
+            return
+        if error is None and self._transport is not None:
+            self._transport.write(pack(Bye(reason)))
+        self._lost(error or PeerClosed(f"the connection to {self.peername} was closed locally"))
+
+    @property
+    def closed(self) -> AiomooncakeError | None:
+        return self._closed
+
+    # ---------------------------------------------------------- internals
+    def _protocol_error(self, e: ProtocolError) -> None:
+        log.warning("protocol error from %s, closing the connection: %s", self.peername, e)
+        if self._transport is not None:
+            self._transport.write(pack(Bye(f"protocol error: {e}")))
+        self._lost(ProtocolError(f"{self.peername} sent a bad frame: {e}"))
+
+    def _lost(self, error: AiomooncakeError) -> None:
+        if self._closed is not None:
+            return
+        self._closed = error
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._transport is not None:
+            self._transport.close()
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+        self._handshake.put_nowait(error)
+        if self._on_lost is not None:
+            self._on_lost(error)
+
+    async def _beat(self, interval: float, timeout: float) -> None:
+        while self._closed is None:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_rx
+            if silent > timeout:
+                self._lost(PeerClosed(f"no heartbeat from {self.peername} for {silent:.1f} s "
+                                      f"(timeout {timeout:g} s): the peer is dead or unreachable"))
+                return
+            self.send(Ping(time.monotonic()))

@@ -1,0 +1,61 @@
+"""Length-prefixed msgpack frames with a size cap.
+
+Each frame is a 4-byte big-endian length followed by a msgpack body. The cap bounds what a peer can
+make us buffer; a longer frame, or a body that is not valid msgpack, is a ProtocolError.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from ..core.messages import Message, decode, encode
+from ..errors import ProtocolError
+
+_HDR = struct.Struct(">I")
+HEADER = _HDR.size
+
+
+def pack(msg: Message) -> bytes:
+    body = msgpack.packb(encode(msg), use_bin_type=True)
+    return _HDR.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get messages."""
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Message]:
+        buf = self._buf
+        buf += data
+        out: list[Message] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= HEADER:
+            (length,) = _HDR.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} B exceeds the cap of {self.max_frame} B")
+            if n - pos - HEADER < length:
+                break
+            start = pos + HEADER
+            out.append(decode(_unpack(bytes(buf[start:start + length]))))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def _unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                               max_bin_len=len(body), max_str_len=len(body),
+                               max_array_len=len(body), max_map_len=len(body), max_ext_len=0)
+    except Exception as e:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(f"undecodable frame: {type(e).__name__}: {e}") from None
