@@ -26,6 +26,8 @@ class Options:
     handshake_timeout: how long connecting and the handshake may take.
     cancel_timeout: how long a cancelled receive waits for the sender to confirm it stopped writing
         before the connection is closed.
+    busy_poll: seconds the event loop keeps polling without sleeping after traffic (lower latency
+        on VMs where waking a sleeping process is slow); 0 disables it.
     engine_host: the address the local Transfer Engine advertises (default: the control socket's).
     secret: shared secret for the authenticated handshake (default: $AIOMOONCAKE_SECRET).
     """
@@ -39,6 +41,7 @@ class Options:
     max_frame: int = 0  # 0: eager_threshold + 64 KiB
     handshake_timeout: float = 30.0
     cancel_timeout: float = 10.0
+    busy_poll: float = 0.0002
     engine_host: str | None = None
     secret: str | None = None
 

@@ -45,7 +45,6 @@ from .errors import (
 from .options import Options
 from .tensors import (
     byte_view,
-    device_kind,
     dtype_from_name,
     dtype_name,
     fill_from_bytes,
@@ -53,10 +52,13 @@ from .tensors import (
     to_bytes,
     wait_event,
 )
+from .transport.busypoll import BusyPoller
 from .transport.connection import Connection
 from .transport.handshake import Agreement, Link
 
 log = logging.getLogger(__name__)
+
+_ANY = RecvSpec()
 
 
 @dataclass(eq=False)
@@ -96,6 +98,7 @@ class Peer:
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
         self._side_streams: dict[int, Any] = {}
         self._closing = False
+        self._busy = conn.busy = BusyPoller.for_loop(options.busy_poll)
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
 
     # ================================================================ public
@@ -130,6 +133,8 @@ class Peer:
         the sent one) and return it. A non-contiguous ``tensor`` is filled through a contiguous
         temporary. For CUDA, work the caller queues on its current stream afterwards sees the data."""
         self._check_tensor(tensor, "recv into")
+        if timeout is None:
+            return await self._recv(tensor, None, tag)
         return await self._with_timeout(self._recv(tensor, None, tag), timeout, "recv", tag)
 
     async def recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
@@ -179,29 +184,32 @@ class Peer:
 
     # ================================================================== send
     async def _send(self, tensor: torch.Tensor, tag: int) -> None:
-        self._check_tensor(tensor, "send")
+        dev = self._check_tensor(tensor, "send")
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
-        ready = record_ready(src)
-        nbytes = src.numel() * src.element_size()
-        if self._conn._paused is not None:
-            await self._conn.drain()
+        ready = record_ready(src) if dev == "cuda" else None
+        nbytes = src.nbytes
+        conn = self._conn
+        if conn._paused is not None:
+            await conn.drain()
         s = self._session
         payload = None
-        if s.is_eager(nbytes):
-            if src.device.type == "cuda":
+        if nbytes <= s.eager_threshold:
+            if ready is not None:
                 await wait_event(ready)
                 with torch.cuda.stream(self._side_stream(src.device)):
                     payload = to_bytes(src.cpu())
             else:
                 payload = to_bytes(src)
-        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, device_kind(src), payload)
-        ctx = _SendCtx(self._loop.create_future(), src, ready)
-        op.context = ctx
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self._busy is not None:
+            self._busy.kick()
+        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload)
+        op.context = ctx = _SendCtx(fut, src, ready)
         self._flush()
         try:
-            await ctx.fut
+            await fut
         except asyncio.CancelledError:
-            if not ctx.fut.done() and s.cancel_send(op):
+            if not fut.done() and s.cancel_send(op):
                 ctx.stop = True
                 if ctx.job is not None:
                     ctx.job.stop()
@@ -246,13 +254,17 @@ class Peer:
 
     # ================================================================== recv
     async def _recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> torch.Tensor:
-        if dest is not None:
+        if dest is None:
+            spec, ready, stream = _ANY, None, None
+        elif dest.device.type == "cpu":
+            spec, ready, stream = RecvSpec(dtype_name(dest.dtype), dest.numel()), None, None
+        else:
             spec = RecvSpec(dtype_name(dest.dtype), dest.numel())
             ready = record_ready(dest)
-            stream = torch.cuda.current_stream(dest.device) if dest.device.type == "cuda" else None
-        else:
-            spec, ready, stream = RecvSpec(), None, None
+            stream = torch.cuda.current_stream(dest.device)
         ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
+        if self._busy is not None:
+            self._busy.kick()
         op = self._post_recv(tag, spec, ctx)
         try:
             return await ctx.fut
@@ -402,18 +414,22 @@ class Peer:
         while s.outbox or s.events:
             if s.outbox:
                 out, s.outbox = s.outbox, []
-                for m in out:
-                    self._conn.send(m)
+                self._conn.send_many(out)
             if s.events:
                 events, s.events = s.events, []
                 for ev in events:
                     self._dispatch(ev)
 
     def _dispatch(self, ev: object) -> None:
-        if isinstance(ev, SendComplete):
-            fut = ev.op.context.fut  # type: ignore[union-attr]
+        t = type(ev)
+        if t is SendComplete:
+            fut = ev.op.context.fut  # type: ignore[attr-defined]
             if not fut.done():
                 fut.set_result(None)
+        elif t is RecvMatched:
+            self._matched(ev.op)  # type: ignore[attr-defined]
+        elif t is RecvComplete:
+            self._completed(ev.op)  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
             _set_exc(ev.op.context.fut, ev.error)  # type: ignore[union-attr]
         elif isinstance(ev, WriteRequested):
@@ -423,10 +439,6 @@ class Peer:
             ctx.stop = True
             if ctx.job is not None:
                 ctx.job.stop()
-        elif isinstance(ev, RecvMatched):
-            self._matched(ev.op)
-        elif isinstance(ev, RecvComplete):
-            self._completed(ev.op)
         elif isinstance(ev, RecvFailed):
             rctx: _RecvCtx = ev.op.context  # type: ignore[assignment]
             self._release(rctx)
@@ -453,14 +465,20 @@ class Peer:
             st = self._side_streams[idx] = torch.cuda.Stream(device=idx)
         return st
 
-    def _check_tensor(self, t: Any, what: str) -> None:
+    def _check_tensor(self, t: Any, what: str) -> str:
+        """Validate a tensor argument; return its device kind ("cpu" or "cuda")."""
         if not isinstance(t, torch.Tensor):
             raise ConfigurationError(f"cannot {what} a {type(t).__name__}: pass a torch.Tensor")
-        device_kind(t)
-        if t.device.type == "cuda" and "cuda" not in self._links:
-            raise ConfigurationError("this peer has no CUDA link")
-        if t.is_sparse or t.layout != torch.strided:
+        if t.layout is not torch.strided:
             raise ConfigurationError(f"cannot {what} a {t.layout} tensor: only dense (strided) tensors")
+        dev = t.device.type
+        if dev == "cpu":
+            return dev
+        if dev != "cuda":
+            raise ConfigurationError(f"cannot {what} a tensor on {t.device}: use a cpu or cuda tensor")
+        if "cuda" not in self._links:
+            raise ConfigurationError("this peer has no CUDA link")
+        return dev
 
     async def _with_timeout(self, coro: Any, timeout: float | None, what: str, tag: int) -> torch.Tensor:
         if timeout is None:

@@ -7,6 +7,7 @@ peer asks it how to wait for the caller's stream without blocking the event loop
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,14 @@ import torch
 from .errors import ConfigurationError, MessageMismatch
 
 
+_NAMES: dict[torch.dtype, str] = {}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -41,18 +48,22 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_bytes(t: torch.Tensor) -> bytes:
-    """Copy a small contiguous CPU tensor's bytes (the eager path)."""
-    if t.numel() == 0:
-        return b""
-    return byte_view(t).numpy().tobytes()
+    """Copy a small contiguous CPU tensor's bytes (the eager path; one memcpy, no torch ops)."""
+    n = t.nbytes
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
 def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
-    """Copy an eager payload into a contiguous destination."""
+    """Copy an eager payload into a contiguous destination (CPU: one memcpy)."""
     if not data:
         return
+    if dest.device.type == "cpu":
+        if len(data) != dest.nbytes:
+            raise ValueError("payload size differs from the destination's")
+        ctypes.memmove(dest.data_ptr(), data, len(data))
+        return
     src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    byte_view(dest).copy_(src, non_blocking=dest.device.type == "cuda")
+    byte_view(dest).copy_(src)
 
 
 @dataclass(frozen=True, slots=True)

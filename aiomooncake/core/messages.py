@@ -149,6 +149,11 @@ MAX_REASON = 4096
 
 def encode(msg: Message) -> list[Any]:
     """Turn a message into the msgpack-ready array."""
+    t = type(msg)
+    if t is Eager:
+        return [1, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data]  # type: ignore[union-attr]
+    if t is Ack:
+        return [4, msg.op]  # type: ignore[union-attr]
     if isinstance(msg, Eager):
         return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data]
     if isinstance(msg, Rts):
@@ -226,53 +231,41 @@ def decode(obj: Any) -> Message:
     """Validate a decoded msgpack object and build the message; raise ProtocolError otherwise."""
     if type(obj) is not list or not obj:
         raise ProtocolError(f"a frame must be a non-empty array, got {type(obj).__name__}")
-    kind, *f = obj
-    try:
-        k = Kind(kind) if isinstance(kind, int) and not isinstance(kind, bool) else None
-    except ValueError:
-        k = None
-    if k is None:
+    kind = obj[0]
+    entry = _DECODERS.get(kind) if type(kind) is int or type(kind) is Kind else None
+    if entry is None:
         raise ProtocolError(f"unknown message kind {kind!r:.40}")
-    arity = _ARITY[k]
-    if len(f) != arity:
-        raise ProtocolError(f"{k.name} takes {arity} fields, got {len(f)}")
-    if k is Kind.EAGER:
-        if type(f[4]) is not bytes:
-            raise ProtocolError("EAGER payload must be bytes")
-        return Eager(_int(f[0], "op"), _int(f[1], "tag", _TAG_MIN, _TAG_MAX), _str(f[2], "dtype"),
-                     _shape(f[3]), f[4])
-    if k is Kind.RTS:
-        return Rts(_int(f[0], "op"), _int(f[1], "tag", _TAG_MIN, _TAG_MAX), _str(f[2], "dtype"),
-                   _shape(f[3]), _int(f[4], "nbytes"), _str(f[5], "device"))
-    if k is Kind.CTS:
-        return Cts(_int(f[0], "op"), _int(f[1], "addr"), _int(f[2], "capacity"), _str(f[3], "link"))
-    if k is Kind.ACK:
-        return Ack(_int(f[0], "op"))
-    if k is Kind.NACK:
-        return Nack(_int(f[0], "op"), _code(f[1]), _str(f[2], "reason", MAX_REASON))
-    if k is Kind.DONE:
-        return Done(_int(f[0], "op"))
-    if k is Kind.ABORT:
-        return Abort(_int(f[0], "op"), _code(f[1]), _str(f[2], "reason", MAX_REASON))
-    if k is Kind.RCANCEL:
-        return RCancel(_int(f[0], "op"))
-    if k is Kind.PING:
-        return Ping(_float(f[0], "stamp"))
-    if k is Kind.PONG:
-        return Pong(_float(f[0], "stamp"))
-    if k is Kind.BYE:
-        return Bye(_str(f[0], "reason", MAX_REASON))
-    if k is Kind.HELLO:
-        return Hello(_int(f[0], "version"), _info(f[1]))
-    if k is Kind.WELCOME:
-        return Welcome(_int(f[0], "version"), _info(f[1]))
-    if k is Kind.READY:
-        return Ready(_info(f[0]))
-    return Refuse(_str(f[0], "reason", MAX_REASON))
+    arity, build = entry
+    if len(obj) != arity + 1:
+        raise ProtocolError(f"{Kind(kind).name} takes {arity} fields, got {len(obj) - 1}")
+    return build(obj)
 
 
-_ARITY = {
-    Kind.EAGER: 5, Kind.RTS: 6, Kind.CTS: 4, Kind.ACK: 1, Kind.NACK: 3, Kind.DONE: 1, Kind.ABORT: 3,
-    Kind.RCANCEL: 1, Kind.PING: 1, Kind.PONG: 1, Kind.BYE: 1, Kind.HELLO: 2, Kind.WELCOME: 2,
-    Kind.READY: 1, Kind.REFUSE: 1,
+def _eager(f: list[Any]) -> Eager:
+    if type(f[5]) is not bytes:
+        raise ProtocolError("EAGER payload must be bytes")
+    return Eager(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX), _str(f[3], "dtype"),
+                 _shape(f[4]), f[5])
+
+
+_DECODERS: dict[int, tuple[int, Any]] = {
+    Kind.EAGER: (5, _eager),
+    Kind.RTS: (6, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
+                                _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
+                                _str(f[6], "device"))),
+    Kind.CTS: (4, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
+                                _str(f[4], "link"))),
+    Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),
+    Kind.NACK: (3, lambda f: Nack(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
+    Kind.DONE: (1, lambda f: Done(_int(f[1], "op"))),
+    Kind.ABORT: (3, lambda f: Abort(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
+    Kind.RCANCEL: (1, lambda f: RCancel(_int(f[1], "op"))),
+    Kind.PING: (1, lambda f: Ping(_float(f[1], "stamp"))),
+    Kind.PONG: (1, lambda f: Pong(_float(f[1], "stamp"))),
+    Kind.BYE: (1, lambda f: Bye(_str(f[1], "reason", MAX_REASON))),
+    Kind.HELLO: (2, lambda f: Hello(_int(f[1], "version"), _info(f[2]))),
+    Kind.WELCOME: (2, lambda f: Welcome(_int(f[1], "version"), _info(f[2]))),
+    Kind.READY: (1, lambda f: Ready(_info(f[1]))),
+    Kind.REFUSE: (1, lambda f: Refuse(_str(f[1], "reason", MAX_REASON))),
 }
+_DECODERS = {int(k): v for k, v in _DECODERS.items()}

@@ -15,11 +15,13 @@ from collections.abc import Callable
 
 from ..core.messages import Bye, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
+from .busypoll import BusyPoller
 from .framing import FrameDecoder, pack
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
+_CONTROL = (Ping, Pong, Bye)
 LostHandler = Callable[[AiomooncakeError], None]
 
 
@@ -34,6 +36,10 @@ class Connection(asyncio.Protocol):
         self._last_rx = time.monotonic()
         self._heartbeat: asyncio.Task[None] | None = None
         self._paused: asyncio.Future[None] | None = None
+        self.busy: BusyPoller | None = None
+        self._wbuf: list[Message] = []
+        self._write_scheduled = False
+        self._loop = asyncio.get_event_loop()
         self.peername: str = "?"
         self.sockname: tuple[str, int] = ("", 0)
 
@@ -48,13 +54,21 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = time.monotonic()
+        if self.busy is not None:
+            self.busy.kick()
         try:
             msgs = self._decoder.feed(data)
         except ProtocolError as e:
             self._protocol_error(e)
             return
         for m in msgs:
-            if isinstance(m, Ping):
+            if self._handler is not None and type(m) not in _CONTROL:
+                try:
+                    self._handler(m)
+                except ProtocolError as e:
+                    self._protocol_error(e)
+                    return
+            elif isinstance(m, Ping):
                 self.send(Pong(m.stamp))
             elif isinstance(m, Pong):
                 pass
@@ -88,8 +102,26 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ our API
     def send(self, msg: Message) -> None:
-        if self._closed is None and self._transport is not None:
-            self._transport.write(pack(msg))
+        self.send_many([msg])
+
+    def send_many(self, msgs: list[Message]) -> None:
+        """Queue frames; they go out together a moment later, in order.
+
+        The write is deferred by two loop turns so a frame produced while handling input (an ACK)
+        leaves in the same syscall and segment as the frame the woken caller sends next (its
+        reply): the remote wakes once per round trip instead of twice."""
+        if self._closed is not None or self._transport is None:
+            return
+        self._wbuf.extend(msgs)
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            self._loop.call_soon(self._loop.call_soon, self._write_out)
+
+    def _write_out(self) -> None:
+        self._write_scheduled = False
+        buf, self._wbuf = self._wbuf, []
+        if self._closed is None and self._transport is not None and buf:
+            self._transport.write(pack(buf[0]) if len(buf) == 1 else b"".join(map(pack, buf)))
 
     async def drain(self) -> None:
         """Wait while the socket's write buffer is over its high-water mark."""
@@ -126,7 +158,8 @@ class Connection(asyncio.Protocol):
         if self._closed is not None:
             return
         if error is None and self._transport is not None:
-            self._transport.write(pack(Bye(reason)))
+            self._wbuf.append(Bye(reason))
+            self._write_out()
         self._lost(error or PeerClosed(f"the connection to {self.peername} was closed locally"))
 
     @property
@@ -137,7 +170,8 @@ class Connection(asyncio.Protocol):
     def _protocol_error(self, e: ProtocolError) -> None:
         log.warning("protocol error from %s, closing the connection: %s", self.peername, e)
         if self._transport is not None:
-            self._transport.write(pack(Bye(f"protocol error: {e}")))
+            self._wbuf.append(Bye(f"protocol error: {e}"))
+            self._write_out()
         self._lost(ProtocolError(f"{self.peername} sent a bad frame: {e}"))
 
     def _lost(self, error: AiomooncakeError) -> None:

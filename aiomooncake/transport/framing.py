@@ -18,8 +18,11 @@ _HDR = struct.Struct(">I")
 HEADER = _HDR.size
 
 
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def pack(msg: Message) -> bytes:
-    body = msgpack.packb(encode(msg), use_bin_type=True)
+    body = _packer.pack(encode(msg))
     return _HDR.pack(len(body)) + body
 
 

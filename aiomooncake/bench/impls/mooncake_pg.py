@@ -1,0 +1,74 @@
+"""``mooncake-pg``: Mooncake's own torch.distributed backend (``from mooncake import pg``, backend
+``"mooncake"``), measured like gloo (see ``_torchdist``).
+
+Importing it can crash the process (on GPU hosts it may need libstdc++ preloaded), so the launcher
+only probes it in a throw-away subprocess and its ranks run, like every implementation, in child
+processes: a crash becomes a reported skip reason with the signal's name, never the benchmark's end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from ..common import MODES as ALL_MODES
+from ..common import RankContext
+from ._torchdist import run_backend
+
+NAME = "mooncake-pg"
+WORLD = 2
+MODES = ALL_MODES
+
+LIBSTDCXX = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+
+
+def child_env(device: str) -> dict[str, str]:
+    if device == "cuda" and os.path.exists(LIBSTDCXX):
+        pre = os.environ.get("LD_PRELOAD", "")
+        return {"LD_PRELOAD": f"{LIBSTDCXX}:{pre}" if pre else LIBSTDCXX}
+    return {}
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"crashed with {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def available(device: str) -> str | None:
+    env = {**os.environ, **child_env(device)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from mooncake import pg"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "importing mooncake.pg hung for 120 s"
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    detail = lines[-1] if lines else ""
+    if proc.returncode < 0:
+        return f"importing mooncake.pg {describe_exit(proc.returncode)}" + (f": {detail}" if detail else "")
+    if "ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr:
+        # e.g. "Mooncake PG was not built against torch==2.13.0" (the CPU wheel has no PG build)
+        msg = " ".join(ln.strip() for ln in lines if not ln.startswith(("Traceback", "  ")))
+        return f"mooncake.pg is not importable: {msg or detail}"
+    return f"importing mooncake.pg failed ({describe_exit(proc.returncode)}): {detail}"
+
+
+def run(ctx: RankContext) -> None:
+    from mooncake import pg
+
+    dev = ctx.device()
+    options = None
+    make = getattr(pg, "MooncakeBackendOptions", None)
+    if make is not None:
+        # the rank-failure tensor it reports into (all ranks healthy to start with)
+        options = make(torch.zeros((ctx.world,), dtype=torch.int32, device=dev))
+    run_backend(ctx, "mooncake", options)

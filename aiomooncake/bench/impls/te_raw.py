@@ -1,0 +1,185 @@
+"""``te-raw``: the Mooncake Transfer Engine driven directly, the data-plane limit.
+
+Each process initializes its own ``TransferEngine`` (P2PHANDSHAKE), the two exchange segment
+names and buffer addresses through the store, register their buffers, and time blocking
+``transfer_sync_write`` calls made one after another. A write returns once the bytes are in the
+peer's memory; the receiver learns about it from an 8-byte sequence number written after the data
+into a flag it polls, so a pingpong leg costs two writes (data, then flag), as any one-sided
+protocol must.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from ..common import MODES as ALL_MODES
+from ..common import Iteration, Point, RankContext, Spinner, eplb_tensors, measure
+
+NAME = "te-raw"
+WORLD = 2
+MODES = ALL_MODES
+
+
+def available(device: str) -> str | None:
+    try:
+        from mooncake import engine as te
+    except ImportError as e:
+        return f"the Mooncake Transfer Engine is not installed ({e})"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if not getattr(te, "SUPPORT_INTRA_NVLINK", False):
+            return "this Transfer Engine build has no intra-node NVLink transport (CPU wheel?)"
+    return None
+
+
+def child_env(device: str) -> dict[str, str]:
+    # Same-host GPUs: the NVLink transport, which reads the switch from the environment at init.
+    return {"MC_INTRANODE_NVLINK": "1"} if device == "cuda" else {}
+
+
+def _protocol(device: str) -> str:
+    if device == "cuda":
+        os.environ["MC_INTRANODE_NVLINK"] = "1"
+        return "tcp"  # ignored with MC_INTRANODE_NVLINK
+    try:
+        has_hca = bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        has_hca = False
+    if has_hca and not os.environ.get("MC_FORCE_TCP"):
+        return "rdma"
+    os.environ["MC_FORCE_TCP"] = "1"  # what aiomooncake's tcp engine does
+    return "tcp"
+
+
+class _Raw:
+    def __init__(self, ctx: RankContext) -> None:
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        from mooncake import engine as te
+
+        self.ctx = ctx
+        self.dev = ctx.device()
+        self.te: Any = te.TransferEngine()
+        host = ctx.cfg.host
+        rc = self.te.initialize(host, "P2PHANDSHAKE", _protocol(ctx.cfg.device), "")
+        if rc != 0:
+            raise RuntimeError(f"TransferEngine.initialize({host!r}, P2PHANDSHAKE) failed: rc={rc}")
+        self.peer_segment: str = ctx.exchange("segment", f"{host}:{self.te.get_rpc_port()}")
+        # Flags: inbox[0] is written by the peer; outbox holds 1, 2, 3, ... so notifying never
+        # has to modify memory first (which on CUDA would need a synchronize).
+        total = sum(sum(ctx.cfg.counts(p)) for p in ctx.points) + 16
+        self.inbox = torch.zeros(1, dtype=torch.int64, device=self.dev)
+        self.outbox = torch.arange(1, total + 1, dtype=torch.int64, device=self.dev)
+        self._inbox_np: Any = self.inbox.numpy()  # cheap polling if self.dev.type == "cpu" else None
+        for t in (self.inbox, self.outbox):
+            self._register(t)
+        self.peer_inbox: int = ctx.exchange("inbox", self.inbox.data_ptr())
+        self.sent = 0
+        self.expect = 0
+        self.spinner = Spinner(ctx.cfg.timeout)
+
+    def _register(self, t: torch.Tensor) -> None:
+        rc = self.te.register_memory(t.data_ptr(), t.numel() * t.element_size(), "*")
+        if rc != 0:
+            raise RuntimeError(f"register_memory of {t.numel() * t.element_size()} B failed: rc={rc}")
+
+    def _unregister(self, t: torch.Tensor) -> None:
+        self.te.unregister_memory(t.data_ptr())
+
+    def write(self, src: torch.Tensor, dst: int) -> None:
+        n = src.numel() * src.element_size()
+        rc = self.te.transfer_sync_write(self.peer_segment, src.data_ptr(), dst, n)
+        if rc != 0:
+            raise RuntimeError(f"transfer_sync_write of {n} B to {self.peer_segment} failed: rc={rc}")
+
+    def notify(self) -> None:
+        src = self.outbox.data_ptr() + 8 * self.sent
+        self.sent += 1
+        rc = self.te.transfer_sync_write(self.peer_segment, src, self.peer_inbox, 8)
+        if rc != 0:
+            raise RuntimeError(f"flag write to {self.peer_segment} failed: rc={rc}")
+
+    def _seen(self) -> int:
+        return int(self._inbox_np[0]) if self._inbox_np is not None else int(self.inbox.item())
+
+    def wait(self) -> None:
+        self.expect += 1
+        want = self.expect
+        self.spinner.wait(lambda: self._seen() >= want, f"the peer's write #{want}")
+
+    def run(self) -> None:
+        ctx = self.ctx
+        for p in ctx.points:
+            ctx.begin(p)
+            bufs = self._buffers(p)
+            for t in bufs[0] + bufs[1]:
+                self._register(t)
+            remote: list[int] = ctx.exchange(f"p{p.idx}/addrs", [t.data_ptr() for t in bufs[1]])
+            ctx.barrier(f"p{p.idx}/start")
+            samples = measure(ctx, p, self._step(p, bufs[0], remote))
+            ctx.barrier(f"p{p.idx}/end")  # the peer wrote its last byte into our buffers
+            for t in bufs[0] + bufs[1]:
+                self._unregister(t)
+            ctx.finish(p, samples)
+        ctx.barrier("end")
+
+    def _buffers(self, p: Point) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if p.mode == "eplb":
+            mine = eplb_tensors(p.size, self.ctx.cfg.scale, self.dev)
+            return mine, [torch.zeros_like(t) for t in mine]
+        return ([torch.ones(p.size, dtype=torch.uint8, device=self.dev)],
+                [torch.zeros(p.size, dtype=torch.uint8, device=self.dev)])
+
+    def _step(self, p: Point, srcs: list[torch.Tensor], remote: list[int]) -> Iteration:
+        first = self.ctx.rank == 0
+        window = self.ctx.cfg.window
+        s, dst = srcs[0], remote[0]
+
+        def pingpong() -> float:
+            t0 = time.perf_counter()
+            if first:
+                self.write(s, dst)
+                self.notify()
+                self.wait()
+            else:
+                self.wait()
+                self.write(s, dst)
+                self.notify()
+            return time.perf_counter() - t0
+
+        def stream() -> float:
+            t0 = time.perf_counter()
+            if first:
+                for _ in range(window):
+                    self.write(s, dst)
+                self.notify()
+            else:
+                self.wait()
+            return time.perf_counter() - t0
+
+        def bidir() -> float:
+            t0 = time.perf_counter()
+            for _ in range(window):
+                self.write(s, dst)
+            self.notify()
+            self.wait()
+            return time.perf_counter() - t0
+
+        def eplb() -> float:
+            t0 = time.perf_counter()
+            for t, a in zip(srcs, remote):
+                self.write(t, a)
+            self.notify()
+            self.wait()
+            return time.perf_counter() - t0
+
+        return {"pingpong": pingpong, "stream": stream, "bidir": bidir, "eplb": eplb}[p.mode]
+
+
+def run(ctx: RankContext) -> None:
+    _Raw(ctx).run()
+
