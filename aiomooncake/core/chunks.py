@@ -26,9 +26,11 @@ def plan_chunks(nbytes: int, chunk_bytes: int, min_chunks: int = 1) -> list[Chun
         raise ValueError("nbytes must be >= 0, chunk_bytes and min_chunks > 0")
     if nbytes == 0:
         return []
-    size = min(chunk_bytes, max(4096, -(-nbytes // min_chunks)))
+    # Round the size *down* to 4 KiB: rounding up could exceed chunk_bytes and, by making pieces
+    # bigger, yield fewer than min_chunks of them.
+    size = min(chunk_bytes, max(4096, nbytes // min_chunks))
     if size < nbytes and size > 4096:
-        size = (size + 4095) // 4096 * 4096
+        size = size // 4096 * 4096
     return [Chunk(off, min(size, nbytes - off)) for off in range(0, nbytes, size)]
 
 
