@@ -54,7 +54,7 @@ class RegionCache:
         i = max(i, 0)
         while i < len(self._bases) and self._bases[i] < end:
             r = self._regions[self._bases[i]]
-            if r.end > base:
+            if r.end > base or r.base >= base:  # a zero-size region still occupies its base
                 out.append(r)
             i += 1
         return out
