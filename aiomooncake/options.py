@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ConfigurationError
 
 _TRANSPORTS = ("auto", "tcp", "rdma", "nvlink")
+_AUTO_CHUNK = {"tcp": 256 * 1024 * 1024, "nvlink": 256 * 1024 * 1024, "rdma": 64 * 1024 * 1024}
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class Options:
         HCAs, TCP otherwise; a fixed value must be possible for both peers or the handshake fails.
     eager_threshold: messages up to this many bytes travel inside the control frame.
     chunk_bytes / window: large messages are written in chunks of at most ``chunk_bytes`` with up
-        to ``window`` engine requests in flight.
+        to ``window`` engine requests in flight; 0 picks per transport (measured: TCP and NVLink
+        move one large request fastest, so 256 MiB; RDMA 64 MiB).
     heartbeat_interval / heartbeat_timeout: liveness of the control connection; a silent peer is
         declared dead after ``heartbeat_timeout`` seconds and its pending operations fail.
     max_frame: the largest control frame accepted (bounds what a peer can make us buffer).
@@ -34,7 +36,7 @@ class Options:
 
     transport: str = "auto"
     eager_threshold: int = 64 * 1024
-    chunk_bytes: int = 16 * 1024 * 1024
+    chunk_bytes: int = 0
     window: int = 4
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.0
@@ -48,8 +50,8 @@ class Options:
     def __post_init__(self) -> None:
         if self.transport not in _TRANSPORTS:
             raise ConfigurationError(f"transport must be one of {_TRANSPORTS}, got {self.transport!r}")
-        if self.eager_threshold < 0 or self.chunk_bytes <= 0 or self.window <= 0:
-            raise ConfigurationError("eager_threshold must be >= 0, chunk_bytes and window > 0")
+        if self.eager_threshold < 0 or self.chunk_bytes < 0 or self.window <= 0:
+            raise ConfigurationError("eager_threshold and chunk_bytes must be >= 0, window > 0")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigurationError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.max_frame == 0:
@@ -58,6 +60,10 @@ class Options:
             raise ConfigurationError("max_frame must exceed eager_threshold by at least 1 KiB")
         if self.secret is None and os.environ.get("AIOMOONCAKE_SECRET"):
             object.__setattr__(self, "secret", os.environ["AIOMOONCAKE_SECRET"])
+
+    def chunk_for(self, transport: str) -> int:
+        """The chunk size used on a link of ``transport``."""
+        return self.chunk_bytes or _AUTO_CHUNK.get(transport, 64 * 1024 * 1024)
 
     @classmethod
     def build(cls, options: Options | None = None, **overrides: Any) -> Options:

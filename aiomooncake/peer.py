@@ -234,7 +234,7 @@ class Peer:
             region = link.engine.acquire(src)
             base = src.data_ptr()
             pieces = [(base + c.offset, check_write(op.addr, op.capacity, c), c.length)
-                      for c in plan_chunks(op.nbytes, self._opts.chunk_bytes)]
+                      for c in plan_chunks(op.nbytes, self._opts.chunk_for(link.transport))]
             ctx.job = link.engine.write(link.remote_segment, pieces, self._opts.window)
             if ctx.stop:
                 ctx.job.stop()

@@ -111,6 +111,7 @@ class BenchConfig:
     timeout: float = 120.0
     max_bytes: int = 2 * GiB  # payload budget of one point's timed iterations (iters shrink above it)
     host: str = "127.0.0.1"
+    verbose: bool = False
 
     def nbytes(self, p: Point) -> int:
         """The ``bytes`` of a record: the message size, or the bytes one rank sends in an eplb batch."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore
 
 from ..common import Iteration, Point, RankContext, eplb_tensors, measure
 
@@ -25,7 +26,7 @@ def run_backend(ctx: RankContext, backend: str, pg_options: Any = None) -> None:
     kwargs: dict[str, Any] = {}
     if pg_options is not None:
         kwargs["pg_options"] = pg_options
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
+    dist.init_process_group(backend, store=PrefixStore("pg", ctx.store), rank=ctx.rank,
                             world_size=ctx.world, timeout=timedelta(seconds=ctx.cfg.timeout), **kwargs)
     try:
         ack = torch.zeros(1, dtype=torch.int64, device=dev)

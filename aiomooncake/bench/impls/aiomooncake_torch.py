@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from ..common import MODES as ALL_MODES
 from ..common import RankContext
 from ._torchdist import run_backend
@@ -14,7 +16,7 @@ MODES = ALL_MODES
 
 def available(device: str) -> str | None:
     try:
-        import aiomooncake.torch  # noqa: F401
+        importlib.import_module("aiomooncake.torch")
     except Exception as e:  # not written yet, or broken: skip, never crash the launcher
         return f"aiomooncake.torch does not import ({type(e).__name__}: {e})"
     import torch.distributed as dist
@@ -31,6 +33,6 @@ def child_env(device: str) -> dict[str, str]:
 
 
 def run(ctx: RankContext) -> None:
-    import aiomooncake.torch  # noqa: F401  (registers the backend)
+    importlib.import_module("aiomooncake.torch")  # registers the backend
 
     run_backend(ctx, "aiomooncake")

@@ -32,7 +32,8 @@ def child_env(device: str) -> dict[str, str]:
 
 def _timed(dev: torch.device, body: Callable[[], None]) -> Iteration:
     if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
 
         def on_gpu() -> float:
             start.record()
@@ -57,9 +58,9 @@ def _body(ctx: RankContext, p: Point, dev: torch.device) -> Callable[[], None]:
         b2 = [torch.ones_like(t) for t in a]
 
         def eplb() -> None:
-            for x, y in zip(a, b):
+            for x, y in zip(a, b, strict=True):
                 y.copy_(x)
-            for x, y in zip(b2, a2):
+            for x, y in zip(b2, a2, strict=True):
                 y.copy_(x)
         return eplb
 

@@ -171,7 +171,7 @@ class _Raw:
 
         def eplb() -> float:
             t0 = time.perf_counter()
-            for t, a in zip(srcs, remote):
+            for t, a in zip(srcs, remote, strict=True):
                 self.write(t, a)
             self.notify()
             self.wait()

@@ -1,0 +1,224 @@
+"""The command line: ``python -m aiomooncake.bench [--quick] [--device cpu|cuda] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .common import (
+    DEFAULT_EXPERTS,
+    DEFAULT_SIZES,
+    MODES,
+    QUICK_EXPERTS,
+    QUICK_SIZES,
+    BenchConfig,
+    GiB,
+    MiB,
+    Point,
+    parse_size,
+)
+from .impls import IMPLS, load
+from .runner import launch, run_torchrun, torchrun_rank, under_torchrun
+
+EPILOG = """\
+examples:
+  python -m aiomooncake.bench --quick --device cpu --json bench.json --plot bench.png
+  python -m aiomooncake.bench --impls aiomooncake,te-raw --modes stream --sizes 1M,64M,1G
+  torchrun --nproc-per-node 2 -m aiomooncake.bench --device cuda --quick
+
+gbps is GB/s (1e9 B/s) of payload crossing between the two processes (both directions summed for
+bidir and eplb); pingpong also reports the round trip (rtt_us). Every number is a median.
+"""
+
+
+def _csv(choices: Sequence[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {text!r})")
+        return items
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        return [parse_size(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError("expected integers >= 1")
+    return vals
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m aiomooncake.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark aiomooncake against the raw Transfer Engine, torch.distributed backends "
+                    "and a local copy: pingpong latency, stream and bidirectional bandwidth, and the "
+                    "EPLB expert exchange. Launches its own processes, or runs under torchrun.",
+        epilog=EPILOG)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="where the tensors live (default: cuda if available, else cpu)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: sizes 8,64K,1M,16M,64M, experts 1,4, 10 iterations, 2 warm-up")
+    ap.add_argument("--impls", type=_csv(tuple(IMPLS)), default=list(IMPLS),
+                    help=f"implementations, comma-separated (default: all of {','.join(IMPLS)})")
+    ap.add_argument("--modes", type=_csv(MODES), default=list(MODES),
+                    help=f"modes, comma-separated (default: {','.join(MODES)})")
+    ap.add_argument("--sizes", type=_sizes, default=None,
+                    help="message sizes, e.g. 8,64K,1M,1G (default: 8 B to 1 GiB, x4 steps)")
+    ap.add_argument("--experts", type=_ints, default=None,
+                    help=f"eplb: experts per batch (default: {','.join(map(str, DEFAULT_EXPERTS))})")
+    ap.add_argument("--scale", type=_positive(float), default=None,
+                    help="eplb: factor on the expert weights' size (default: 1 on cuda, 1/16 on cpu)")
+    ap.add_argument("--iters", type=_positive(int), default=None,
+                    help="timed iterations per point (default 20, --quick 10; fewer for huge points)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3, --quick 2)")
+    ap.add_argument("--window", type=_positive(int), default=4,
+                    help="stream/bidir: messages in flight per iteration (default 4)")
+    ap.add_argument("--max-bytes", type=_sizes, default=None, metavar="SIZE",
+                    help="payload budget per point; iterations shrink (to >= 3) above it "
+                         "(default 2G, --quick 512M)")
+    ap.add_argument("--timeout", type=_positive(float), default=None,
+                    help="seconds one point may take before its processes are killed "
+                         "(default 120, --quick 60)")
+    ap.add_argument("--host", default="127.0.0.1", help="address the processes use (default 127.0.0.1)")
+    ap.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    ap.add_argument("--plot", metavar="FILE.png", help="plot bandwidth and latency against size")
+    ap.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log from the benchmark processes")
+    return ap
+
+
+def make_config(args: argparse.Namespace) -> tuple[BenchConfig, list[Point]]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    q = args.quick
+    sizes = args.sizes or list(QUICK_SIZES if q else DEFAULT_SIZES)
+    experts = args.experts or list(QUICK_EXPERTS if q else DEFAULT_EXPERTS)
+    cfg = BenchConfig(
+        device=device,
+        iters=args.iters or (10 if q else 20),
+        warmup=args.warmup if args.warmup is not None else (2 if q else 3),
+        window=args.window,
+        scale=args.scale or (1.0 if device == "cuda" else 1 / 16),
+        timeout=args.timeout or (60.0 if q else 120.0),
+        max_bytes=(args.max_bytes[0] if args.max_bytes else (512 * MiB if q else 2 * GiB)),
+        host=args.host,
+        verbose=args.verbose,
+    )
+    points: list[Point] = []
+    for mode in (m for m in MODES if m in args.modes):
+        for size in (experts if mode == "eplb" else sizes):
+            points.append(Point(len(points), mode, size))
+    return cfg, points
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from . import report
+
+    cfg, points = make_config(args)
+    torchrun = under_torchrun()
+    lead = not torchrun or torchrun_rank() == 0
+    console = Console(stderr=True, quiet=not lead)
+    out = Console(quiet=not lead)
+
+    results = report.Results(cfg, list(args.impls), points)
+    plan: list[tuple[str, list[Point]]] = []
+    with console.status("checking which implementations can run..."):
+        for name in args.impls:
+            impl = load(name)
+            reason = impl.available(cfg.device)
+            if reason is None and torchrun and name == "mooncake-pg":
+                reason = "runs only under the built-in launcher (a crash would take torchrun's ranks down)"
+            if reason is not None:
+                results.skip(name, reason)
+                continue
+            plan.append((name, [p for p in points if p.mode in impl.MODES]))
+    for name, reason in results.skipped.items():
+        console.print(f"[yellow]skipping {name}[/yellow]: {reason}")
+    if not plan:
+        console.print("[red]nothing can run[/red]")
+        return 1
+
+    total = sum(len(pts) for _, pts in plan)
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=args.no_progress or not lead,
+                  transient=False) as progress:
+        task = progress.add_task("starting", total=total)
+        events = _Live(results, progress, task, cfg)
+        if torchrun:
+            run_torchrun(plan, cfg, events)
+        else:
+            launch(plan, cfg, events)
+        progress.update(task, description="done")
+    if not lead:
+        return 0
+
+    report.print_report(out, results)
+    if args.json:
+        report.write_json(results, args.json)
+        console.print(f"wrote {len(results.records)} records to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(results))
+        console.print(f"wrote the tables to {args.markdown}")
+    if args.plot:
+        report.plot(results, args.plot)
+        console.print(f"wrote the plot to {args.plot}")
+    return 0 if results.records else 1
+
+
+class _Live:
+    """Feeds the results and moves the progress bar."""
+
+    def __init__(self, results: Any, progress: Any, task: Any, cfg: BenchConfig) -> None:
+        self.results, self.progress, self.task, self.cfg = results, progress, task, cfg
+
+    def begin(self, impl: str, p: Point) -> None:
+        self.progress.update(self.task, description=f"{impl} {p.mode} {p.label(self.cfg)}")
+
+    def record(self, impl: str, p: Point, rec: dict[str, Any]) -> None:
+        self.results.record(impl, p, rec)
+        self.progress.advance(self.task)
+
+    def failed(self, impl: str, p: Point, reason: str) -> None:
+        self.results.failed(impl, p, reason)
+        self.progress.advance(self.task)
+        self.progress.console.print(f"[yellow]{impl} {p.mode} {p.label(self.cfg)} failed[/yellow]: {reason}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
