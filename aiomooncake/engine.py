@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -75,8 +75,8 @@ class Stats:
 class Engine:
     """One TransferEngine instance serving every peer of this process that uses its transport."""
 
-    _instances: dict[str, Engine] = {}
-    _lock = threading.Lock()
+    _instances: ClassVar[dict[str, Engine]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, kind: str, host: str) -> None:
         if kind not in TRANSPORTS:
@@ -282,7 +282,8 @@ class _Poller:
     ``transfer_sync_*`` calls, and measured faster than them under CPU contention (they spin
     without yielding)."""
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = weakref.WeakKeyDictionary()
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller]] = (
+        weakref.WeakKeyDictionary())
     spin_s = 0.05
     max_sleep = 0.001
 

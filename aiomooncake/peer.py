@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .core.chunks import check_write, plan_chunks
-from .core.messages import Message
+from .core.messages import Eager, Message
 from .core.regions import Region
 from .core.session import (
     MessageArrived,
@@ -44,7 +44,6 @@ from .errors import (
 )
 from .options import Options
 from .tensors import (
-    byte_view,
     dtype_from_name,
     dtype_name,
     fill_from_bytes,
@@ -304,8 +303,8 @@ class Peer:
             if ctx.dest is None:
                 dev = ctx.device
                 if dev is None:
-                    dev = torch.device("cuda", torch.cuda.current_device()) if (
-                        getattr(msg, "device", "cpu") == "cuda" and torch.cuda.is_available()) else torch.device("cpu")
+                    on_gpu = getattr(msg, "device", "cpu") == "cuda" and torch.cuda.is_available()
+                    dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
                 ctx.work = torch.empty(msg.shape, dtype=dtype_from_name(msg.dtype), device=dev)
                 if dev.type == "cuda":
                     ctx.stream = torch.cuda.current_stream(dev)
@@ -318,12 +317,12 @@ class Peer:
         except Exception as e:
             self._session.refuse(op, TransferFailed(f"could not allocate the destination: {e}"))
             return
-        if hasattr(msg, "data"):  # eager
+        if isinstance(msg, Eager):
             if ctx.work.device.type == "cpu":
-                fill_from_bytes(ctx.work, msg.data)  # type: ignore[union-attr]
+                fill_from_bytes(ctx.work, msg.data)
                 self._session.delivered(op)
             else:
-                self._spawn(self._deliver_cuda(op, ctx, msg.data))  # type: ignore[union-attr]
+                self._spawn(self._deliver_cuda(op, ctx, msg.data))
         elif ctx.work.device.type == "cpu" and ctx.ready is None:
             self._accept(op, ctx)
         else:
@@ -349,7 +348,8 @@ class Peer:
         assert ctx.work is not None and op.msg is not None
         work = ctx.work
         sender_dev = getattr(op.msg, "device", "cpu")
-        link_name = "cuda" if (work.device.type == "cuda" and sender_dev == "cuda" and "cuda" in self._links) else "cpu"
+        both_gpu = work.device.type == "cuda" and sender_dev == "cuda" and "cuda" in self._links
+        link_name = "cuda" if both_gpu else "cpu"
         if link_name == "cpu" and work.device.type == "cuda":
             ctx.extra["device_work"] = work
             work = ctx.work = torch.empty(work.shape, dtype=work.dtype)  # staged through host memory
@@ -431,7 +431,7 @@ class Peer:
         elif t is RecvComplete:
             self._completed(ev.op)  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
-            _set_exc(ev.op.context.fut, ev.error)  # type: ignore[union-attr]
+            _set_exc(ev.op.context.fut, ev.error)  # type: ignore[attr-defined]
         elif isinstance(ev, WriteRequested):
             self._spawn(self._write(ev.op))
         elif isinstance(ev, StopWriting):
@@ -484,9 +484,10 @@ class Peer:
         if timeout is None:
             return await coro  # type: ignore[no-any-return]
         try:
-            return await asyncio.wait_for(coro, timeout)  # type: ignore[no-any-return]
+            return await asyncio.wait_for(coro, timeout)
         except asyncio.TimeoutError:
-            raise Timeout(f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+            raise Timeout(
+                f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
 
 def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:

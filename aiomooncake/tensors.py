@@ -15,7 +15,6 @@ import torch
 
 from .errors import ConfigurationError, MessageMismatch
 
-
 _NAMES: dict[torch.dtype, str] = {}
 
 
@@ -86,7 +85,8 @@ def allocation_of(t: torch.Tensor) -> Allocation:
         return _cuda_allocation(t.data_ptr())
     storage = t.untyped_storage()
     base, size = storage.data_ptr(), storage.nbytes()
-    return Allocation(base, size, ("cpu", base, size), storage._weak_ref())
+    weak: int = storage._weak_ref()  # type: ignore[assignment]
+    return Allocation(base, size, ("cpu", base, size), weak)
 
 
 def release_allocation(a: Allocation) -> None:
@@ -103,7 +103,7 @@ def _cuda_allocation(ptr: int) -> Allocation:
         try:
             from cuda.bindings import driver as _d
         except ImportError:  # cuda-python < 12.6 layout
-            from cuda import cuda as _d  # type: ignore[no-redef]
+            from cuda import cuda as _d
         _driver = _d
     d = _driver
     err, base, size = d.cuMemGetAddressRange(ptr)

@@ -139,7 +139,7 @@ class Refuse:
     reason: str
 
 
-Message = Union[
+Message = Union[  # noqa: UP007 (a runtime alias; X | Y needs 3.10 objects)
     Eager, Rts, Cts, Ack, Nack, Done, Abort, RCancel, Ping, Pong, Bye, Hello, Welcome, Ready, Refuse
 ]
 
@@ -238,7 +238,8 @@ def decode(obj: Any) -> Message:
     arity, build = entry
     if len(obj) != arity + 1:
         raise ProtocolError(f"{Kind(kind).name} takes {arity} fields, got {len(obj) - 1}")
-    return build(obj)
+    msg: Message = build(obj)
+    return msg
 
 
 def _eager(f: list[Any]) -> Eager:

@@ -28,10 +28,7 @@ def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]
     common = ccaps & scaps
     host_t = "rdma" if "rdma" in common else "tcp"
     if want == "auto":
-        if same_host and "nvlink" in common:
-            dev_t = "nvlink"
-        else:
-            dev_t = host_t
+        dev_t = "nvlink" if same_host and "nvlink" in common else host_t
         return {"cpu": host_t, "cuda": dev_t}
     if want not in common:
         lacking = [side for side, caps in (("client", ccaps), ("server", scaps)) if want not in caps]

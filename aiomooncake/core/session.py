@@ -167,7 +167,7 @@ class MessageArrived:
     tag: int
 
 
-Event = Union[
+Event = Union[  # noqa: UP007
     SendComplete, SendFailed, WriteRequested, StopWriting, RecvMatched, RecvComplete, RecvFailed,
     RecvReleased, MessageArrived,
 ]

@@ -13,10 +13,12 @@ import asyncio
 import os
 import time
 import weakref
+from typing import ClassVar
 
 
 class BusyPoller:
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoller] = weakref.WeakKeyDictionary()
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoller]] = (
+        weakref.WeakKeyDictionary())
 
     def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
         self._loop = loop

@@ -22,7 +22,7 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 
 def pack(msg: Message) -> bytes:
-    body = _packer.pack(encode(msg))
+    body: bytes = _packer.pack(encode(msg))
     return _HDR.pack(len(body)) + body
 
 
