@@ -1,0 +1,39 @@
+"""Shared fixtures for the multi-process peer tests (see tests/harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from harness import Remote, start_remotes
+
+
+@pytest.fixture(scope="module")
+def _module_remote() -> Iterator[Remote]:
+    r = Remote().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def remote(_module_remote: Remote) -> Remote:
+    """A peer process shared by a module's tests; replaced if an earlier test broke or killed it."""
+    if not _module_remote.healthy:
+        _module_remote.restart()
+    return _module_remote
+
+
+@pytest.fixture
+def spawn_remotes() -> Iterator[Callable[[int], list[Remote]]]:
+    """Start fresh peer processes for one test (to kill, freeze, or use several); all are stopped
+    (killed if need be) at teardown."""
+    started: list[Remote] = []
+
+    def spawn(n: int = 1) -> list[Remote]:
+        rs = start_remotes(n)
+        started.extend(rs)
+        return rs
+
+    yield spawn
+    for r in started:
+        r.stop()
