@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torchrun = under_torchrun()
     lead = not torchrun or torchrun_rank() == 0
     console = Console(stderr=True, quiet=not lead)
-    out = Console(quiet=not lead)
+    # a pipe or file gets wide tables rather than folded ones
+    out = Console(quiet=not lead, width=None if sys.stdout.isatty() else 200)
 
     results = report.Results(cfg, list(args.impls), points)
     plan: list[tuple[str, list[Point]]] = []

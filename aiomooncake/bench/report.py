@@ -106,7 +106,7 @@ class Results:
                     row.append("failed" if (i, p.idx) in self.failures else "—")
             for o, r in ratio_cols:
                 a, b = self.records.get((o, p.idx)), self.records.get((r, p.idx))
-                row.append(f"{a['gbps'] / b['gbps']:.2f}x" if a and b and b["gbps"] > 0 else "—")
+                row.append(_ratio(a["gbps"] / b["gbps"]) if a and b and b["gbps"] > 0 else "—")
             rows.append(row)
         title = TITLES[mode].format(window=self.cfg.window, scale=self.cfg.scale)
         return f"{title} [{UNITS[mode]}]", headers, rows
@@ -131,6 +131,10 @@ def _num(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _ratio(r: float) -> str:
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
+
+
 RATIO_NOTE = ("Ratios compare throughput (for pingpong: the inverse of the round trip), ours / reference: "
               "above 1.00x ours is faster.")
 
@@ -145,7 +149,8 @@ def print_report(console: Any, res: Results) -> None:
             continue
         t = Table(title=title, title_justify="left", header_style="bold")
         for i, h in enumerate(headers):
-            t.add_column(h, justify="left" if i == 0 else "right", style="cyan" if "/" in h else None)
+            t.add_column(h, justify="left" if i == 0 else "right", style="cyan" if "/" in h else None,
+                         overflow="fold")
         for row in rows:
             t.add_row(*row)
         console.print(t)

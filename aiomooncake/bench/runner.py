@@ -88,7 +88,6 @@ def launch(plan: Plan, cfg: BenchConfig, events: Events) -> None:
 def _child(name: str, rank: int, world: int, port: int, prefix: str, cfg: BenchConfig,
            points: list[Point], q: Any) -> None:
     _setup_logging(cfg, f"{name} rank {rank}")
-    os.environ.setdefault("GLOG_minloglevel", "2")
     ctx: RankContext | None = None
     code = 0
     try:
@@ -113,6 +112,8 @@ def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, event
     impl = load(name)
     spawn = mp.get_context("spawn")
     env = dict(impl.child_env(cfg.device))
+    if not cfg.verbose and "MC_LOG_LEVEL" not in os.environ:
+        env["MC_LOG_LEVEL"] = "ERROR"  # the Transfer Engine's INFO/WARNING chatter (glog ignores GLOG_*)
     if cfg.host.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
         env["GLOO_SOCKET_IFNAME"] = "lo"
     remaining = list(points)
@@ -238,6 +239,8 @@ def run_torchrun(plan: Plan, cfg: BenchConfig, events: Events) -> None:
     if world != 2:
         raise SystemExit(f"the benchmark needs exactly 2 ranks (torchrun --nproc-per-node 2), got {world}")
     _setup_logging(cfg, f"rank {rank}")
+    if not cfg.verbose:
+        os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     base = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                     rank == 0 and not agent, timeout=timedelta(seconds=cfg.timeout + STARTUP_S))
