@@ -105,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ap.add_argument("--plot", metavar="FILE.png", help="plot bandwidth and latency against size")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    ap.add_argument("--logs", metavar="DIR",
+                    help="keep the benchmark processes' output in DIR (default: a temporary directory, "
+                         "kept only when something failed)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log from the benchmark processes")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="let the benchmark processes log to this terminal")
     return ap
 
 
@@ -180,15 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                   transient=False) as progress:
         task = progress.add_task("starting", total=total)
         events = _Live(results, progress, task, cfg)
+        logs = None
         if torchrun:
             run_torchrun(plan, cfg, events)
         else:
-            launch(plan, cfg, events)
+            logs = launch(plan, cfg, events, args.logs)
         progress.update(task, description="done")
     if not lead:
         return 0
 
     report.print_report(out, results)
+    if logs is not None and results.failures:
+        console.print(f"the benchmark processes' output is in {logs}")
     if args.json:
         report.write_json(results, args.json)
         console.print(f"wrote {len(results.records)} records to {args.json}")

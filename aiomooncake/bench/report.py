@@ -147,7 +147,8 @@ def print_report(console: Any, res: Results) -> None:
         title, headers, rows = res.table(mode)
         if len(headers) <= 1:
             continue
-        t = Table(title=title, title_justify="left", header_style="bold")
+        console.print(f"[bold]{title}[/bold]")
+        t = Table(header_style="bold")
         for i, h in enumerate(headers):
             t.add_column(h, justify="left" if i == 0 else "right", style="cyan" if "/" in h else None,
                          overflow="fold")
@@ -157,7 +158,8 @@ def print_report(console: Any, res: Results) -> None:
     console.print(f"[dim]{RATIO_NOTE}[/dim]")
     probs = res.problems()
     if probs:
-        t = Table(title="skipped and failed", title_justify="left", header_style="bold")
+        console.print("[bold]skipped and failed[/bold]")
+        t = Table(header_style="bold")
         t.add_column("implementation")
         t.add_column("point")
         t.add_column("reason", overflow="fold")
@@ -204,9 +206,14 @@ def plot(res: Results, path: str) -> None:
                                            for p in res.points if p.mode == m)]
     if not modes:
         return
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.4), squeeze=False)
+    cols = min(2, len(modes))
+    rows = (len(modes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.6 * rows), squeeze=False)
     markers = "os^Dvx*P"
-    for ax, mode in zip(axes[0], modes, strict=True):
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(modes):]:
+        ax.set_visible(False)
+    for ax, mode in zip(flat, modes, strict=False):
         pts = [p for p in res.points if p.mode == mode]
         for k, impl in enumerate(res.impls):
             recs = [r for p in pts if (r := res.records.get((impl, p.idx))) is not None]

@@ -14,8 +14,10 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -74,19 +76,36 @@ def _setup_logging(cfg: BenchConfig, tag: str) -> None:
 
 
 # ================================================================= launcher mode
-def launch(plan: Plan, cfg: BenchConfig, events: Events) -> None:
-    """Measure every (implementation, points) of ``plan`` in child processes."""
+def launch(plan: Plan, cfg: BenchConfig, events: Events, log_dir: str | None = None) -> str | None:
+    """Measure every (implementation, points) of ``plan`` in child processes.
+
+    Unless ``cfg.verbose``, the children's output (the engine's native logging included) goes to
+    files in ``log_dir`` (a new temporary directory by default); returns that directory if a point
+    failed (the reasons name the files), else removes it and returns None."""
     from torch._C._distributed_c10d import TCPStore
 
     store = TCPStore(cfg.host, 0, None, True, timeout=timedelta(seconds=cfg.timeout),
                      wait_for_workers=False)
+    logs = None if cfg.verbose else (log_dir or tempfile.mkdtemp(prefix="aiomooncake-bench-"))
+    if logs is not None:
+        os.makedirs(logs, exist_ok=True)
+    failed = False
     for name, points in plan:
         if points:
-            _run_impl(name, points, cfg, store.port, events)
+            failed = _run_impl(name, points, cfg, store.port, events, logs) or failed
+    if logs is not None and not failed and log_dir is None:
+        shutil.rmtree(logs, ignore_errors=True)
+        return None
+    return logs
 
 
 def _child(name: str, rank: int, world: int, port: int, prefix: str, cfg: BenchConfig,
-           points: list[Point], q: Any) -> None:
+           points: list[Point], q: Any, log_path: str | None) -> None:
+    if log_path is not None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     _setup_logging(cfg, f"{name} rank {rank}")
     ctx: RankContext | None = None
     code = 0
@@ -108,7 +127,9 @@ def _child(name: str, rank: int, world: int, port: int, prefix: str, cfg: BenchC
     os._exit(code)  # skip interpreter teardown: engine threads and process groups can hang it
 
 
-def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, events: Events) -> None:
+def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, events: Events,
+              logs: str | None) -> bool:
+    """Measure ``points`` of one implementation; True if any failed."""
     impl = load(name)
     spawn = mp.get_context("spawn")
     env = dict(impl.child_env(cfg.device))
@@ -121,9 +142,12 @@ def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, event
     while remaining:
         attempt += 1
         q = spawn.Queue()
+        paths = [os.path.join(logs, f"{name}-{attempt}-rank{r}.log") if logs else None
+                 for r in range(impl.WORLD)]
         with _environ(env):
             procs = [spawn.Process(target=_child, name=f"bench-{name}-{r}", daemon=True,
-                                   args=(name, r, impl.WORLD, port, f"{name}/{attempt}", cfg, remaining, q))
+                                   args=(name, r, impl.WORLD, port, f"{name}/{attempt}", cfg, remaining, q,
+                                         paths[r]))
                      for r in range(impl.WORLD)]
             for pr in procs:
                 pr.start()
@@ -136,19 +160,22 @@ def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, event
         q.close()
         q.cancel_join_thread()
         if reason is None:
-            if remaining:  # finished "successfully" but skipped points: never loop forever
-                for p in remaining:
-                    events.failed(name, p, "not measured (the processes ended early)")
-            return
+            if not remaining:
+                return False
+            reason = "not measured (the processes ended early)"  # never loop forever
+            current, progressed = None, False
+        if logs:
+            reason += f" [logs: {', '.join(p for p in paths if p)}]"
         if current is None and not progressed:  # start-up failure: it would fail again
             for p in remaining:
                 events.failed(name, p, reason)
-            return
+            return True
         failed = current if current is not None and current in remaining else remaining[0]
         remaining.remove(failed)
         events.failed(name, failed, reason)
         if remaining:
             log.info("%s: restarting for the %d remaining points", name, len(remaining))
+    return True
 
 
 def _supervise(name: str, procs: list[Any], q: Any, remaining: list[Point], cfg: BenchConfig,

@@ -1,4 +1,5 @@
-"""``copy``: one process copying between two buffers (``dst.copy_(src)``): CPU memcpy, or a CUDA
+"""``copy``: one process copying between two buffers (``dst.copy_(src)``): a single-threaded CPU
+memcpy, or a CUDA
 device-to-device copy timed with CUDA events. No transport can beat it: the physical limit.
 
 pingpong: copy there and back (rtt); stream: ``window`` copies; bidir: both directions' copies;
@@ -32,8 +33,8 @@ def child_env(device: str) -> dict[str, str]:
 
 def _timed(dev: torch.device, body: Callable[[], None]) -> Iteration:
     if dev.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
 
         def on_gpu() -> float:
             start.record()
@@ -88,6 +89,8 @@ def _body(ctx: RankContext, p: Point, dev: torch.device) -> Callable[[], None]:
 
 
 def run(ctx: RankContext) -> None:
+    # One copying thread: what one core moves, and no OpenMP wake-ups on a shared, busy machine.
+    torch.set_num_threads(1)
     dev = ctx.device()
     for p in ctx.points:
         ctx.begin(p)
