@@ -200,13 +200,13 @@ class Session:
         """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous."""
         self._check_open()
         eager = payload is not None
+        if payload is not None and len(payload) != nbytes:
+            raise ValueError("eager payload length differs from nbytes")
         op = SendOp(self._next_send, tag, dtype, shape, nbytes, device, eager,
                     SendState.EAGER_SENT if eager else SendState.RTS_SENT)
         self._next_send += 1
         self._sends[op.id] = op
         if payload is not None:
-            if len(payload) != nbytes:
-                raise ValueError("eager payload length differs from nbytes")
             self.outbox.append(Eager(op.id, tag, dtype, shape, payload))
         else:
             self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device))
