@@ -217,6 +217,11 @@ class Session:
 
     def write_finished(self, op: SendOp, error: AiomooncakeError | None = None) -> None:
         """The adapter's writes for ``op`` have all settled (``error`` if any failed)."""
+        if self.closed is not None:
+            # close() already failed the op (StopWriting, SendFailed) and nobody is listening.
+            if op.state is SendState.CANCELLING:
+                op.state = SendState.FAILED
+            return
         if op.state is SendState.WRITING and error is None:
             self.outbox.append(Done(op.id))
             self._finish_send(op, None)
