@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             plan.append((name, [p for p in points if p.mode in impl.MODES]))
     for name, reason in results.skipped.items():
-        console.print(f"[yellow]skipping {name}[/yellow]: {reason}")
+        console.print(f"[yellow]skipping {name}[/yellow]: {escape(reason)}")
     if not plan:
         console.print("[red]nothing can run[/red]")
         return 1
@@ -209,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if results.records else 1
 
 
+def escape(text: str) -> str:
+    from rich.markup import escape as _escape
+
+    return _escape(text)
+
+
 class _Live:
     """Feeds the results and moves the progress bar."""
 
@@ -225,7 +231,8 @@ class _Live:
     def failed(self, impl: str, p: Point, reason: str) -> None:
         self.results.failed(impl, p, reason)
         self.progress.advance(self.task)
-        self.progress.console.print(f"[yellow]{impl} {p.mode} {p.label(self.cfg)} failed[/yellow]: {reason}")
+        self.progress.console.print(f"[yellow]{impl} {p.mode} {p.label(self.cfg)} failed[/yellow]: "
+                                    f"{escape(reason)}")
 
 
 if __name__ == "__main__":

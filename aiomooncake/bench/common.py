@@ -8,8 +8,10 @@ Units: ``gbps`` is GB/s (10**9 bytes per second) of payload that crossed between
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
+import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -205,11 +207,37 @@ class RankContext:
         self.current = p.idx
         if self.rank == 0:
             self.sink(("begin", p.idx))
+        fault = os.environ.get(FAULT_ENV)
+        if fault:
+            _inject(fault, self, p)
 
     def finish(self, p: Point, samples: Sequence[float]) -> None:
         if self.rank == 0:
             self.sink(("record", p.idx, self.cfg.record(self.impl, p, samples)))
         self.current = None
+
+
+# For the launcher's tests: "impl:mode:size:rank:crash|hang|raise" makes that rank of that
+# implementation crash (SIGSEGV), hang or raise when it begins that point.
+FAULT_ENV = "AIOMOONCAKE_BENCH_FAULT"
+
+
+def _inject(spec: str, ctx: RankContext, p: Point) -> None:
+    try:
+        impl, mode, size, rank, kind = spec.split(":")
+        hit = (impl == ctx.impl and mode == p.mode and parse_size(size) == p.size and int(rank) == ctx.rank)
+    except ValueError:
+        log.warning("ignoring malformed %s=%r", FAULT_ENV, spec)
+        return
+    if not hit:
+        return
+    log.warning("injecting a %s into %s rank %d at %s %d", kind, ctx.impl, ctx.rank, p.mode, p.size)
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    raise RuntimeError(f"injected failure ({FAULT_ENV})")
 
 
 # A point's iteration: runs one iteration, returns the seconds it took as seen by this rank.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -14,7 +15,6 @@ import torch
 from .common import MODES, BenchConfig, Point, human_bytes
 from .impls import OURS, REFERENCES
 
-UNITS = {"pingpong": "rtt µs", "stream": "GB/s", "bidir": "GB/s", "eplb": "GB/s"}
 TITLES = {
     "pingpong": "pingpong: round-trip latency (median, µs; lower is better)",
     "stream": "stream: one-way bandwidth, {window} messages in flight (median, GB/s)",
@@ -39,6 +39,8 @@ def machine_description(device: str) -> str:
     parts = [f"{os.cpu_count()} cores ({cpu})", f"{platform.system()} {platform.release()}",
              f"Python {platform.python_version()}", f"torch {torch.__version__}",
              f"aiomooncake {__version__}"]
+    with contextlib.suppress(OSError):
+        parts.append(f"load average {os.getloadavg()[0]:.1f} at start")
     if device == "cuda" and torch.cuda.is_available():
         parts.insert(1, f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}")
     return ", ".join(parts)
@@ -109,7 +111,7 @@ class Results:
                 row.append(_ratio(a["gbps"] / b["gbps"]) if a and b and b["gbps"] > 0 else "—")
             rows.append(row)
         title = TITLES[mode].format(window=self.cfg.window, scale=self.cfg.scale)
-        return f"{title} [{UNITS[mode]}]", headers, rows
+        return title, headers, rows
 
     def problems(self) -> list[tuple[str, str, str]]:
         """(implementation, point, reason) for every skip and failure."""
@@ -141,19 +143,20 @@ RATIO_NOTE = ("Ratios compare throughput (for pingpong: the inverse of the round
 
 # ================================================================== output
 def print_report(console: Any, res: Results) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     for mode in res.modes():
         title, headers, rows = res.table(mode)
         if len(headers) <= 1:
             continue
-        console.print(f"[bold]{title}[/bold]")
+        console.print(f"[bold]{escape(title)}[/bold]")
         t = Table(header_style="bold")
         for i, h in enumerate(headers):
             t.add_column(h, justify="left" if i == 0 else "right", style="cyan" if "/" in h else None,
                          overflow="fold")
         for row in rows:
-            t.add_row(*row)
+            t.add_row(*map(escape, row))
         console.print(t)
     console.print(f"[dim]{RATIO_NOTE}[/dim]")
     probs = res.problems()
@@ -164,9 +167,9 @@ def print_report(console: Any, res: Results) -> None:
         t.add_column("point")
         t.add_column("reason", overflow="fold")
         for impl, where, why in probs:
-            t.add_row(impl, where, why)
+            t.add_row(escape(impl), escape(where), escape(why))
         console.print(t)
-    console.print(f"[dim]{res.machine}; device {res.cfg.device}; {res.date}[/dim]")
+    console.print(f"[dim]{escape(res.machine)}; device {res.cfg.device}; {res.date}[/dim]")
 
 
 def markdown(res: Results) -> str:

@@ -165,7 +165,7 @@ def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, event
             reason = "not measured (the processes ended early)"  # never loop forever
             current, progressed = None, False
         if logs:
-            reason += f" [logs: {', '.join(p for p in paths if p)}]"
+            reason += f" (logs: {', '.join(p for p in paths if p)})"
         if current is None and not progressed:  # start-up failure: it would fail again
             for p in remaining:
                 events.failed(name, p, reason)
@@ -233,7 +233,10 @@ def _supervise(name: str, procs: list[Any], q: Any, remaining: list[Point], cfg:
             if now - failing_since < GRACE_S and not all(pr.exitcode is not None for pr in procs):
                 continue
             signals = [c for c in crashed if "crashed" in c or "signal" in c]
-            return progressed, current, "; ".join(signals + errors + [c for c in crashed if c not in signals])
+            alive = [f"rank {r} was still running (hung?) and was killed" for r, pr in enumerate(procs)
+                     if pr.exitcode is None]
+            rest = [c for c in crashed if c not in signals]
+            return progressed, current, "; ".join(signals + errors + rest + alive)
         if all(pr.exitcode == 0 for pr in procs):
             return progressed, current, "the processes exited without reporting every point"
         if now > deadline:
