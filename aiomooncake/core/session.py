@@ -92,6 +92,7 @@ class SendOp:
     capacity: int = 0
     link: str = ""
     context: object = None  # the adapter's handle (future, tensor, ...)
+    cancelled_by: str = ""  # "sender" or "receiver" once a cancellation stopped the writes
 
 
 @dataclass(eq=False, slots=True)
@@ -229,13 +230,16 @@ class Session:
             self.outbox.append(Abort(op.id, Code.FAILED, str(error)))
             self._finish_send(op, error)
         elif op.state is SendState.CANCELLING:
-            # The receiver asked us to stop; whatever happened, it gets a final word.
+            # One side asked to stop; whatever happened, the receiver gets a final word.
+            by_receiver = op.cancelled_by == "receiver"
             if error is None:
                 self.outbox.append(Done(op.id))
             else:
-                self.outbox.append(Abort(op.id, Code.CANCELLED, "cancelled by the receiver"))
+                self.outbox.append(Abort(op.id, Code.CANCELLED, "cancelled by the receiver" if by_receiver
+                                         else "the sender cancelled this message"))
             self._finish_send(op, TransferCancelled(
-                f"the receiver cancelled its recv (tag {op.tag}) before this message arrived"))
+                f"the receiver cancelled its recv (tag {op.tag}) before this message arrived"
+                if by_receiver else f"the send (tag {op.tag}) was cancelled"))
 
     def cancel_send(self, op: SendOp) -> bool:
         """Withdraw a send the caller gave up on. Returns True if the adapter must still wait for
@@ -247,6 +251,7 @@ class Session:
             return False
         if op.state is SendState.WRITING:
             op.state = SendState.CANCELLING
+            op.cancelled_by = "sender"
             return True
         return op.state is SendState.CANCELLING
 
@@ -370,6 +375,7 @@ class Session:
             s = self._sends.get(msg.op)
             if s is not None and s.state is SendState.WRITING:
                 s.state = SendState.CANCELLING
+                s.cancelled_by = "receiver"
                 self.events.append(StopWriting(s))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} frame after the handshake")
