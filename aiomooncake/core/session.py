@@ -395,27 +395,31 @@ class Session:
         self.events.append(WriteRequested(s))
 
     def _on_sender_final(self, msg: Done | Abort) -> None:
-        pending = self._unexpected.pop(msg.op, None)
+        # Raise before changing anything, so a refused frame leaves the session consistent (and
+        # close() still fails every pending receive).
+        pending = self._unexpected.get(msg.op)
         if pending is not None:  # aborted before any receive matched it: withdraw
             if isinstance(msg, Done):
                 raise ProtocolError(f"DONE for message {msg.op} that was never accepted")
+            del self._unexpected[msg.op]
             self._matcher.withdraw_unexpected(pending.tag, pending)
             return
-        r = self._incoming.pop(msg.op, None)
+        r = self._incoming.get(msg.op)
         if r is None:
             return
+        if isinstance(msg, Done) and r.state not in (RecvState.CTS_SENT, RecvState.CANCELLING):
+            raise ProtocolError(f"DONE for message {msg.op} before its CTS")
+        del self._incoming[msg.op]
         if r.state is RecvState.CANCELLING:
             r.state = RecvState.FAILED
             self.events.append(RecvReleased(r))
-        elif r.state is RecvState.CTS_SENT and isinstance(msg, Done):
+        elif isinstance(msg, Done):  # CTS_SENT
             r.state = RecvState.DONE
             self.events.append(RecvComplete(r))
-        elif isinstance(msg, Abort):
+        else:
             # MATCHED (we were preparing) or CTS_SENT: the sender gave up on this message
             r.state = RecvState.FAILED
             self.events.append(RecvFailed(r, _remote_error(msg.code, msg.reason, sender=True)))
-        else:
-            raise ProtocolError(f"DONE for message {msg.op} before its CTS")
 
     # -------------------------------------------------------------- lifecycle
     def close(self, error: AiomooncakeError | None = None) -> None:
