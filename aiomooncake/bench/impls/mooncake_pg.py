@@ -1,5 +1,6 @@
 """``mooncake-pg``: Mooncake's own torch.distributed backend (``from mooncake import pg``, backend
-``"mooncake"``), measured like gloo (see ``_torchdist``).
+``"mooncake"`` for CUDA tensors, ``"mooncake-cpu"`` for CPU ones), measured like gloo (see
+``_torchdist``).
 
 Importing it can crash the process (on GPU hosts it may need libstdc++ preloaded), so the launcher
 only probes it in a throw-away subprocess and its ranks run, like every implementation, in child
@@ -13,7 +14,6 @@ import signal
 import subprocess
 import sys
 
-import torch
 
 from ..common import MODES as ALL_MODES
 from ..common import RankContext
@@ -24,6 +24,7 @@ WORLD = 2
 MODES = ALL_MODES
 
 LIBSTDCXX = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+PROBE_TIMEOUT = 420  # recent wheels compile their torch adapter on first import (cached after)
 
 
 def child_env(device: str) -> dict[str, str]:
@@ -46,9 +47,9 @@ def available(device: str) -> str | None:
     env = {**os.environ, **child_env(device)}
     try:
         proc = subprocess.run([sys.executable, "-c", "from mooncake import pg"], env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
-        return "importing mooncake.pg hung for 120 s"
+        return f"importing mooncake.pg did not finish within {PROBE_TIMEOUT} s"
     if proc.returncode == 0:
         return None
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -63,12 +64,6 @@ def available(device: str) -> str | None:
 
 
 def run(ctx: RankContext) -> None:
-    from mooncake import pg
+    from mooncake import pg  # noqa: F401  (registers "mooncake" for CUDA, "mooncake-cpu" for CPU)
 
-    dev = ctx.device()
-    options = None
-    make = getattr(pg, "MooncakeBackendOptions", None)
-    if make is not None:
-        # the rank-failure tensor it reports into (all ranks healthy to start with)
-        options = make(torch.zeros((ctx.world,), dtype=torch.int32, device=dev))
-    run_backend(ctx, "mooncake", options)
+    run_backend(ctx, "mooncake" if ctx.cfg.device == "cuda" else "mooncake-cpu")

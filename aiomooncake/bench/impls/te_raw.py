@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ...tensors import allocation_of
 from ..common import MODES as ALL_MODES
 from ..common import Iteration, Point, RankContext, Spinner, eplb_tensors, measure
 
@@ -71,6 +72,7 @@ class _Raw:
         self.peer_segment: str = ctx.exchange("segment", f"{host}:{self.te.get_rpc_port()}")
         # Flags: inbox[0] is written by the peer; outbox holds 1, 2, 3, ... so notifying never
         # has to modify memory first (which on CUDA would need a synchronize).
+        self.regs: dict[int, tuple[int, int]] = {}  # registered base -> (users, size)
         total = sum(sum(ctx.cfg.counts(p)) for p in ctx.points) + 16
         self.inbox = torch.zeros(1, dtype=torch.int64, device=self.dev)
         self.outbox = torch.arange(1, total + 1, dtype=torch.int64, device=self.dev)
@@ -82,13 +84,33 @@ class _Raw:
         self.expect = 0
         self.spinner = Spinner(ctx.cfg.timeout)
 
+    def _range(self, t: torch.Tensor) -> tuple[int, int]:
+        if t.device.type == "cuda":
+            # GPU memory is shared by IPC handle of its whole cudaMalloc block, as aiomooncake does
+            a = allocation_of(t)
+            return a.base, a.size
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+
     def _register(self, t: torch.Tensor) -> None:
-        rc = self.te.register_memory(t.data_ptr(), t.numel() * t.element_size(), "*")
+        base, size = self._range(t)
+        held = self.regs.get(base)
+        if held is not None:
+            self.regs[base] = (held[0] + 1, held[1])
+            return
+        rc = self.te.register_memory(base, size, "*")
         if rc != 0:
-            raise RuntimeError(f"register_memory of {t.numel() * t.element_size()} B failed: rc={rc}")
+            raise RuntimeError(f"register_memory of {size} B at 0x{base:x} failed: rc={rc}")
+        self.regs[base] = (1, size)
 
     def _unregister(self, t: torch.Tensor) -> None:
-        self.te.unregister_memory(t.data_ptr())
+        base, _ = self._range(t)
+        count, size = self.regs[base]
+        if count > 1:
+            self.regs[base] = (count - 1, size)
+            return
+        del self.regs[base]
+        self.te.unregister_memory(base)
 
     def write(self, src: torch.Tensor, dst: int) -> None:
         n = src.numel() * src.element_size()
