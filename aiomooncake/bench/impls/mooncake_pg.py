@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 
-
 from ..common import MODES as ALL_MODES
 from ..common import RankContext
 from ._torchdist import run_backend
