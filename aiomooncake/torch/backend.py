@@ -1,0 +1,434 @@
+"""``ProcessGroupAiomooncake``: the ``torch.distributed`` process group behind the backend name
+``"aiomooncake"``.
+
+torch cannot subclass its C++ ``Backend`` from Python, so this is a Python ``ProcessGroup`` subclass
+(torch's extension point for Python groups), returned by the creator registered with
+``Backend.register_backend(..., extended_api=True)``. torch then uses it as the whole group: it
+serves point-to-point operations and ``barrier`` for every device, whatever the backend string.
+Collectives go to the other backend named in a per-device string such as
+``"cpu:gloo,cuda:aiomooncake"`` (created lazily on the first collective, which every rank calls);
+with ``"aiomooncake"`` alone they raise ``NotImplementedError`` saying so.
+
+Calls made by torch (``isend``, ``irecv``, ``batch_isend_irecv``...) validate their arguments on the
+caller's thread, raising like gloo does, then hand the operation to the loop thread and return a
+:class:`~aiomooncake.torch.work.Work` at once: they never block, so any order of operations in a
+batch is deadlock-free.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
+
+from aiomooncake import Options
+from aiomooncake.transport.handshake import host_id
+
+from . import rendezvous
+from .errors import BackendError, InvalidArgument
+from .loop import LoopThread, register_closable, unregister_closable
+from .mesh import Mesh
+from .ops import BARRIER, RECV, RECV_ANY, SEND, Op
+from .work import Work, completed_work
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "aiomooncake"
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for non-NCCL groups
+_TAG_MAX = 2**31 - 1  # c10d passes tags as C int
+
+# Heartbeats only catch hung hosts (a dead process closes its sockets at once); a training step that
+# keeps the GIL for seconds must not get a healthy peer declared dead.
+DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0)
+
+
+def resolve_options(backend_options: Any) -> tuple[Options, str | None]:
+    """``pg_options`` of ``init_process_group``: None, an :class:`aiomooncake.Options`, or a dict of
+    its fields plus ``host`` (the address to listen on)."""
+    if backend_options is None:
+        return DEFAULT_OPTIONS, None
+    if isinstance(backend_options, Options):
+        return backend_options, None
+    if isinstance(backend_options, dict):
+        fields = dict(backend_options)
+        host = fields.pop("host", None)
+        return Options.build(DEFAULT_OPTIONS, **fields), host
+    raise InvalidArgument(f"pg_options for the aiomooncake backend must be None, aiomooncake.Options or a "
+                          f"dict of its fields (plus 'host'), not {type(backend_options).__name__}")
+
+
+class BackendInfo:
+    """What ``ProcessGroup._get_backend(device)`` returns for devices this group serves itself.
+
+    torch asks it about capabilities (``supports_splitting`` when ``init_process_group`` got a
+    ``device_id``); a Python group has no C++ backend to return."""
+
+    supports_splitting = False
+    supports_coalescing = True
+    supports_time_estimate = False
+    supports_tensor_alloc = False
+    supports_shrinking = False
+
+    def __init__(self, group: ProcessGroupAiomooncake) -> None:
+        self._group = group
+
+    def name(self) -> str:
+        return BACKEND_NAME
+
+    def rank(self) -> int:
+        return self._group.rank()
+
+    def size(self) -> int:
+        return self._group.size()
+
+    def shutdown(self) -> None:
+        self._group.shutdown()
+
+    def abort(self) -> None:
+        self._group.abort()
+
+    def __repr__(self) -> str:
+        return f"<aiomooncake backend of {self._group!r}>"
+
+
+def _not_implemented(name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name}: the aiomooncake backend implements point-to-point operations (send, recv, isend, "
+        "irecv, batch_isend_irecv) and barrier, not collectives. Give collectives to another backend "
+        "with a per-device backend string, e.g. dist.init_process_group('cpu:gloo,cuda:aiomooncake') "
+        "(or 'cpu:gloo,cuda:nccl' style for a subgroup via dist.new_group(backend=...)); aiomooncake "
+        "then still carries every send/recv.")
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for x in obj:
+            t = _first_tensor(x)
+            if t is not None:
+                return t
+    return None
+
+
+def _collective(name: str, backend_method: str) -> Callable[..., Any]:
+    def method(self: ProcessGroupAiomooncake, *args: Any, **kwargs: Any) -> Any:
+        delegate = self._delegate(name, args)
+        fn = getattr(delegate, backend_method, None)
+        if fn is None:
+            raise NotImplementedError(f"{name}: the collective backend {delegate.name()!r} has no "
+                                      f"{backend_method}")
+        return fn(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"``{name}``, run by the group's collective backend (see the module docstring)."
+    return method
+
+
+class ProcessGroupAiomooncake(dist.ProcessGroup):
+    """A process group whose point-to-point operations travel over aiomooncake.
+
+    Made by ``init_process_group("aiomooncake")`` / ``new_group(backend="aiomooncake")``; or directly,
+    ``ProcessGroupAiomooncake(store, rank, size, timeout)`` (see :mod:`aiomooncake.torch.facade`)."""
+
+    def __init__(self, store: Store, rank: int, size: int,
+                 timeout: datetime.timedelta | None = None, options: Any = None, *,
+                 host: str | None = None, group_name: str | None = None) -> None:
+        super().__init__(rank, size)  # type: ignore[call-arg]  # the (store, rank, size) constructor cannot build a Python subclass
+        if not 0 <= rank < size:
+            raise InvalidArgument(f"rank {rank} is out of range for a group of size {size}")
+        self._store = store
+        self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+        self._options, configured_host = resolve_options(options)
+        self._label = group_name or ""
+        self._delegates: dict[str, Any] = {}
+        self._delegate_lock = threading.Lock()
+        self._coalesced: list[Op] | None = None
+        self._shut = False
+        self._loop = LoopThread.acquire()
+        self._mesh: Mesh | None = None
+        try:
+            self._generation = rendezvous.generation(store, size)
+            self.host = rendezvous.choose_host(store, host or configured_host)
+            self._mesh = self._loop.run(self._make_mesh(), self._options.handshake_timeout)
+            self.port = self._mesh.port
+            rendezvous.publish(store, self._generation, rank, self.host, self.port,
+                               {"pid": os.getpid(), "host_id": host_id()})
+            records = rendezvous.gather(store, self._generation, size, self._timeout)
+            self._loop.submit(self._mesh.connect, [(r["host"], int(r["port"])) for r in records])
+        except BaseException:
+            self._shut = True
+            self._close_mesh()
+            self._loop.release()
+            raise
+        register_closable(self)
+        log.info("aiomooncake group %r: rank %d of %d listening on %s:%d", self._label, rank, size,
+                 self.host, self.port)
+
+    async def _make_mesh(self) -> Mesh:
+        mesh = Mesh(self.rank(), self.size(), self._generation, self._options)
+        try:
+            await mesh.listen(self.host)
+        except BaseException:
+            await mesh.close()
+            raise
+        return mesh
+
+    # ================================================================ naming
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def _get_backend_name(self) -> str:
+        return BACKEND_NAME
+
+    def __repr__(self) -> str:
+        return (f"<ProcessGroupAiomooncake {self._label!r} rank {self.rank()}/{self.size()} "
+                f"{'shut down' if self._shut else 'open'}>")
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return self._timeout
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        """Bound every operation started from now on by ``timeout``."""
+        self._timeout = timeout
+
+    # ======================================================= point-to-point
+    def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> Work:
+        """Start sending ``tensors[0]`` to ``dstRank``; never blocks."""
+        t = self._check_tensors(tensors, "send")
+        self._check_rank(dstRank, "destination")
+        self._check_tag(tag)
+        return self._submit(self._op(SEND, t, dstRank, tag))
+
+    def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> Work:
+        """Start receiving into ``tensors[0]`` from ``srcRank``; never blocks."""
+        t = self._check_tensors(tensors, "recv")
+        self._check_rank(srcRank, "source")
+        self._check_tag(tag)
+        return self._submit(self._op(RECV, t, srcRank, tag))
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> Work:
+        """Start receiving the next message with ``tag`` from whichever rank sends one;
+        ``Work.source_rank()`` says which."""
+        t = self._check_tensors(tensors, "recv")
+        self._check_tag(tag)
+        return self._submit(self._op(RECV_ANY, t, -1, tag))
+
+    def barrier(self, opts: Any = None) -> Work:
+        """Every rank of the group reaches the barrier before any ``wait()`` on it returns."""
+        self._check_open()
+        timeout = self._seconds(self._timeout)
+        t = getattr(opts, "timeout", None)
+        if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
+            timeout = t.total_seconds()
+        op = Op(BARRIER, 0, -1, timeout=timeout)
+        self._dispatch(op)
+        return Work([op], [])
+
+    # ----------------------------------------------------------- coalescing
+    def start_coalescing(self, device: torch.device | None = None) -> None:
+        """Collect the following operations so that :meth:`end_coalescing` returns one Work for them
+        (they still start at once)."""
+        if self._coalesced is not None:
+            raise RuntimeError("aiomooncake: coalescing already started on this group")
+        self._coalesced = []
+
+    def end_coalescing(self, device: torch.device | None = None) -> Work:
+        ops, self._coalesced = self._coalesced, None
+        if ops is None:
+            raise RuntimeError("aiomooncake: end_coalescing without start_coalescing")
+        return Work(ops) if ops else completed_work()
+
+    def _start_coalescing(self, device: torch.device) -> None:
+        self.start_coalescing(device)
+
+    def _end_coalescing(self, device: torch.device) -> Work:
+        return self.end_coalescing(device)
+
+    # ============================================================ internals
+    def _op(self, kind: str, t: torch.Tensor, peer: int, tag: int) -> Op:
+        self._check_open()
+        ready = None
+        if t.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(t.device))
+        wire = t.reshape(-1).view(torch.uint8)  # bytes, as gloo: dtypes may differ, sizes may not
+        return Op(kind, tag, peer, tensor=t, wire=wire, timeout=self._seconds(self._timeout),
+                  ready_event=ready)
+
+    def _submit(self, op: Op) -> Work:
+        self._dispatch(op)
+        if self._coalesced is not None:
+            self._coalesced.append(op)
+        return Work([op])
+
+    def _dispatch(self, op: Op) -> None:
+        mesh = self._mesh
+        assert mesh is not None
+        try:
+            self._loop.submit(mesh.submit, op)
+        except RuntimeError as e:
+            raise BackendError(f"{op.describe()}: the aiomooncake loop is not running: {e}") from e
+
+    @staticmethod
+    def _seconds(td: datetime.timedelta) -> float | None:
+        secs = td.total_seconds()
+        return secs if secs > 0 else None
+
+    def _check_open(self) -> None:
+        if self._shut:
+            raise BackendError("the aiomooncake process group was shut down (destroy_process_group)")
+
+    def _check_tensors(self, tensors: Any, what: str) -> torch.Tensor:
+        if isinstance(tensors, torch.Tensor):
+            tensors = [tensors]
+        if not isinstance(tensors, Sequence) or len(tensors) != 1:
+            n = len(tensors) if isinstance(tensors, Sequence) else type(tensors).__name__
+            raise InvalidArgument(f"ProcessGroupAiomooncake::{what} takes a single tensor (got {n})")
+        t = tensors[0]
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgument(f"ProcessGroupAiomooncake::{what} needs a torch.Tensor, got "
+                                  f"{type(t).__name__}")
+        if t.layout != torch.strided:
+            raise InvalidArgument(f"input tensor has to be dense (got a {t.layout} tensor)")
+        if t.device.type not in ("cpu", "cuda"):
+            raise InvalidArgument(f"aiomooncake moves cpu and cuda tensors, not {t.device}")
+        if not t.is_contiguous():
+            raise InvalidArgument("input tensor has to be contiguous")
+        return t
+
+    def _check_rank(self, rank: Any, what: str) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise InvalidArgument(f"the {what} rank must be an int, got {type(rank).__name__}")
+        if not 0 <= rank < self.size():
+            raise InvalidArgument(f"invalid {what} rank {rank}: the group has ranks 0..{self.size() - 1}")
+
+    @staticmethod
+    def _check_tag(tag: Any) -> None:
+        if isinstance(tag, bool) or not isinstance(tag, int):
+            raise InvalidArgument(f"the tag must be an int, got {type(tag).__name__}")
+        if tag < 0:
+            raise InvalidArgument("Tag must be nonnegative")
+        if tag > _TAG_MAX:
+            raise InvalidArgument(f"the tag must fit a C int (at most {_TAG_MAX}), got {tag}")
+
+    # ================================================= collectives (delegated)
+    def _delegate(self, name: str, args: Sequence[Any]) -> Any:
+        self._check_open()
+        config = dist.distributed_c10d._world.pg_backend_config.get(self, BACKEND_NAME)
+        per_device: dict[str, str] = {}
+        for part in str(config).split(","):
+            dev, sep, backend = part.partition(":")
+            if sep:
+                per_device[dev.strip()] = backend.strip().lower()
+        others = {d: b for d, b in per_device.items() if b != BACKEND_NAME}
+        if not others:
+            raise _not_implemented(name)
+        t = _first_tensor(list(args))
+        device = t.device.type if t is not None else "cpu"
+        backend = others.get(device) or others.get("cpu") or next(iter(others.values()))
+        with self._delegate_lock:
+            delegate = self._delegates.get(backend)
+            if delegate is None:
+                delegate = self._delegates[backend] = self._make_delegate(backend)
+        return delegate
+
+    def _make_delegate(self, backend: str) -> Any:
+        store = PrefixStore(f"aiomooncake/{self._generation}/{backend}/", self._store)
+        if backend == "gloo":
+            return ProcessGroupGloo(store, self.rank(), self.size(), timeout=self._timeout)
+        if backend == "nccl" and dist.is_nccl_available():
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = self._timeout
+            return dist.ProcessGroupNCCL(store, self.rank(), self.size(), opts)
+        raise NotImplementedError(f"aiomooncake can hand collectives to gloo or nccl, not {backend!r}")
+
+    allreduce = _collective("allreduce", "allreduce")
+    allreduce_coalesced = _collective("allreduce_coalesced", "allreduce_coalesced")
+    broadcast = _collective("broadcast", "broadcast")
+    allgather = _collective("allgather", "allgather")
+    allgather_coalesced = _collective("allgather_coalesced", "allgather_coalesced")
+    all_gather_single = _collective("all_gather_single", "_allgather_base")
+    _allgather_base = _collective("_allgather_base", "_allgather_base")
+    all_gather_single_coalesced = _collective("all_gather_single_coalesced",
+                                              "allgather_into_tensor_coalesced")
+    allgather_into_tensor_coalesced = _collective("allgather_into_tensor_coalesced",
+                                                  "allgather_into_tensor_coalesced")
+    gather = _collective("gather", "gather")
+    scatter = _collective("scatter", "scatter")
+    reduce = _collective("reduce", "reduce")
+    reduce_scatter = _collective("reduce_scatter", "reduce_scatter")
+    reduce_scatter_single = _collective("reduce_scatter_single", "_reduce_scatter_base")
+    _reduce_scatter_base = _collective("_reduce_scatter_base", "_reduce_scatter_base")
+    reduce_scatter_single_coalesced = _collective("reduce_scatter_single_coalesced",
+                                                  "reduce_scatter_tensor_coalesced")
+    reduce_scatter_tensor_coalesced = _collective("reduce_scatter_tensor_coalesced",
+                                                  "reduce_scatter_tensor_coalesced")
+    alltoall = _collective("alltoall", "alltoall")
+    all_to_all_single = _collective("all_to_all_single", "alltoall_base")
+    alltoall_base = _collective("alltoall_base", "alltoall_base")
+    monitored_barrier = _collective("monitored_barrier", "monitored_barrier")
+
+    def _get_backend(self, device: torch.device) -> Any:
+        """The backend serving ``device``: a delegate already made for collectives, else this group."""
+        config = dist.distributed_c10d._world.pg_backend_config.get(self, BACKEND_NAME)
+        for part in str(config).split(","):
+            dev, sep, backend = part.partition(":")
+            if sep and dev.strip() == torch.device(device).type:
+                delegate = self._delegates.get(backend.strip().lower())
+                if delegate is not None:
+                    return delegate
+        return BackendInfo(self)
+
+    # ============================================================== shutdown
+    def shutdown(self) -> None:
+        """Fail pending operations, close every connection and stop using the loop thread.
+
+        Called by ``destroy_process_group()`` and at interpreter exit. Idempotent."""
+        if self._shut:
+            return
+        self._shut = True
+        unregister_closable(self)
+        try:
+            self._close_mesh()
+        finally:
+            for d in self._delegates.values():
+                try:
+                    d.shutdown()
+                except Exception:
+                    log.debug("shutting down a collective delegate failed", exc_info=True)
+            self._delegates.clear()
+            self._loop.release()
+
+    def abort(self) -> None:
+        self.shutdown()
+
+    def _close_mesh(self) -> None:
+        mesh = self._mesh
+        if mesh is None or not self._loop.alive:
+            return
+        if self._loop.in_loop_thread():
+            self._loop.loop.create_task(mesh.close())
+            return
+        try:
+            self._loop.run(mesh.close(), self._options.cancel_timeout + 5.0)
+        except Exception as e:
+            log.warning("aiomooncake group %r: closing did not finish cleanly: %s", self._label, e)
+
+
+def create_process_group(dist_backend_opts: Any, backend_options: Any) -> ProcessGroupAiomooncake:
+    """The creator registered with torch (``extended_api=True``)."""
+    return ProcessGroupAiomooncake(
+        dist_backend_opts.store, dist_backend_opts.group_rank, dist_backend_opts.group_size,
+        dist_backend_opts.timeout, backend_options, group_name=str(dist_backend_opts.group_id))
+
+
+__all__ = ["BACKEND_NAME", "BackendInfo", "ProcessGroupAiomooncake", "create_process_group"]

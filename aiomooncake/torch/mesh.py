@@ -1,0 +1,484 @@
+"""The asyncio side of one process group: a mesh of :class:`~aiomooncake.Peer` connections, one per
+pair of ranks, and MPI-style matching (tags, any-source receives, barrier) on top of them.
+
+Everything here runs on the loop thread (:mod:`aiomooncake.torch.loop`); the process group only
+calls :meth:`Mesh.submit`, through :meth:`LoopThread.submit`.
+
+Connections. Each rank listens on one port (published in the c10d store by the process group) and
+dials every higher rank and itself; it accepts the lower ranks' dials. The dialer's first message,
+on the internal tag ``HELLO_TAG``, names its rank, so the acceptor knows who called. Dials start
+as soon as the group exists and run in the background; an operation on a pair that is not connected
+yet waits in that pair's :class:`_Lane` and starts the moment it is.
+
+Ordering. The core matches messages per peer and tag in posting order, and posts an operation
+synchronously in the first step of the coroutine that sends or receives it. So operations must
+reach that first step in submission order: every one starts as a task created in submission order
+(tasks take their first step in creation order), either at once when its lane is open and empty, or
+when the lane opens, in the order they queued.
+
+Any-source receives. MPI semantics: a message goes to the earliest posted matching receive. An
+any-source receive waits until some peer holds an unexpected message with its tag and claims it by
+posting a receive on that peer in the same loop step as the probe. Receives with the same tag
+posted after it (any-source or not) wait behind it in the tag's sequence, so they cannot take a
+message it was entitled to; receives posted before it already matched first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import torch
+
+import aiomooncake
+from aiomooncake import MessageMismatch, Options, Peer, PeerClosed
+
+from .errors import BackendError, InvalidArgument, OpTimeout
+from .ops import BARRIER, RECV, RECV_ANY, SEND, Op
+
+log = logging.getLogger(__name__)
+
+HELLO_TAG = -1  # the dialer's first message: int64 [rank, generation, group size]
+BARRIER_TAG = -16  # dissemination barrier round k uses BARRIER_TAG - k
+_DIAL_ATTEMPTS = 3
+
+Starter = Callable[[Op, Peer], None]
+
+
+class _Lane:
+    """Operations in one direction with one rank, started in submission order once connected."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rank: int) -> None:
+        self.rank = rank
+        self.peer: Peer | None = None
+        self.error: BaseException | None = None
+        self.backlog: deque[tuple[Op, Starter]] = deque()
+        self.ready: asyncio.Future[Peer] = loop.create_future()
+
+    def start(self, op: Op, starter: Starter) -> None:
+        if self.peer is not None and not self.backlog:
+            starter(op, self.peer)
+        elif self.error is not None:
+            raise self.error
+        else:
+            self.backlog.append((op, starter))
+
+    def open(self, peer: Peer) -> None:
+        self.peer = peer
+        while self.backlog:
+            op, starter = self.backlog.popleft()
+            starter(op, peer)
+        if not self.ready.done():
+            self.ready.set_result(peer)
+
+    def fail(self, err: BaseException) -> list[Op]:
+        """Mark the lane broken (before it opened); return the operations that waited in it."""
+        if self.peer is not None or self.error is not None:
+            return []
+        self.error = err
+        if not self.ready.done():
+            self.ready.set_exception(err)
+            self.ready.exception()  # retrieved: nobody may be waiting
+        ops = [op for op, _ in self.backlog]
+        self.backlog.clear()
+        return ops
+
+    def withdraw(self, op: Op) -> bool:
+        for i, (queued, _) in enumerate(self.backlog):
+            if queued is op:
+                del self.backlog[i]
+                return True
+        return False
+
+
+class _StreamPerDevice(threading.local):
+    """The loop thread's own CUDA stream per device, set as that thread's current stream so the
+    core's copies for our operations never queue behind (or in front of) the user's work."""
+
+    streams: dict[int, Any]
+
+    def __init__(self) -> None:
+        self.streams = {}
+
+
+_cuda_streams = _StreamPerDevice()
+
+
+def loop_stream(device: torch.device) -> Any:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    s = _cuda_streams.streams.get(idx)
+    if s is None:
+        s = torch.cuda.Stream(device=idx)
+        torch.cuda.set_stream(s)
+        _cuda_streams.streams[idx] = s
+    return s
+
+
+class Mesh:
+    """The connections and matching state of one process group (loop thread only)."""
+
+    def __init__(self, rank: int, size: int, generation: int, options: Options) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.rank = rank
+        self.size = size
+        self.generation = generation
+        self.options = options
+        self.port = 0
+        self._send = [_Lane(self.loop, r) for r in range(size)]
+        self._recv = [_Lane(self.loop, r) for r in range(size)]
+        self._seq: dict[int, deque[Op]] = {}  # tag -> receives waiting behind an any-source one
+        self._inflight: set[Op] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._peers: list[Peer] = []
+        self._listener: aiomooncake.Listener | None = None
+        self._closed: BackendError | None = None
+        self._barrier_seq = 0
+
+    # ================================================================ set-up
+    async def listen(self, host: str) -> int:
+        self._listener = await aiomooncake.listen(host, 0, options=self.options)
+        self.port = self._listener.port
+        self._spawn_background(self._accept_loop())
+        return self.port
+
+    def connect(self, addresses: list[tuple[str, int]]) -> None:
+        """Dial every higher rank and this rank itself (in the background)."""
+        for j in range(self.rank, self.size):
+            host, port = addresses[j]
+            self._spawn_background(self._dial(j, host, port))
+
+    async def _dial(self, j: int, host: str, port: int) -> None:
+        peer: Peer | None = None
+        for attempt in range(_DIAL_ATTEMPTS):
+            try:
+                peer = await aiomooncake.connect(host, port, options=self.options)
+                break
+            except PeerClosed as e:  # refused: retry briefly, the listener exists before its address
+                if attempt == _DIAL_ATTEMPTS - 1:
+                    self._lane_failed(j, BackendError(f"could not connect to rank {j} at {host}:{port}: {e}"))
+                    return
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except Exception as e:
+                self._lane_failed(j, BackendError(f"could not connect to rank {j} at {host}:{port}: "
+                                                  f"{type(e).__name__}: {e}"))
+                return
+        assert peer is not None
+        if self._closed is not None:
+            await peer.close()
+            return
+        hello = torch.tensor([self.rank, self.generation, self.size], dtype=torch.int64)
+        greeting = self.loop.create_task(peer.send(hello, HELLO_TAG))  # posted before any user op
+        self._peers.append(peer)
+        self._send[j].open(peer)
+        if j != self.rank:
+            self._recv[j].open(peer)
+        try:
+            await greeting
+        except Exception as e:  # the operations on this peer fail on their own; say why here too
+            log.warning("rank %d: greeting rank %d failed: %s", self.rank, j, e)
+
+    def _lane_failed(self, j: int, err: BackendError) -> None:
+        log.warning("rank %d: %s", self.rank, err)
+        for op in self._send[j].fail(err) + self._recv[j].fail(err):
+            self._finish(op, error=err)
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                peer = await self._listener.accept()
+            except PeerClosed:
+                return
+            self._spawn_background(self._greet(peer))
+
+    async def _greet(self, peer: Peer) -> None:
+        try:
+            hello = await asyncio.wait_for(peer.recv_tensor(HELLO_TAG, device="cpu"),
+                                           self.options.handshake_timeout)
+            rank, generation, size = (int(x) for x in hello.tolist())
+        except Exception as e:
+            log.warning("rank %d: a connection from %s did not introduce itself: %s", self.rank,
+                        peer.address, e)
+            await peer.close()
+            return
+        problem = None
+        if generation != self.generation or size != self.size:
+            problem = f"it belongs to another group (generation {generation}, size {size})"
+        elif not 0 <= rank <= self.rank:
+            problem = f"rank {rank} should not dial rank {self.rank}"
+        elif self._recv[rank].peer is not None:
+            problem = f"rank {rank} is already connected"
+        if problem is not None or self._closed is not None:
+            if problem is not None:
+                log.warning("rank %d: refusing a connection from %s: %s", self.rank, peer.address, problem)
+            await peer.close()
+            return
+        self._peers.append(peer)
+        if rank != self.rank:
+            self._send[rank].open(peer)
+        self._recv[rank].open(peer)
+
+    def _spawn_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ============================================================ operations
+    def submit(self, op: Op) -> None:
+        """Start ``op`` (loop thread; called in submission order)."""
+        op.finished = self.loop.create_future()
+        if self._closed is not None:
+            self._finish(op, error=self._closed)
+            return
+        self._inflight.add(op)
+        if op.timeout is not None:
+            op.timer = self.loop.call_later(op.timeout, self._expire, op)
+        try:
+            if op.kind == SEND:
+                self._send[op.peer].start(op, self._start_transfer)
+            elif op.kind == RECV:
+                waiting = self._seq.get(op.tag)
+                if waiting:
+                    waiting.append(op)
+                else:
+                    self._recv[op.peer].start(op, self._start_transfer)
+            elif op.kind == RECV_ANY:
+                waiting = self._seq.setdefault(op.tag, deque())
+                waiting.append(op)
+                if len(waiting) == 1:
+                    self._start(op, self._claim(op))
+            elif op.kind == BARRIER:
+                self._barrier_seq += 1
+                self._start(op, self._barrier(op))
+            else:
+                raise InvalidArgument(f"unknown operation {op.kind!r}")
+        except BaseException as e:
+            self._finish(op, error=e)
+
+    def _start(self, op: Op, coro: Coroutine[Any, Any, int]) -> None:
+        task = self.loop.create_task(coro)
+        op.task = task
+        task.add_done_callback(lambda t: self._task_done(op, t))
+
+    def _start_transfer(self, op: Op, peer: Peer) -> None:
+        self._start(op, self._transfer(op, peer))
+
+    async def _transfer(self, op: Op, peer: Peer) -> int:
+        assert op.wire is not None
+        self._order_after_caller(op)
+        if op.kind == SEND:
+            await peer.send(op.wire, op.tag)
+        else:
+            await peer.recv(op.wire, op.tag)
+        return op.peer
+
+    def _order_after_caller(self, op: Op) -> None:
+        """CUDA: the bytes may be read (send) or overwritten (recv) only after the work the caller
+        had queued on its stream when it submitted; the core orders its copies after the loop
+        thread's current stream, which we make wait for the caller's event."""
+        if op.ready_event is None:
+            return
+        assert op.tensor is not None
+        s = loop_stream(op.tensor.device)
+        s.wait_event(op.ready_event)
+        if op.kind != SEND:
+            op.tensor.record_stream(s)
+
+    # ------------------------------------------------------------- any-source
+    async def _claim(self, op: Op) -> int:
+        assert op.wire is not None
+        for lane in self._recv:
+            if lane.peer is None:
+                await lane.ready
+        while True:
+            for lane in self._recv:
+                peer = lane.peer
+                assert peer is not None
+                if peer.probe(op.tag):
+                    # Release the receives queued behind this one first: their tasks take their first
+                    # step (and post) after this step, in which we post ours.
+                    self._seq_remove(op)
+                    self._order_after_caller(op)
+                    await peer.recv(op.wire, op.tag)
+                    return lane.rank
+            await self._wait_arrival(op.tag)
+
+    async def _wait_arrival(self, tag: int) -> None:
+        waiters = [self.loop.create_task(lane.peer.wait_incoming(tag)) for lane in self._recv
+                   if lane.peer is not None]
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                exc = t.exception()
+                if exc is not None:
+                    raise exc
+        finally:
+            for t in waiters:
+                t.cancel()
+
+    def _seq_remove(self, op: Op) -> None:
+        """Take ``op`` out of its tag's sequence; if it headed it, start what waited behind it."""
+        waiting = self._seq.get(op.tag)
+        if not waiting or op not in waiting:
+            return
+        was_head = waiting[0] is op
+        waiting.remove(op)
+        if not was_head:
+            return
+        while waiting and waiting[0].kind == RECV:
+            nxt = waiting.popleft()
+            try:
+                self._recv[nxt.peer].start(nxt, self._start_transfer)
+            except BaseException as e:
+                self._finish(nxt, error=e)
+        if waiting:
+            self._start(waiting[0], self._claim(waiting[0]))
+        else:
+            del self._seq[op.tag]
+
+    # ---------------------------------------------------------------- barrier
+    async def _barrier(self, op: Op) -> int:
+        """Dissemination barrier: ceil(log2(size)) rounds of 1-byte messages."""
+        round_, dist = 0, 1
+        while dist < self.size:
+            to, frm = (self.rank + dist) % self.size, (self.rank - dist) % self.size
+            tag = BARRIER_TAG - round_
+            ops = [Op(SEND, tag, to, wire=torch.zeros(1, dtype=torch.uint8)),
+                   Op(RECV, tag, frm, wire=torch.empty(1, dtype=torch.uint8))]
+            for o in ops:
+                self.submit(o)
+            try:
+                await asyncio.gather(*(o.finished for o in ops if o.finished is not None))
+            except asyncio.CancelledError:
+                for o in ops:
+                    self._cancel(o, op.expired or BackendError(f"{op.describe()} was cancelled"))
+                raise
+            round_, dist = round_ + 1, dist * 2
+        return -1
+
+    # ------------------------------------------------------------ completion
+    def _task_done(self, op: Op, task: asyncio.Task[int]) -> None:
+        if op.kind == RECV_ANY:
+            self._seq_remove(op)  # failed or timed out before it claimed a message
+        if task.cancelled():
+            why = op.expired or self._closed or BackendError(f"{op.describe()} was cancelled")
+            self._finish(op, error=why)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._finish(op, error=exc)
+        else:
+            self._finish(op, result=task.result())
+
+    def _finish(self, op: Op, result: int = -1, error: BaseException | None = None) -> None:
+        fin = op.finished
+        if fin is None or fin.done():
+            return
+        if op.timer is not None:
+            op.timer.cancel()
+            op.timer = None
+        self._inflight.discard(op)
+        op.task = None
+        if error is not None:
+            error = self._torch_error(op, error)
+            fin.set_exception(error)
+            fin.exception()  # retrieved: internal operations may have nobody awaiting them
+            if not op.future.done():
+                op.future.set_exception(error)
+            return
+        if op.ready_event is not None and op.kind != SEND and op.tensor is not None:
+            try:
+                ev = torch.cuda.Event()
+                ev.record(loop_stream(op.tensor.device))
+                op.done_event = ev
+            except Exception as e:  # pragma: no cover - CUDA runtime failure
+                self._finish(op, error=e)
+                return
+        fin.set_result(result)
+        if not op.future.done():
+            op.future.set_result(result)
+
+    def _torch_error(self, op: Op, exc: BaseException) -> BaseException:
+        if isinstance(exc, (BackendError, InvalidArgument)):
+            return exc
+        if self._closed is not None:
+            err = BackendError(f"{op.describe()} failed: the process group was shut down")
+        elif isinstance(exc, PeerClosed):
+            who = f"rank {op.peer}" if op.peer >= 0 else "a peer"
+            err = BackendError(f"{op.describe()} failed: {who} is gone: {exc}")
+        elif isinstance(exc, MessageMismatch):
+            err = BackendError(f"{op.describe()} failed: the send and the recv differ in size: {exc}")
+        else:
+            err = BackendError(f"{op.describe()} failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _expire(self, op: Op) -> None:
+        op.timer = None
+        hint = ""
+        lane = self._send[op.peer] if op.kind == SEND else self._recv[op.peer] if op.kind == RECV else None
+        if lane is not None and lane.peer is None:
+            hint = f"; rank {op.peer} never connected (is it running, in the same group?)"
+        self._cancel(op, OpTimeout(f"{op.describe()} did not complete within the process group's "
+                                   f"timeout of {op.timeout:g} s{hint}"))
+
+    def _cancel(self, op: Op, err: BaseException) -> None:
+        if op.finished is None or op.finished.done():
+            return
+        if op.task is not None:
+            op.expired = err
+            op.task.cancel()
+            return
+        if op.kind == SEND:
+            self._send[op.peer].withdraw(op)
+        elif op.kind == RECV:
+            self._recv[op.peer].withdraw(op)
+        self._seq_remove(op)
+        self._finish(op, error=err)
+
+    # ================================================================ shutdown
+    async def close(self) -> None:
+        """Fail every pending operation, close every connection and the listener. Idempotent."""
+        if self._closed is not None:
+            return
+        self._closed = BackendError("the process group was shut down")
+        if self._listener is not None:
+            await self._listener.close()
+        for task in list(self._background):
+            task.cancel()
+        for lane in self._send + self._recv:
+            for op in lane.fail(self._closed):
+                self._finish(op, error=self._closed)
+        for waiting in list(self._seq.values()):
+            for op in list(waiting):
+                if op.task is None:
+                    self._finish(op, error=self._closed)
+        self._seq.clear()
+        await asyncio.gather(*(p.close() for p in self._peers), return_exceptions=True)
+        tasks = []
+        for op in list(self._inflight):
+            if op.task is not None:
+                op.task.cancel()
+                tasks.append(op.task)
+            else:
+                self._finish(op, error=self._closed)
+        pending = tasks + list(self._background)
+        if pending:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(pending, timeout=self.options.cancel_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def connected_ranks(self) -> list[int]:
+        return [r for r in range(self.size)
+                if self._send[r].peer is not None and self._recv[r].peer is not None]
+
+
+__all__ = ["BARRIER_TAG", "HELLO_TAG", "Mesh", "loop_stream"]
