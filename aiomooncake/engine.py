@@ -11,6 +11,7 @@ costs nothing: no OS thread per operation, and each loop iteration holds the loo
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -109,6 +110,7 @@ class Engine:
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0
+        self._views: dict[str, _RemoteView] = {}
         log.info("transfer engine up: transport=%s segment=%s", kind, self.segment)
 
     # ------------------------------------------------------------ instances
@@ -187,6 +189,47 @@ class Engine:
         if rc != 0:
             log.warning("unregistering 0x%x failed (rc=%s)", r.base, rc)
 
+    # ---------------------------------------------------------- remote views
+    @property
+    def epoch(self) -> int:
+        """Changes with every registration; announced to senders with each CTS."""
+        return self.registrations
+
+    @property
+    def gen(self) -> int:
+        """Changes with every unregistration (a later registration may reuse the addresses)."""
+        return self.unregistrations
+
+    def target(self, segment: str, epoch: int, gen: int) -> str:
+        """The name to write to ``segment`` under, after the receiver's registrations changed.
+
+        The engine caches each remote segment's buffer list (and, for NVLink, the opened CUDA IPC
+        mappings) when first used. A buffer the receiver registered later is unknown to that cache
+        (writes fail), and a buffer it re-registered at the same addresses after freeing the old
+        one would silently hit the stale mapping. TCP checks on the receiving side and needs
+        nothing. Otherwise: new registrations -> refresh the cached descriptors; any
+        unregistration -> address the segment under a fresh alias (the port with leading zeros,
+        which the engine parses to the same port), so nothing stale can be reused."""
+        if self.kind == "tcp":
+            return segment
+        view = self._views.get(segment)
+        if view is None:
+            view = self._views[segment] = _RemoteView(segment, epoch, gen)
+            return view.name
+        if gen != view.gen:
+            host, _, port = segment.rpartition(":")
+            view.alias += 1
+            view.name = f"{host}:{'0' * view.alias}{port}"
+            view.gen, view.epoch = gen, epoch
+            log.info("remote %s re-registered memory: writing through alias %s", segment, view.name)
+        elif epoch != view.epoch:
+            if not _sync_segment_cache(self._te):
+                host, _, port = segment.rpartition(":")
+                view.alias += 1
+                view.name = f"{host}:{'0' * view.alias}{port}"
+            view.epoch = epoch
+        return view.name
+
     def trim(self) -> int:
         """Unregister cached regions that are neither pinned nor in flight; return how many."""
         n = 0
@@ -218,6 +261,44 @@ class Engine:
     def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
         """Blocking raw write (benchmark baseline)."""
         return int(self._te.transfer_sync_write(segment, src, dst, length))
+
+
+@dataclass(eq=False)
+class _RemoteView:
+    name: str
+    epoch: int
+    gen: int
+    alias: int = 0
+
+
+_sync_fn: Any = None
+
+
+def _sync_segment_cache(te: Any) -> bool:
+    """Call ``TransferEngine::syncSegmentCache("")`` (not exposed to Python) through its exported
+    symbol: it re-fetches every cached remote segment descriptor. False if unavailable."""
+    global _sync_fn
+    if _sync_fn is None:
+        try:
+            import mooncake
+
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(mooncake.__file__), "engine.so"))
+            fn = lib["_ZN8mooncake14TransferEngine16syncSegmentCacheERKNSt7__cxx1112basic_string"
+                     "IcSt11char_traitsIcESaIcEEE"]
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            # An empty std::string (libstdc++ new ABI): data pointer to its own inline buffer.
+            buf = (ctypes.c_char * 32)()
+            base = ctypes.addressof(buf)
+            ctypes.c_size_t.from_address(base).value = base + 16
+            _sync_fn = (fn, buf)
+        except (OSError, AttributeError, ImportError) as e:
+            log.info("syncSegmentCache is not reachable (%s); falling back to segment aliases", e)
+            _sync_fn = False
+    if _sync_fn is False:
+        return False
+    fn, buf = _sync_fn
+    return int(fn(te.get_engine_ptr(), ctypes.addressof(buf))) == 0
 
 
 @dataclass(eq=False)

@@ -43,7 +43,7 @@ class Options:
     max_frame: int = 0  # 0: eager_threshold + 64 KiB
     handshake_timeout: float = 30.0
     cancel_timeout: float = 10.0
-    busy_poll: float = 0.0002
+    busy_poll: float = 0.0005
     engine_host: str | None = None
     secret: str | None = None
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import _trace
 from .core.chunks import check_write, plan_chunks
 from .core.messages import Eager, Message
 from .core.regions import Region
@@ -200,6 +201,8 @@ class Peer:
             else:
                 payload = to_bytes(src)
         fut: asyncio.Future[None] = self._loop.create_future()
+        if _trace.on:
+            _trace.mark("send:post")
         if self._busy is not None:
             self._busy.kick()
         op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload)
@@ -215,39 +218,68 @@ class Peer:
             self._flush()
             raise
 
-    async def _write(self, op: SendOp) -> None:
+    def _start_write(self, op: SendOp) -> None:
+        """The receiver's CTS arrived: submit the engine writes now (no task on the common path)."""
+        if _trace.on:
+            _trace.mark("send:cts-in")
         ctx: _SendCtx = op.context  # type: ignore[assignment]
         link = self._links.get(op.link)
-        error: AiomooncakeError | None = None
+        if link is not None and link.name == "cpu" and ctx.src.device.type == "cuda":
+            self._spawn(self._stage_then_write(op, ctx, link))
+            return
+        if ctx.ready is not None and not ctx.ready.query():
+            self._spawn(self._wait_then_write(op, ctx))
+            return
+        self._submit(op, ctx, link)
+
+    async def _wait_then_write(self, op: SendOp, ctx: _SendCtx) -> None:
+        await wait_event(ctx.ready)
+        ctx.ready = None
+        self._submit(op, ctx, self._links.get(op.link))
+
+    async def _stage_then_write(self, op: SendOp, ctx: _SendCtx, link: Link) -> None:
+        await wait_event(ctx.ready)
+        with torch.cuda.stream(self._side_stream(ctx.src.device)):
+            ctx.src = ctx.src.cpu()  # the host link cannot read device memory: stage once
+        ctx.ready = None
+        self._submit(op, ctx, link)
+
+    def _submit(self, op: SendOp, ctx: _SendCtx, link: Link | None) -> None:
         region = None
+        pieces: list[tuple[int, int, int]] = []
         try:
             if link is None:
                 raise TransferFailed(f"the receiver asked for link {op.link!r}, which this peer lacks")
-            await wait_event(ctx.ready)
-            src = ctx.src
-            if link.name == "cpu" and src.device.type == "cuda":
-                with torch.cuda.stream(self._side_stream(src.device)):
-                    src = src.cpu()  # the host link cannot read device memory: stage once
             if ctx.stop:
                 raise TransferCancelled("cancelled before any byte was written")
+            src = ctx.src
             region = link.engine.acquire(src)
             base = src.data_ptr()
             pieces = [(base + c.offset, check_write(op.addr, op.capacity, c), c.length)
                       for c in plan_chunks(op.nbytes, self._opts.chunk_for(link.transport))]
-            ctx.job = link.engine.write(link.remote_segment, pieces, self._opts.window)
-            if ctx.stop:
-                ctx.job.stop()
-            await ctx.job
-            if ctx.job.stopped and ctx.job.next < len(pieces):
-                raise TransferCancelled("stopped before every byte was written")
-        except AiomooncakeError as e:
-            error = e
-        except Exception as e:  # an engine or torch error: report it, never hang the receiver
-            log.exception("write for tag %s failed", op.tag)
-            error = TransferFailed(f"{type(e).__name__}: {e}")
-        finally:
+            target = link.engine.target(link.remote_segment, op.epoch, op.gen)
+            if _trace.on:
+                _trace.mark("send:submit")
+            job = ctx.job = link.engine.write(target, pieces, self._opts.window)
+        except Exception as e:
             if region is not None and link is not None:
                 link.engine.release(region)
+            self._write_done(op, None, len(pieces), _as_error(e))
+            return
+        job.future.add_done_callback(
+            lambda f: self._write_finished_cb(op, link, region, len(pieces), f))
+
+    def _write_finished_cb(self, op: SendOp, link: Link, region: Region, n: int,
+                           fut: asyncio.Future[None]) -> None:
+        link.engine.release(region)
+        exc = fut.exception()
+        self._write_done(op, op.context.job, n, _as_error(exc) if exc is not None else None)  # type: ignore[attr-defined]
+
+    def _write_done(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError | None) -> None:
+        if error is None and job is not None and job.stopped and job.next < n:
+            error = TransferCancelled("stopped before every byte was written")
+        if _trace.on:
+            _trace.mark("send:written")
         self._session.write_finished(op, error)
         self._flush()
 
@@ -296,6 +328,8 @@ class Peer:
             self._conn.close(PeerClosed("the peer did not answer a cancellation"))
 
     def _matched(self, op: RecvOp) -> None:
+        if _trace.on:
+            _trace.mark("recv:matched")
         ctx: _RecvCtx = op.context  # type: ignore[assignment]
         msg = op.msg
         assert msg is not None
@@ -323,7 +357,7 @@ class Peer:
                 self._session.delivered(op)
             else:
                 self._spawn(self._deliver_cuda(op, ctx, msg.data))
-        elif ctx.work.device.type == "cpu" and ctx.ready is None:
+        elif ctx.ready is None or ctx.ready.query():
             self._accept(op, ctx)
         else:
             self._spawn(self._accept_cuda(op, ctx))
@@ -363,9 +397,13 @@ class Peer:
             self._session.refuse(op, TransferFailed(f"could not register the destination: {e}"))
             return
         ctx.region = (link.engine, region)
-        self._session.accept(op, link_name, work.data_ptr(), work.numel() * work.element_size())
+        if _trace.on:
+            _trace.mark("recv:cts")
+        self._session.accept(op, link_name, work.data_ptr(), work.nbytes, link.engine.epoch, link.engine.gen)
 
     def _completed(self, op: RecvOp) -> None:
+        if _trace.on:
+            _trace.mark("recv:done")
         ctx: _RecvCtx = op.context  # type: ignore[assignment]
         self._release(ctx)
         work = ctx.work
@@ -433,7 +471,7 @@ class Peer:
         elif isinstance(ev, SendFailed):
             _set_exc(ev.op.context.fut, ev.error)  # type: ignore[attr-defined]
         elif isinstance(ev, WriteRequested):
-            self._spawn(self._write(ev.op))
+            self._start_write(ev.op)
         elif isinstance(ev, StopWriting):
             ctx: _SendCtx = ev.op.context  # type: ignore[assignment]
             ctx.stop = True
@@ -488,6 +526,13 @@ class Peer:
         except asyncio.TimeoutError:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+
+
+def _as_error(e: BaseException) -> AiomooncakeError:
+    if isinstance(e, AiomooncakeError):
+        return e
+    log.error("engine write failed: %s: %s", type(e).__name__, e)
+    return TransferFailed(f"{type(e).__name__}: {e}")
 
 
 def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:

@@ -69,6 +69,8 @@ class Cts:
     addr: int
     capacity: int
     link: str  # which data-plane link to write over ("cpu" or "cuda")
+    epoch: int = 0  # the receiver engine's registration count: the sender refreshes its view on change
+    gen: int = 0  # the receiver engine's unregistration count: cached remote mappings may be stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,7 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, Rts):
         return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device]
     if isinstance(msg, Cts):
-        return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link]
+        return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen]
     if isinstance(msg, Ack):
         return [Kind.ACK, msg.op]
     if isinstance(msg, Nack):
@@ -254,8 +256,8 @@ _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.RTS: (6, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
                                 _str(f[6], "device"))),
-    Kind.CTS: (4, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
-                                _str(f[4], "link"))),
+    Kind.CTS: (6, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
+                                _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"))),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),
     Kind.NACK: (3, lambda f: Nack(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
     Kind.DONE: (1, lambda f: Done(_int(f[1], "op"))),

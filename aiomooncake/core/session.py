@@ -91,6 +91,8 @@ class SendOp:
     addr: int = 0
     capacity: int = 0
     link: str = ""
+    epoch: int = 0  # the receiver's registration state announced with the CTS
+    gen: int = 0
     context: object = None  # the adapter's handle (future, tensor, ...)
     cancelled_by: str = ""  # "sender" or "receiver" once a cancellation stopped the writes
 
@@ -275,7 +277,7 @@ class Session:
             self._match(op, msg)
         return op
 
-    def accept(self, op: RecvOp, link: str, addr: int, capacity: int) -> None:
+    def accept(self, op: RecvOp, link: str, addr: int, capacity: int, epoch: int = 0, gen: int = 0) -> None:
         """The destination of a matched rendezvous receive is ready at ``addr``."""
         if op.state is not RecvState.MATCHED or not isinstance(op.msg, Rts):
             raise RuntimeError(f"accept() on a receive in state {op.state.value}")
@@ -283,7 +285,7 @@ class Session:
             return
         op.state = RecvState.CTS_SENT
         op.link = link
-        self.outbox.append(Cts(op.remote_op, addr, capacity, link))
+        self.outbox.append(Cts(op.remote_op, addr, capacity, link, epoch, gen))
 
     def delivered(self, op: RecvOp) -> None:
         """The eager payload of ``op`` was copied into the destination."""
@@ -390,7 +392,7 @@ class Session:
                 f"tag {s.tag}: the receiver's destination holds {msg.capacity} B, the message has "
                 f"{s.nbytes} B; nothing was written"))
             return
-        s.addr, s.capacity, s.link = msg.addr, msg.capacity, msg.link
+        s.addr, s.capacity, s.link, s.epoch, s.gen = msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen
         s.state = SendState.WRITING
         self.events.append(WriteRequested(s))
 

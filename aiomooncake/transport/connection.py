@@ -13,7 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..core.messages import Bye, Message, Ping, Pong
+from .. import _trace
+from ..core.messages import Ack, Bye, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
 from .busypoll import BusyPoller
 from .framing import FrameDecoder, pack
@@ -53,6 +54,8 @@ class Connection(asyncio.Protocol):
             self.sockname = (sock[0], sock[1])
 
     def data_received(self, data: bytes) -> None:
+        if _trace.on:
+            _trace.mark("rx")
         self._last_rx = time.monotonic()
         if self.busy is not None:
             self.busy.kick()
@@ -105,21 +108,29 @@ class Connection(asyncio.Protocol):
         self.send_many([msg])
 
     def send_many(self, msgs: list[Message]) -> None:
-        """Queue frames; they go out together a moment later, in order.
-
-        The write is deferred by two loop turns so a frame produced while handling input (an ACK)
-        leaves in the same syscall and segment as the frame the woken caller sends next (its
-        reply): the remote wakes once per round trip instead of twice."""
+        """Send frames in order. ACKs alone are held back two loop turns, so an ACK produced while
+        handling input leaves in the same syscall and segment as the reply the woken caller sends
+        next: the remote then wakes once per round trip instead of twice. Anything else goes out
+        at once, with whatever was held."""
         if self._closed is not None or self._transport is None:
             return
         self._wbuf.extend(msgs)
-        if not self._write_scheduled:
-            self._write_scheduled = True
-            self._loop.call_soon(self._loop.call_soon, self._write_out)
+        if self.busy is not None:
+            self.busy.kick()
+        if all(type(m) is Ack for m in msgs):
+            if not self._write_scheduled:
+                self._write_scheduled = True
+                self._loop.call_soon(self._loop.call_soon, self._write_out)
+        else:
+            self._write_out()
 
     def _write_out(self) -> None:
         self._write_scheduled = False
         buf, self._wbuf = self._wbuf, []
+        if not buf:
+            return
+        if _trace.on:
+            _trace.mark("tx")
         if self._closed is None and self._transport is not None and buf:
             self._transport.write(pack(buf[0]) if len(buf) == 1 else b"".join(map(pack, buf)))
 
