@@ -31,6 +31,7 @@ from typing import Union
 
 from ..errors import (
     AiomooncakeError,
+    ConfigurationError,
     MessageMismatch,
     PeerClosed,
     ProtocolError,
@@ -39,6 +40,9 @@ from ..errors import (
 )
 from .matching import TagMatcher
 from .messages import (
+    _TAG_MAX,
+    _TAG_MIN,
+    MAX_SHAPE_DIMS,
     Abort,
     Ack,
     Code,
@@ -202,6 +206,10 @@ class Session:
                   payload: bytes | None) -> SendOp:
         """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous."""
         self._check_open()
+        _check_tag(tag)
+        if len(shape) > MAX_SHAPE_DIMS:
+            raise ConfigurationError(f"cannot send a tensor of {len(shape)} dimensions; the protocol "
+                                     f"carries at most {MAX_SHAPE_DIMS}")
         eager = payload is not None
         if payload is not None and len(payload) != nbytes:
             raise ValueError("eager payload length differs from nbytes")
@@ -269,6 +277,7 @@ class Session:
     # ---------------------------------------------------------------- receiving
     def post_recv(self, tag: int, spec: RecvSpec) -> RecvOp:
         self._check_open()
+        _check_tag(tag)
         op = RecvOp(self._next_recv, tag, spec)
         self._next_recv += 1
         msg = self._matcher.post(tag, op)
@@ -464,6 +473,13 @@ class Session:
     def pending(self) -> int:
         """Operations not yet finished (for diagnostics and tests)."""
         return len(self._sends) + len(self._incoming) + self._matcher.posted_count()
+
+
+def _check_tag(tag: int) -> None:
+    # The same bounds the peer's decoder enforces: a frame outside them would make it drop the
+    # connection (failing everything with it) instead of failing this one call.
+    if type(tag) is not int or not _TAG_MIN <= tag <= _TAG_MAX:
+        raise ConfigurationError(f"a tag must be an int in [-2**63, 2**63 - 1], got {tag!r:.40}")
 
 
 def _remote_error(code: Code, reason: str, sender: bool = False) -> AiomooncakeError:
