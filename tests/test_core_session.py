@@ -36,6 +36,7 @@ from aiomooncake.core.session import (
 )
 from aiomooncake.errors import (
     AiomooncakeError,
+    ConfigurationError,
     MessageMismatch,
     PeerClosed,
     ProtocolError,
@@ -182,6 +183,41 @@ def test_is_eager_threshold() -> None:
     s = Session(eager_threshold=100)
     assert s.is_eager(0) and s.is_eager(100) and not s.is_eager(101)
     assert Session().is_eager(64 * 1024) and not Session().is_eager(64 * 1024 + 1)
+
+
+@pytest.mark.parametrize("tag", [2**63, -(2**63) - 1, True, 1.0, "0", None], ids=repr)
+def test_tags_the_wire_cannot_carry_are_refused_locally(pair: tuple[Session, Session], tag: Any) -> None:
+    """The peer's decoder rejects such a frame with ProtocolError and drops the connection, failing
+    every operation with it; the caller's mistake must surface here, on the call."""
+    tx, rx = pair
+    with pytest.raises(ConfigurationError, match="tag"):
+        send_eager(tx, tag=tag)
+    with pytest.raises(ConfigurationError, match="tag"):
+        send_rts(tx, tag=tag)
+    with pytest.raises(ConfigurationError, match="tag"):
+        rx.post_recv(tag, ANY)
+    assert tx.outbox == [] and tx.pending == rx.pending == 0
+
+
+@pytest.mark.parametrize("tag", [2**63 - 1, -(2**63), 0, -1])
+def test_extreme_tags_cross_the_wire(pair: tuple[Session, Session], tag: int) -> None:
+    tx, rx = pair
+    s = send_eager(tx, tag=tag)
+    r = rx.post_recv(tag, ANY)
+    deliver(tx, rx)
+    assert events(rx) == [RecvMatched(r)] and r.remote_op == s.id
+
+
+def test_shapes_the_wire_cannot_carry_are_refused_locally(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    with pytest.raises(ConfigurationError, match="dimensions"):
+        tx.post_send(0, "float32", (1,) * (m.MAX_SHAPE_DIMS + 1), 4, "cpu", b"\0" * 4)
+    with pytest.raises(ConfigurationError, match="dimensions"):
+        tx.post_send(0, "float32", (1,) * (m.MAX_SHAPE_DIMS + 1), BIG, "cpu", None)
+    assert tx.outbox == [] and tx.pending == 0
+    tx.post_send(0, "float32", (1,) * m.MAX_SHAPE_DIMS, 4, "cpu", b"\0" * 4)
+    deliver(tx, rx)
+    assert events(rx) == [MessageArrived(0)]
 
 
 def test_op_ids_are_unique_and_increasing(pair: tuple[Session, Session]) -> None:
