@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import Remote, start_remotes
+from harness import Remote, start_remotes, stop_remotes
 
 
 @pytest.fixture(scope="module")
@@ -35,5 +35,4 @@ def spawn_remotes() -> Iterator[Callable[[int], list[Remote]]]:
         return rs
 
     yield spawn
-    for r in started:
-        r.stop()
+    stop_remotes(started)

@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 import warnings
@@ -43,7 +44,7 @@ from aiomooncake.engine import Engine
 CTX = multiprocessing.get_context("spawn")
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0  # importing torch on a loaded 2-core machine can be slow
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 30.0
 CLOSE_GRACE = 15.0
 SENTINEL = 0xA5
 KiB = 1024
@@ -233,12 +234,13 @@ class Channel:
         self.eof = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self.who: Callable[[], str] = lambda: "the other process"
 
     def send(self, msg: tuple[Any, ...]) -> None:
         try:
             self.conn.send(msg)
         except (OSError, ValueError) as e:
-            raise RemoteDied(f"the other process is gone ({e})") from e
+            raise RemoteDied(f"{self.who()} is gone ({e})") from e
 
     def attach(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,6 +251,9 @@ class Channel:
         self._waiters = []
         if not self.eof:
             loop.add_reader(self.conn.fileno(), self._pump)
+            # uvloop (libuv's uv_poll_init) makes the fd non-blocking; Connection.recv() needs it
+            # blocking, or a message larger than the socket buffer fails half-read.
+            os.set_blocking(self.conn.fileno(), True)
         self._pump()
 
     def detach(self) -> None:
@@ -261,7 +266,9 @@ class Channel:
         try:
             while not self.eof and self.conn.poll():
                 self.inbox.append(self.conn.recv())
-        except (EOFError, OSError):
+        except (EOFError, OSError) as e:
+            if not isinstance(e, EOFError):
+                print(f"harness: pid {os.getpid()}: reading the pipe failed: {e!r}", file=sys.stderr)
             self.eof = True
             if self._loop is not None:
                 with contextlib.suppress(Exception):
@@ -281,7 +288,7 @@ class Channel:
                 if match(m):
                     return self.inbox.pop(i)
             if self.eof:
-                raise RemoteDied("the other process closed the pipe (it exited or was killed)")
+                raise RemoteDied(f"{self.who()} closed the pipe: it exited or was killed")
             fut = loop.create_future()
             self._waiters.append(fut)
             remaining = None if deadline is None else deadline - loop.time()
@@ -341,6 +348,8 @@ async def _serve(ch: Channel) -> None:
         try:
             msg = await ch.get(lambda m: m[0] in ("run", "quit"), None)
         except RemoteDied:
+            print(f"harness: remote {os.getpid()}: the pipe to the test process closed; exiting",
+                  file=sys.stderr)
             return  # the test process is gone
         if msg[0] == "quit":
             return
@@ -545,13 +554,18 @@ class Scenario:
 
         return match
 
-    async def _get(self, kind: str | None, timeout: float) -> tuple[Any, ...]:
+    async def _get(self, kind: str | None, timeout: float, fatal: bool = True) -> tuple[Any, ...]:
         if self.final is not None:
             return self.final
+        assert self.remote.ch is not None
         try:
             m = await self.remote.ch.get(self._final_or(kind), timeout)
-        except (HarnessTimeout, RemoteDied):
+        except RemoteDied:
             self.remote.broken = True
+            raise
+        except HarnessTimeout:
+            if fatal:
+                self.remote.broken = True
             raise
         if m[0] in ("result", "error"):
             self.final = m
@@ -565,6 +579,14 @@ class Scenario:
         if m[0] == "error":
             raise RemoteError(m[2])
         raise AssertionError(f"the remote scenario ended before emitting {kind!r}: {m[2]!r:.500}")
+
+    async def no_event(self, kind: str, seconds: float) -> None:
+        """Assert that the scenario neither emits ``kind`` nor ends within ``seconds``."""
+        try:
+            m = await self._get(kind, seconds, fatal=False)
+        except HarnessTimeout:
+            return
+        raise AssertionError(f"the remote scenario emitted or ended early: {m!r:.500}")
 
     def tell(self, kind: str, payload: Any = None) -> None:
         """Deliver ``kind`` to the scenario's ``ctl.wait(kind)`` (a script's ``do.wait``)."""
@@ -596,6 +618,7 @@ class Remote:
         self.proc.start()
         child.close()
         self.ch = Channel(parent)
+        self.ch.who = self.describe
         self.broken = False
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -612,6 +635,14 @@ class Remote:
         self.wait_ready()
         return self
 
+    def describe(self) -> str:
+        """Who the remote is and, if it is gone, how it ended (a negative code is the signal)."""
+        if self.proc is None:
+            return "the remote process (stopped)"
+        self.proc.join(1.0)
+        state = "running" if self.proc.is_alive() else f"exit code {self.proc.exitcode}"
+        return f"the remote process {self.pid} ({state})"
+
     @property
     def healthy(self) -> bool:
         return (not self.broken and self.proc is not None and self.proc.is_alive()
@@ -622,15 +653,18 @@ class Remote:
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
             self.broken = True
 
+    def ask_to_quit(self) -> None:
+        if self.proc is not None and self.proc.is_alive() and not self.broken:
+            with contextlib.suppress(Exception):
+                assert self.ch is not None
+                self.ch.conn.send(("quit",))
+
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the process to exit; kill it if it does not. Always returns with it gone."""
         if self.proc is None:
             return
-        if self.proc.is_alive() and not self.broken:
-            with contextlib.suppress(Exception):
-                assert self.ch is not None
-                self.ch.conn.send(("quit",))
-            self.proc.join(timeout)
+        self.ask_to_quit()
+        self.proc.join(timeout)
         if self.proc.is_alive():
             with contextlib.suppress(OSError):
                 os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
@@ -697,6 +731,14 @@ class Remote:
                 ch.detach()
 
 
+def stop_remotes(remotes: list[Remote]) -> None:
+    """Stop several remotes, letting them shut down in parallel."""
+    for r in remotes:
+        r.ask_to_quit()
+    for r in remotes:
+        r.stop()
+
+
 def start_remotes(n: int) -> list[Remote]:
     """Spawn ``n`` remote processes at once (their start-ups overlap) and wait for all of them."""
     remotes = [Remote(f"aiomooncake-remote-{i}") for i in range(n)]
@@ -706,8 +748,7 @@ def start_remotes(n: int) -> list[Remote]:
         for r in remotes:
             r.wait_ready()
     except BaseException:
-        for r in remotes:
-            r.stop()
+        stop_remotes(remotes)
         raise
     return remotes
 
