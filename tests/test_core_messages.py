@@ -19,7 +19,7 @@ SAMPLES: list[m.Message] = [
     m.Eager(1, 0, "float32", (2, 3), b"\x00" * 24),
     m.Eager(2**64 - 1, -(2**63), "uint8", (), b""),  # largest op, smallest tag, scalar, no bytes
     m.Rts(7, 2**63 - 1, "bfloat16", (1024, 1024), 2 * 1024 * 1024, "cuda"),
-    m.Cts(7, 0x7F00_0000_1000, 2 * 1024 * 1024, "cpu"),
+    m.Cts(7, 0x7F00_0000_1000, 2 * 1024 * 1024, "cpu", 12, 3),  # registration epoch and gen
     m.Ack(3),
     m.Nack(4, Code.MISMATCH, "dtype differs"),
     m.Done(5),
@@ -120,7 +120,7 @@ def _replace(msg: m.Message, index: int, value: Any) -> list[Any]:
 
 EAGER = m.Eager(1, 5, "float32", (2,), b"\x00" * 8)
 RTS = m.Rts(1, 5, "float32", (2,), 8, "cpu")
-CTS = m.Cts(1, 4096, 8, "cpu")
+CTS = m.Cts(1, 4096, 8, "cpu", 5, 2)
 
 
 # (message, field index in the frame, bad value)
@@ -158,6 +158,10 @@ BAD_FIELDS: list[tuple[m.Message, int, Any]] = [
     (EAGER, 3, "x" * 257),
     (RTS, 6, None),
     (CTS, 4, ["cpu"]),
+    (CTS, 5, True),
+    (CTS, 5, -1),
+    (CTS, 6, 1.0),
+    (CTS, 6, None),
     (m.Bye("r"), 1, "x" * (m.MAX_REASON + 1)),
     (m.Nack(1, Code.FAILED, "r"), 3, b"reason"),
     (m.Refuse("r"), 1, 0),
@@ -233,7 +237,7 @@ stamps = st.floats(allow_nan=False)
 messages = st.one_of(
     st.builds(m.Eager, ops, tags, names, dims, st.binary(max_size=64)),
     st.builds(m.Rts, ops, tags, names, dims, ops, names),
-    st.builds(m.Cts, ops, ops, ops, names),
+    st.builds(m.Cts, ops, ops, ops, names, ops, ops),
     st.builds(m.Ack, ops),
     st.builds(m.Nack, ops, codes, reasons),
     st.builds(m.Done, ops),

@@ -241,14 +241,15 @@ def test_rendezvous_full_path(pair: tuple[Session, Session]) -> None:
     assert isinstance(ev, RecvMatched) and ev.op is r and isinstance(r.msg, m.Rts)
     assert r.msg.device == "cuda" and rx.outbox == []
 
-    rx.accept(r, "cuda", 0xABC000, BIG)
+    rx.accept(r, "cuda", 0xABC000, BIG, epoch=7, gen=2)
     assert r.state is RecvState.CTS_SENT and r.link == "cuda"
-    assert rx.outbox == [m.Cts(s.id, 0xABC000, BIG, "cuda")]
+    assert rx.outbox == [m.Cts(s.id, 0xABC000, BIG, "cuda", 7, 2)]
     assert events(rx) == []
 
     deliver(rx, tx)
     assert events(tx) == [WriteRequested(s)]
     assert (s.addr, s.capacity, s.link, s.state) == (0xABC000, BIG, "cuda", SendState.WRITING)
+    assert (s.epoch, s.gen) == (7, 2)  # the receiver's registration state reaches the writer
     assert tx.outbox == []
 
     tx.write_finished(s)
