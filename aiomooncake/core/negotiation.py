@@ -18,8 +18,8 @@ def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]
     Each info holds ``caps`` (transports it can provide), ``transport`` (its option: "auto" or a
     fixed one) and ``host_id``.
     """
-    ccaps, scaps = set(client.get("caps", [])), set(server.get("caps", []))
-    want_c, want_s = client.get("transport", "auto"), server.get("transport", "auto")
+    ccaps, want_c = _side(client, "client")
+    scaps, want_s = _side(server, "server")
     same_host = bool(client.get("host_id")) and client.get("host_id") == server.get("host_id")
     if want_c != "auto" and want_s != "auto" and want_c != want_s:
         raise HandshakeError(f"transport mismatch: the client asks for {want_c!r}, the server for "
@@ -40,3 +40,13 @@ def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]
                                  "'tcp' across hosts")
         return {"cpu": host_t, "cuda": "nvlink"}
     return {"cpu": want, "cuda": want}
+
+
+def _side(info: Any, who: str) -> tuple[set[str], str]:
+    """The capabilities and wanted transport of one side; the info comes from the network."""
+    caps = info.get("caps", []) if isinstance(info, dict) else None
+    want = info.get("transport", "auto") if isinstance(info, dict) else None
+    if (not isinstance(caps, list) or not all(isinstance(c, str) for c in caps)
+            or not isinstance(want, str)):
+        raise HandshakeError(f"the {who} sent malformed capabilities: {info!r:.120}")
+    return set(caps), want
