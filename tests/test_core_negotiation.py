@@ -157,3 +157,24 @@ def test_auto_prefers_the_best_common_transport() -> None:
         out = plan_links(c, s)
         assert out["cpu"] == ("rdma" if "rdma" in common else "tcp")
         assert out["cuda"] == ("nvlink" if "nvlink" in common else out["cpu"])
+
+
+# --------------------------------------------------------------------------- malformed
+@pytest.mark.parametrize("bad", [
+    {"caps": "rdma"},  # a string is not a list of transports (set("rdma") would be letters)
+    {"caps": 3},
+    {"caps": [["tcp"]]},
+    {"caps": [None]},
+    {"caps": ["tcp"], "transport": ["rdma"]},
+    {"caps": ["tcp"], "transport": 1},
+    {"caps": ["tcp"], "transport": None},
+    [],
+    None,
+    "info",
+], ids=repr)
+def test_malformed_info_is_a_handshake_error(bad: Any) -> None:
+    """The info comes from the other peer's HELLO/WELCOME: junk in it must be refused like any
+    other disagreement, not crash the handshake with TypeError/AttributeError."""
+    for c, s in ((bad, info(ALL)), (info(ALL), bad)):
+        with pytest.raises(HandshakeError, match="malformed"):
+            plan_links(c, s)
