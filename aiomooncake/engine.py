@@ -164,6 +164,11 @@ class Engine:
                 r.inflight -= 1
 
     def _register(self, alloc: Allocation) -> Region:
+        # Drop registrations whose memory died (CPU storages freed since): they would pile up in
+        # the engine's buffer list, which it searches on every transfer.
+        for dead in self._regions:
+            if not dead.inflight and not dead.pinned and not dead.alive():
+                self._unregister(dead)
         for stale in self._regions.overlapping(alloc.base, alloc.size):
             if stale.inflight or (stale.pinned and stale.alive()):
                 raise TransferFailed(

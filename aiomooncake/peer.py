@@ -171,6 +171,9 @@ class Peer:
             self._conn.close(None, reason="the peer closed the connection")
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._busy is not None:
+            self._busy.stop()
+            await asyncio.sleep(0)
 
     async def __aenter__(self) -> Peer:
         return self

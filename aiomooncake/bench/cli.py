@@ -220,6 +220,7 @@ class _Live:
 
     def __init__(self, results: Any, progress: Any, task: Any, cfg: BenchConfig) -> None:
         self.results, self.progress, self.task, self.cfg = results, progress, task, cfg
+        self.last: dict[str, str] = {}
 
     def begin(self, impl: str, p: Point) -> None:
         self.progress.update(self.task, description=f"{impl} {p.mode} {p.label(self.cfg)}")
@@ -231,6 +232,9 @@ class _Live:
     def failed(self, impl: str, p: Point, reason: str) -> None:
         self.results.failed(impl, p, reason)
         self.progress.advance(self.task)
+        if self.last.get(impl) == reason:
+            return  # e.g. a start-up failure fails every point at once: say it once
+        self.last[impl] = reason
         self.progress.console.print(f"[yellow]{impl} {p.mode} {p.label(self.cfg)} failed[/yellow]: "
                                     f"{escape(reason)}")
 

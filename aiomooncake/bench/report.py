@@ -114,12 +114,18 @@ class Results:
         return title, headers, rows
 
     def problems(self) -> list[tuple[str, str, str]]:
-        """(implementation, point, reason) for every skip and failure."""
+        """(implementation, points, reason) for every skip, and every failure (points that failed
+        for the same reason grouped)."""
         by_idx = {p.idx: p for p in self.points}
         out = [(impl, "all", f"skipped: {reason}") for impl, reason in self.skipped.items()]
+        grouped: dict[tuple[str, str], list[Point]] = {}
         for (impl, idx), reason in self.failures.items():
-            p = by_idx[idx]
-            out.append((impl, f"{p.mode} {p.label(self.cfg)}", reason))
+            grouped.setdefault((impl, reason), []).append(by_idx[idx])
+        for (impl, reason), pts in grouped.items():
+            ran = [k for k in self.records if k[0] == impl]
+            where = ("all" if not ran and len(pts) > 1 else
+                     ", ".join(f"{p.mode} {p.label(self.cfg)}" for p in pts))
+            out.append((impl, where, reason))
         return out
 
 

@@ -44,6 +44,10 @@ class BusyPoller:
         if self._task is None:
             self._task = self._loop.create_task(self._spin())
 
+    def stop(self) -> None:
+        """Stop spinning now (the spinner exits at its next turn)."""
+        self._deadline = 0.0
+
     async def _spin(self) -> None:
         try:
             clock = time.perf_counter

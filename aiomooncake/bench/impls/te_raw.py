@@ -18,7 +18,7 @@ import torch
 
 from ...tensors import allocation_of
 from ..common import MODES as ALL_MODES
-from ..common import Iteration, Point, RankContext, Spinner, eplb_tensors, measure
+from ..common import Iteration, Point, RankContext, Spinner, eplb_shapes, eplb_tensors, measure
 
 NAME = "te-raw"
 WORLD = 2
@@ -59,7 +59,6 @@ def _protocol(device: str) -> str:
 
 class _Raw:
     def __init__(self, ctx: RankContext) -> None:
-        os.environ.setdefault("GLOG_minloglevel", "2")
         from mooncake import engine as te
 
         self.ctx = ctx
@@ -76,10 +75,25 @@ class _Raw:
         total = sum(sum(ctx.cfg.counts(p)) for p in ctx.points) + 16
         self.inbox = torch.zeros(1, dtype=torch.int64, device=self.dev)
         self.outbox = torch.arange(1, total + 1, dtype=torch.int64, device=self.dev)
-        self._inbox_np: Any = self.inbox.numpy()  # cheap polling if self.dev.type == "cpu" else None
-        for t in (self.inbox, self.outbox):
+        # cheap polling of the CPU flag through a numpy view
+        self._inbox_np: Any = self.inbox.numpy() if self.dev.type == "cpu" else None
+        # Every buffer of the run is allocated and registered before the first write: a writer's
+        # engine caches the peer's segment description when it first opens it, and the NVLink
+        # transport does not see memory the peer registers afterwards.
+        sizes = sorted({p.size for p in ctx.points if p.mode != "eplb"})
+        experts = max((p.size for p in ctx.points if p.mode == "eplb"), default=0)
+        self.src = {n: torch.ones(n, dtype=torch.uint8, device=self.dev) for n in sizes}
+        self.dst = {n: torch.zeros(n, dtype=torch.uint8, device=self.dev) for n in sizes}
+        self.esrc = eplb_tensors(experts, ctx.cfg.scale, self.dev)
+        self.edst = [torch.zeros_like(t) for t in self.esrc]
+        for t in (self.inbox, self.outbox, *self.src.values(), *self.dst.values(), *self.esrc, *self.edst):
             self._register(t)
-        self.peer_inbox: int = ctx.exchange("inbox", self.inbox.data_ptr())
+        ctx.sync_device()
+        peer = ctx.exchange("addrs", (self.inbox.data_ptr(), {n: t.data_ptr() for n, t in self.dst.items()},
+                                      [t.data_ptr() for t in self.edst]))
+        self.peer_inbox: int = peer[0]
+        self.peer_dst: dict[int, int] = peer[1]
+        self.peer_edst: list[int] = peer[2]
         self.sent = 0
         self.expect = 0
         self.spinner = Spinner(ctx.cfg.timeout)
@@ -103,14 +117,6 @@ class _Raw:
             raise RuntimeError(f"register_memory of {size} B at 0x{base:x} failed: rc={rc}")
         self.regs[base] = (1, size)
 
-    def _unregister(self, t: torch.Tensor) -> None:
-        base, _ = self._range(t)
-        count, size = self.regs[base]
-        if count > 1:
-            self.regs[base] = (count - 1, size)
-            return
-        del self.regs[base]
-        self.te.unregister_memory(base)
 
     def write(self, src: torch.Tensor, dst: int) -> None:
         n = src.numel() * src.element_size()
@@ -137,24 +143,15 @@ class _Raw:
         ctx = self.ctx
         for p in ctx.points:
             ctx.begin(p)
-            bufs = self._buffers(p)
-            for t in bufs[0] + bufs[1]:
-                self._register(t)
-            remote: list[int] = ctx.exchange(f"p{p.idx}/addrs", [t.data_ptr() for t in bufs[1]])
-            ctx.barrier(f"p{p.idx}/start")
-            samples = measure(ctx, p, self._step(p, bufs[0], remote))
-            ctx.barrier(f"p{p.idx}/end")  # the peer wrote its last byte into our buffers
-            for t in bufs[0] + bufs[1]:
-                self._unregister(t)
+            if p.mode == "eplb":
+                n = p.size * len(eplb_shapes(ctx.cfg.scale))
+                srcs, remote = self.esrc[:n], self.peer_edst[:n]
+            else:
+                srcs, remote = [self.src[p.size]], [self.peer_dst[p.size]]
+            ctx.barrier(f"p{p.idx}")
+            samples = measure(ctx, p, self._step(p, srcs, remote))
             ctx.finish(p, samples)
-        ctx.barrier("end")
-
-    def _buffers(self, p: Point) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if p.mode == "eplb":
-            mine = eplb_tensors(p.size, self.ctx.cfg.scale, self.dev)
-            return mine, [torch.zeros_like(t) for t in mine]
-        return ([torch.ones(p.size, dtype=torch.uint8, device=self.dev)],
-                [torch.zeros(p.size, dtype=torch.uint8, device=self.dev)])
+        ctx.barrier("end")  # the peer wrote its last byte into our buffers
 
     def _step(self, p: Point, srcs: list[torch.Tensor], remote: list[int]) -> Iteration:
         first = self.ctx.rank == 0

@@ -1,0 +1,427 @@
+"""EPLB expert-weight rebalance, the way SGLang's expert_location_updater moves weights, on any backend.
+
+N ranks each hold the routed experts of several MoE layers with DeepSeek-V3 FP8 shapes (per expert:
+w13 [4096, 7168] fp8 = 29,360,128 B, w2 [7168, 2048] fp8 = 14,680,064 B, and their fp32 128x128
+block scales, 7,168 B and 3,584 B). A random rebalance plan (old and new physical-to-logical expert
+maps, the same on every rank) is drawn from ``--seed``; every layer is then updated with one
+``batch_isend_irecv``: irecv into temporary buffers, isend straight from the weights, wait for all,
+copy the buffers in (experts already on the rank are copied locally, like SGLang's "same-gpu" and
+"free-rider" cases). Every byte is verified at the end.
+
+Run it by itself (it spawns the ranks) or under torchrun::
+
+    python examples/eplb_rebalance.py --nprocs 2 --scale 0.125 --backend aiomooncake
+    python examples/eplb_rebalance.py --nprocs 2 --scale 0.125 --backend gloo
+    torchrun --nproc-per-node 8 examples/eplb_rebalance.py --device cuda --backend nccl
+
+``--backend`` is gloo, nccl, mooncake (Mooncake's own process group, ``from mooncake import pg``),
+aiomooncake, or any torch backend string such as ``cpu:gloo,cuda:aiomooncake``. ``--scale`` shrinks
+the hidden and intermediate sizes (bytes shrink by its square) so the CPU can run it.
+
+Output: the plan, one line per layer (time, bytes received, GB/s), a summary, and a final
+``RESULT {json}`` line for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BLOCK = 128  # DeepSeek-V3's FP8 block-quantization tile
+HIDDEN, INTERMEDIATE = 7168, 2048  # DeepSeek-V3 hidden size and MoE intermediate size
+
+# ------------------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    hidden: int
+    inter: int
+
+    @classmethod
+    def scaled(cls, scale: float) -> ExpertShapes:
+        def dim(full: int) -> int:
+            return max(BLOCK, round(full * scale / BLOCK) * BLOCK)
+        return cls(dim(HIDDEN), dim(INTERMEDIATE))
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        h, i = self.hidden, self.inter
+        return [
+            ("w13_weight", (2 * i, h), torch.float8_e4m3fn),
+            ("w2_weight", (h, i), torch.float8_e4m3fn),
+            ("w13_weight_scale_inv", (-(-2 * i // BLOCK), -(-h // BLOCK)), torch.float32),
+            ("w2_weight_scale_inv", (-(-h // BLOCK), -(-i // BLOCK)), torch.float32),
+        ]
+
+    def nbytes(self) -> list[int]:
+        out = []
+        for _, shape, dtype in self.tensors():
+            n = 1
+            for d in shape:
+                n *= d
+            out.append(n * torch.empty((), dtype=dtype).element_size())
+        return out
+
+
+# --------------------------------------------------------------------------------------- plan
+
+
+def draw_map(rng: random.Random, num_physical: int, num_logical: int) -> list[int]:
+    """A physical-to-logical map holding every logical expert at least once."""
+    phys = list(range(num_logical)) + [rng.randrange(num_logical) for _ in range(num_physical - num_logical)]
+    rng.shuffle(phys)
+    return phys
+
+
+def draw_plan(seed: int, layers: int, num_physical: int, num_logical: int) -> list[tuple[list[int], list[int]]]:
+    rng = random.Random(seed)
+    return [(draw_map(rng, num_physical, num_logical), draw_map(rng, num_physical, num_logical))
+            for _ in range(layers)]
+
+
+def _split(n_items: int, n_chunks: int, chunk: int) -> slice:
+    """Chunk ``chunk`` of ``n_items`` split into ``n_chunks`` near-equal contiguous chunks."""
+    base, extra = divmod(n_items, n_chunks)
+    start = chunk * base + min(chunk, extra)
+    return slice(start, start + base + (1 if chunk < extra else 0))
+
+
+def _chunk_of(n_items: int, n_chunks: int, item: int) -> int:
+    for c in range(n_chunks):
+        s = _split(n_items, n_chunks, c)
+        if s.start <= item < s.stop:
+            return c
+    raise AssertionError("item out of range")
+
+
+def _ranks_holding(pmap: Sequence[int], logical: int, per_rank: int) -> list[int]:
+    out: list[int] = []
+    for slot, e in enumerate(pmap):
+        r = slot // per_rank
+        if e == logical and (not out or out[-1] != r):
+            out.append(r)
+    return out
+
+
+def _routes(old: Sequence[int], new: Sequence[int], logical: int, per_rank: int, gpus_per_node: int,
+            rank: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Who sends ``logical`` to whom, computed identically on every rank (as SGLang does): ranks that
+    need it and lack it get it from a holder on their node if there is one, else from any holder;
+    the needy ranks are split evenly among the candidate holders."""
+    node = rank // gpus_per_node
+    holders = _ranks_holding(old, logical, per_rank)
+    holder_nodes = {h // gpus_per_node for h in holders}
+    local_holders = [h for h in holders if h // gpus_per_node == node]
+    needy = [r for r in _ranks_holding(new, logical, per_rank) if r not in holders]
+    local_needy = [r for r in needy if r // gpus_per_node == node] if local_holders else []
+    remote_needy = [r for r in needy if r // gpus_per_node not in holder_nodes]
+    return local_holders, local_needy, holders, remote_needy
+
+
+@dataclass
+class LayerOps:
+    ops: list[dist.P2POp]
+    copies: list[tuple[int, int]]  # (temp buffer slot, weight slot)
+    recv_bytes: int
+    send_bytes: int
+    moved_slots: int
+
+
+def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: Sequence[int],
+                    new: Sequence[int], per_rank: int, gpus_per_node: int, rank: int) -> LayerOps:
+    first, last = rank * per_rank, (rank + 1) * per_rank
+    infos: list[tuple[int, list[dist.P2POp]]] = []
+    copies: list[tuple[int, int]] = []
+    recv_bytes = send_bytes = moved = 0
+
+    # Receives (and local copies) for every slot whose expert changes.
+    for dst in range(first, last):
+        e = new[dst]
+        if old[dst] == e:
+            continue
+        moved += 1
+        local = next((s for s in range(first, last) if old[s] == e), None)
+        if local is not None:  # already on this rank: copy it aside now, in place later
+            for w, t in zip(weights, temp):
+                t[dst - first].copy_(w[local - first])
+            copies.append((dst - first, dst - first))
+            continue
+        twin = next((s for s in range(first, dst) if new[s] == e), None)
+        if twin is not None:  # an earlier slot of this rank receives the same expert: reuse it
+            copies.append((twin - first, dst - first))
+            continue
+        local_holders, local_needy, holders, remote_needy = _routes(old, new, e, per_rank, gpus_per_node, rank)
+        if rank in local_needy:
+            src = local_holders[_chunk_of(len(local_needy), len(local_holders), local_needy.index(rank))]
+        else:
+            src = holders[_chunk_of(len(remote_needy), len(holders), remote_needy.index(rank))]
+        infos.append((e, [dist.P2POp(dist.irecv, t[dst - first], src) for t in temp]))
+        recv_bytes += sum(t[dst - first].nbytes for t in temp)
+        copies.append((dst - first, dst - first))
+
+    # Sends: each expert this rank holds, once, to the ranks routed to it.
+    done: set[int] = set()
+    for src_slot in range(first, last):
+        e = old[src_slot]
+        if e in done:
+            continue
+        done.add(e)
+        local_holders, local_needy, holders, remote_needy = _routes(old, new, e, per_rank, gpus_per_node, rank)
+        dsts: list[int] = []
+        if rank in local_holders and local_needy:
+            dsts += local_needy[_split(len(local_needy), len(local_holders), local_holders.index(rank))]
+        if remote_needy:
+            dsts += remote_needy[_split(len(remote_needy), len(holders), holders.index(rank))]
+        if dsts:
+            infos.append((e, [dist.P2POp(dist.isend, w[src_slot - first], d) for d in dsts for w in weights]))
+            send_bytes += len(dsts) * sum(w[src_slot - first].nbytes for w in weights)
+
+    infos.sort(key=lambda x: x[0])  # both sides order a pair's messages by logical expert id
+    return LayerOps([op for _, ops in infos for op in ops], copies, recv_bytes, send_bytes, moved)
+
+
+def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOps) -> None:
+    if lo.ops:
+        for req in dist.batch_isend_irecv(lo.ops):
+            req.wait()
+    for src, dst in lo.copies:
+        for w, t in zip(weights, temp):
+            w[dst].copy_(t[src])
+
+
+# ------------------------------------------------------------------------------------ content
+
+
+class Content:
+    """Deterministic bytes of (layer, logical expert, tensor): a random pattern per tensor kind plus
+    the expert id, and the (layer, expert) pair written into the first bytes."""
+
+    def __init__(self, shapes: ExpertShapes, device: torch.device, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.patterns = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).to(device)
+                         for n in shapes.nbytes()]
+
+    def fill(self, dest: torch.Tensor, kind: int, layer: int, expert: int) -> None:
+        out = dest.view(-1).view(torch.uint8)
+        torch.add(self.patterns[kind], (layer * 31 + expert * 7 + kind) % 256, out=out)
+        header = torch.tensor([layer, expert], dtype=torch.int32).view(torch.uint8)
+        n = min(out.numel(), header.numel())
+        out[:n].copy_(header[:n])
+
+    def check(self, got: torch.Tensor, kind: int, layer: int, expert: int, scratch: torch.Tensor) -> bool:
+        self.fill(scratch, kind, layer, expert)
+        return torch.equal(got.view(-1).view(torch.uint8), scratch.view(-1).view(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+def backend_string(name: str, device: str) -> tuple[str, object | None]:
+    """The init_process_group backend string (and pg_options) for ``--backend``."""
+    if name == "aiomooncake" or "aiomooncake" in name:
+        import aiomooncake.torch  # noqa: F401  (registers the backend)
+        return name, None
+    if name == "mooncake":
+        try:
+            from mooncake import pg
+        except ImportError as e:
+            raise SystemExit(
+                "--backend mooncake needs Mooncake's own process group (`from mooncake import pg`), which "
+                f"this installation lacks ({e}). The CPU wheel (mooncake-transfer-engine-non-cuda) does "
+                "not ship it; install a CUDA Mooncake wheel built with the EP/PG extensions, or pick "
+                "another --backend.") from None
+        return ("mooncake" if device == "cuda" else "mooncake-cpu"), pg
+    if name == "nccl" and device != "cuda":
+        raise SystemExit("--backend nccl needs --device cuda")
+    return name, None
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict[str, object] | None:
+    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend, mooncake_pg = backend_string(args.backend, args.device)
+    kwargs: dict[str, object] = {}
+    if mooncake_pg is not None:
+        active = torch.ones(world, dtype=torch.int32, device=device)
+        kwargs["pg_options"] = mooncake_pg.MooncakeBackendOptions(active)  # type: ignore[attr-defined]
+    if device.type == "cuda" and backend == "nccl":
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=args.timeout), **kwargs)  # type: ignore[arg-type]
+    try:
+        return _rebalance(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather_to_zero(values: list[float], rank: int, world: int) -> list[list[float]]:
+    """Point-to-point gather (the aiomooncake group has no collectives)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if rank != 0:
+        dist.send(t, 0, tag=7)
+        return []
+    out = [values]
+    for r in range(1, world):
+        buf = torch.empty_like(t)
+        dist.recv(buf, r, tag=7)
+        out.append(buf.tolist())
+    return out
+
+
+def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, object] | None:
+    shapes = ExpertShapes.scaled(args.scale)
+    per_rank = args.experts_per_rank
+    num_physical = per_rank * world
+    num_logical = num_physical - args.redundant
+    if num_logical < 1:
+        raise SystemExit("--redundant must be smaller than nprocs * --experts-per-rank")
+    content = Content(shapes, device, args.seed)
+    plans = [draw_plan(args.seed + it, args.layers, num_physical, num_logical) for it in range(args.iters)]
+    # Every iteration starts from a fresh fill of its own old maps.
+    weights = [[torch.empty((per_rank, *shape), dtype=dtype, device=device)
+                for _, shape, dtype in shapes.tensors()] for _ in range(args.layers)]
+    temp = [torch.empty_like(w) for w in weights[0]]  # one set of buffers, reused by every layer (as SGLang)
+    scratch = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in shapes.tensors()]
+    expert_bytes = sum(shapes.nbytes())
+    if rank == 0:
+        names = ", ".join(f"{n} {list(s)} {str(d).removeprefix('torch.')}" for n, s, d in shapes.tensors())
+        print(f"EPLB rebalance: {world} ranks, backend {args.backend}, device {args.device}, "
+              f"{args.layers} layers x {per_rank} experts/rank ({num_logical} logical, {args.redundant} "
+              f"redundant), expert = {expert_bytes:,} B ({names})", flush=True)
+
+    times: list[list[float]] = []  # [iteration][layer] seconds on this rank
+    moved_bytes: list[list[int]] = []
+    verified = 0
+    for it, plan in enumerate(plans):
+        for layer, (old, _) in enumerate(plan):
+            for slot in range(per_rank):
+                for k, w in enumerate(weights[layer]):
+                    content.fill(w[slot], k, layer, old[rank * per_rank + slot])
+        _sync(device)
+        if rank == 0 and it == 0:
+            for layer, (old, new) in enumerate(plan):
+                moves = sum(1 for a, b in zip(old, new) if a != b)
+                print(f"  plan layer {layer}: {moves}/{num_physical} slots change; old {old} -> new {new}",
+                      flush=True)
+        it_times, it_bytes = [], []
+        for layer, (old, new) in enumerate(plan):
+            dist.barrier()
+            t0 = time.perf_counter()
+            lo = build_layer_ops(weights[layer], temp, old, new, per_rank, args.gpus_per_node, rank)
+            run_layer(weights[layer], temp, lo)
+            _sync(device)
+            it_times.append(time.perf_counter() - t0)
+            it_bytes.append(lo.recv_bytes)
+        times.append(it_times)
+        moved_bytes.append(it_bytes)
+        if not args.no_verify:
+            for layer, (_, new) in enumerate(plan):
+                for slot in range(per_rank):
+                    e = new[rank * per_rank + slot]
+                    for k, w in enumerate(weights[layer]):
+                        if not content.check(w[slot], k, layer, e, scratch[k]):
+                            raise SystemExit(f"rank {rank}: iteration {it} layer {layer} slot {slot} "
+                                             f"(expert {e}) tensor {k}: WRONG BYTES")
+                        verified += w[slot].nbytes
+
+    flat_t = [t for row in times for t in row]
+    flat_b = [float(b) for row in moved_bytes for b in row]
+    all_t = _gather_to_zero(flat_t, rank, world)
+    all_b = _gather_to_zero(flat_b, rank, world)
+    all_v = _gather_to_zero([float(verified)], rank, world)
+    if rank != 0:
+        return None
+    per_layer = [max(ts[i] for ts in all_t) for i in range(len(flat_t))]  # a layer ends when its last rank does
+    layer_bytes = [sum(bs[i] for bs in all_b) for i in range(len(flat_b))]
+    for i, (t, b) in enumerate(zip(per_layer, layer_bytes)):
+        it, layer = divmod(i, args.layers)
+        print(f"  iter {it} layer {layer}: {t * 1e3:8.2f} ms  {b / 1e6:9.2f} MB received  "
+              f"{b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
+    steady = per_layer[args.layers * min(args.warmup, args.iters - 1):]
+    steady_b = layer_bytes[args.layers * min(args.warmup, args.iters - 1):]
+    med = statistics.median(steady)
+    gbps = sum(steady_b) / sum(steady) / 1e9 if sum(steady) > 0 else 0.0
+    total_verified = int(sum(v[0] for v in all_v))
+    print(f"summary: backend {args.backend}: median {med * 1e3:.2f} ms per layer, {gbps:.2f} GB/s aggregate, "
+          f"{len(steady)} layers timed" + ("" if args.no_verify else f"; verified {total_verified:,} B "
+                                           "bit-exact on all ranks"), flush=True)
+    result = {"backend": args.backend, "device": args.device, "world": world, "layers": args.layers,
+              "iters": args.iters, "median_layer_ms": med * 1e3, "gbps": gbps,
+              "layer_ms": [t * 1e3 for t in per_layer], "layer_bytes": layer_bytes,
+              "expert_bytes": expert_bytes, "verified_bytes": None if args.no_verify else total_verified}
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawned(local_rank: int, args: argparse.Namespace) -> None:
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(local_rank)
+    run(args, local_rank, args.nprocs, local_rank)
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nprocs", type=int, default=0, help="spawn this many ranks (0: use torchrun's env)")
+    p.add_argument("--backend", default="aiomooncake",
+                   help="gloo | nccl | mooncake | aiomooncake | any torch backend string")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers (DeepSeek-V3 has 58)")
+    p.add_argument("--experts-per-rank", type=int, default=4, help="physical experts per rank")
+    p.add_argument("--redundant", type=int, default=1, help="redundant physical experts in total")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the hidden/intermediate sizes (bytes shrink by its square)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="for the same-node routing rule")
+    p.add_argument("--iters", type=int, default=1, help="rebalances to run (each with a new plan)")
+    p.add_argument("--warmup", type=int, default=0, help="iterations left out of the summary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="process group timeout, seconds")
+    p.add_argument("--no-verify", action="store_true", help="skip the byte-for-byte check")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.nprocs > 0:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["WORLD_SIZE"] = str(args.nprocs)
+        import torch.multiprocessing as mp
+        mp.spawn(_spawned, args=(args,), nprocs=args.nprocs)
+        return 0
+    if "RANK" not in os.environ:
+        print("run under torchrun, or pass --nprocs N", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    run(args, rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
