@@ -117,7 +117,6 @@ class _Raw:
             raise RuntimeError(f"register_memory of {size} B at 0x{base:x} failed: rc={rc}")
         self.regs[base] = (1, size)
 
-
     def write(self, src: torch.Tensor, dst: int) -> None:
         n = src.numel() * src.element_size()
         rc = self.te.transfer_sync_write(self.peer_segment, src.data_ptr(), dst, n)
