@@ -92,7 +92,12 @@ class Peer:
         self._opts = options
         self._links: dict[str, Link] = agreement.links
         self.remote_info: dict[str, Any] = agreement.remote
-        self._session = Session(eager_threshold=options.eager_threshold)
+        # Never send an eager frame larger than the peer accepts.
+        remote_cap = agreement.remote.get("max_frame")
+        eager = options.eager_threshold
+        if isinstance(remote_cap, int) and remote_cap > 1024:
+            eager = min(eager, remote_cap - 1024)
+        self._session = Session(eager_threshold=eager)
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
@@ -353,6 +358,12 @@ class Peer:
             return
         except Exception as e:
             self._session.refuse(op, TransferFailed(f"could not allocate the destination: {e}"))
+            return
+        sent = len(msg.data) if isinstance(msg, Eager) else msg.nbytes
+        if sent != ctx.work.nbytes:
+            self._session.refuse(op, MessageMismatch(
+                f"the sender announced {sent} B for {msg.shape} of {msg.dtype}, which needs "
+                f"{ctx.work.nbytes} B; nothing was written"))
             return
         if isinstance(msg, Eager):
             if ctx.work.device.type == "cpu":

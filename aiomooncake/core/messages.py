@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: CTS carries the receiver's registration epoch and generation
 
 
 class Kind(IntEnum):

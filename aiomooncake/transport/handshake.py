@@ -51,7 +51,7 @@ def host_id() -> str:
 
 def _local_info(options: Options) -> dict[str, Any]:
     return {"caps": capabilities(), "transport": options.transport, "host_id": host_id(),
-            "pid": os.getpid()}
+            "pid": os.getpid(), "max_frame": options.max_frame}
 
 
 async def _engines(plan: dict[str, str], host: str) -> dict[str, Engine]:
