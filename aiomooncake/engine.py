@@ -111,6 +111,7 @@ class Engine:
         self.unregistrations = 0
         self.writes_submitted = 0
         self._views: dict[str, _RemoteView] = {}
+        self.peers = 0  # open peers using this engine; when the last closes, cached registrations go
         log.info("transfer engine up: transport=%s segment=%s", kind, self.segment)
 
     # ------------------------------------------------------------ instances
@@ -234,6 +235,19 @@ class Engine:
                 view.name = f"{host}:{'0' * view.alias}{port}"
             view.epoch = epoch
         return view.name
+
+    def attach(self) -> None:
+        self.peers += 1
+
+    def detach(self) -> None:
+        """A peer closed: when none is left, release every cached (unpinned) registration, so GPU
+        memory (and the IPC mappings peers opened on it) is not held for nothing."""
+        self.peers -= 1
+        if self.peers <= 0:
+            self.peers = 0
+            n = self.trim()
+            if n:
+                log.debug("released %d registrations of the %s engine", n, self.kind)
 
     def trim(self) -> int:
         """Unregister cached regions that are neither pinned nor in flight; return how many."""

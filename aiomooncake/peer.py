@@ -103,6 +103,10 @@ class Peer:
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
         self._side_streams: dict[int, Any] = {}
         self._closing = False
+        self._engines = {id(link.engine): link.engine for link in self._links.values()}
+        for eng in self._engines.values():
+            eng.attach()
+        self._detached = False
         self._busy = conn.busy = BusyPoller.for_loop(options.busy_poll)
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
 
@@ -179,6 +183,13 @@ class Peer:
         if self._busy is not None:
             self._busy.stop()
             await asyncio.sleep(0)
+        self._detach()
+
+    def _detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            for eng in self._engines.values():
+                eng.detach()
 
     async def __aenter__(self) -> Peer:
         return self

@@ -78,15 +78,46 @@ class Allocation:
         return self.weak is None or not torch.UntypedStorage._expired(self.weak)
 
 
+_cuda_seen: dict[int, tuple[int, Allocation]] = {}
+
+
 def allocation_of(t: torch.Tensor) -> Allocation:
     """The registrable allocation behind ``t``: its storage on CPU, its caching-allocator segment
-    (the cudaMalloc block) on CUDA, identified by the driver's unique buffer id."""
+    (the cudaMalloc block) on CUDA, identified by the driver's unique buffer id.
+
+    CUDA lookups cost two driver calls; while the tensor's storage is alive its segment cannot be
+    released, so the answer is cached per live storage."""
     if t.device.type == "cuda":
-        return _cuda_allocation(t.data_ptr())
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        hit = _cuda_seen.get(key)
+        if hit is not None:
+            if not torch.UntypedStorage._expired(hit[0]):
+                return hit[1]
+            torch.UntypedStorage._free_weak_ref(hit[0])
+            del _cuda_seen[key]
+        alloc = _cuda_allocation(key if key else t.data_ptr())
+        if key:
+            if len(_cuda_seen) > 4096:
+                _sweep_cuda_seen()
+            _cuda_seen[key] = (_weak_ref(storage), alloc)
+        return alloc
     storage = t.untyped_storage()
     base, size = storage.data_ptr(), storage.nbytes()
-    weak: int = storage._weak_ref()  # type: ignore[assignment]
-    return Allocation(base, size, ("cpu", base, size), weak)
+    return Allocation(base, size, ("cpu", base, size), _weak_ref(storage))
+
+
+def _weak_ref(storage: torch.UntypedStorage) -> int:
+    """A weak reference to a storage, as torch's C API hands it out (an opaque integer)."""
+    ref: int = storage._weak_ref()  # type: ignore[assignment]
+    return ref
+
+
+def _sweep_cuda_seen() -> None:
+    for key, (weak, _) in list(_cuda_seen.items()):
+        if torch.UntypedStorage._expired(weak):
+            torch.UntypedStorage._free_weak_ref(weak)
+            del _cuda_seen[key]
 
 
 def release_allocation(a: Allocation) -> None:

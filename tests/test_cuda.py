@@ -1,0 +1,211 @@
+"""CUDA tests: two processes sharing one GPU, same-host peers on the intra-node NVLink transport.
+
+Skipped without a GPU (CI); ``scripts/gpu-check`` runs them on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import torch
+
+import aiomooncake
+from aiomooncake.engine import Engine
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[object]:
+    from cuda_remote import EchoRemote
+
+    r = EchoRemote()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+async def peer(remote: object) -> AsyncIterator[aiomooncake.Peer]:
+    p = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_remote(remote: object) -> Iterator[None]:
+    yield
+    # tell the echo loop to finish (a fresh connection, the module is done)
+    async def bye() -> None:
+        p = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
+        await p.send(torch.tensor([-1], dtype=torch.int64, device="cuda"), tag=0)
+        await p.close()
+    with contextlib.suppress(Exception):
+        aiomooncake.run(bye())
+
+
+async def echo(peer: aiomooncake.Peer, x: torch.Tensor) -> torch.Tensor:
+    back = torch.empty_like(x, memory_format=torch.contiguous_format)
+    await asyncio.gather(peer.send(x, tag=0), peer.recv(back, tag=0))
+    return back
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(-1).view(torch.uint8)
+    return bool(torch.equal(raw(a), raw(b)))
+
+
+def engine() -> Engine:
+    return next(e for e in Engine.existing() if e.kind == "nvlink")
+
+
+def dtypes() -> list[torch.dtype]:
+    out = []
+    for name in dir(torch):
+        dt = getattr(torch, name)
+        if isinstance(dt, torch.dtype) and dt not in out:
+            try:
+                t = torch.zeros(4, dtype=dt, device="cuda")
+                t.view(torch.uint8)
+                if t.is_quantized:
+                    continue
+            except Exception:
+                continue
+            out.append(dt)
+    return out
+
+
+async def test_transport_is_nvlink(peer: aiomooncake.Peer) -> None:
+    assert peer.transports["cuda"] == "nvlink"
+
+
+@pytest.mark.parametrize("nbytes", [1, 4097, 64 * 1024 + 1, MiB, 64 * MiB + 3])
+async def test_roundtrip_sizes(peer: aiomooncake.Peer, nbytes: int) -> None:
+    x = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    assert same_bytes(await echo(peer, x), x)
+
+
+async def test_roundtrip_1gib(peer: aiomooncake.Peer) -> None:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x[::4096] = 7
+    x[-1] = 9
+    assert same_bytes(await echo(peer, x), x)
+
+
+async def test_every_dtype(peer: aiomooncake.Peer) -> None:
+    for dt in dtypes():
+        for n in (3, 70_000):  # eager and rendezvous
+            raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dt).element_size(),), dtype=torch.uint8,
+                                device="cuda")
+            x = raw.view(dt)
+            back = await echo(peer, x)
+            assert back.dtype == dt and same_bytes(back, x), dt
+
+
+async def test_views_slices_and_shared_segment(peer: aiomooncake.Peer) -> None:
+    base = torch.randint(0, 256, (8 * MiB,), dtype=torch.uint8, device="cuda")
+    eng = engine()
+    await echo(peer, base)
+    regs = eng.registrations
+    for off in (1, 4095, 3 * MiB + 17):
+        view = base[off:off + 2 * MiB]  # interior, unaligned pointers in an already registered segment
+        assert same_bytes(await echo(peer, view), view)
+    strided = base.view(-1, 1024)[:, 3:900]  # non-contiguous: sent as its contiguous copy
+    assert same_bytes(await echo(peer, strided), strided.contiguous())
+    # several tensors of one caching-allocator segment register that segment once
+    small = [torch.full((100_000,), i, dtype=torch.uint8, device="cuda") for i in range(8)]
+    before = eng.registrations
+    for t in small:
+        assert same_bytes(await echo(peer, t), t)
+    assert eng.registrations - before <= 2, "tensors of one segment must not register one by one"
+    assert eng.registrations - regs <= 2 + 2
+
+
+async def test_freed_and_reallocated_between_sends(peer: aiomooncake.Peer) -> None:
+    eng = engine()
+    x = torch.randint(0, 256, (16 * MiB,), dtype=torch.uint8, device="cuda")
+    await echo(peer, x)
+    regs = eng.registrations
+    for i in range(20):
+        del x
+        x = torch.full((16 * MiB,), i, dtype=torch.uint8, device="cuda")  # same caching-allocator block
+        back = await echo(peer, x)
+        assert int(back[0]) == i and same_bytes(back, x)
+    assert eng.registrations == regs, "the same segment must not be registered again"
+    # a segment given back to the driver and a new one at the same address: no stale mapping
+    del x, back
+    torch.cuda.empty_cache()
+    for i in range(3):
+        y = torch.full((48 * MiB,), 100 + i, dtype=torch.uint8, device="cuda")
+        assert same_bytes(await echo(peer, y), y)
+        del y
+        torch.cuda.empty_cache()
+
+
+async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer) -> None:
+    """A fill queued behind a long kernel on the caller's stream must be what goes out."""
+    x = torch.zeros(32 * MiB, dtype=torch.uint8, device="cuda")
+    back = torch.empty_like(x)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~100+ ms of GPU time before the fill runs
+        x.fill_(42)
+        t0 = time.perf_counter()
+        await asyncio.gather(peer.send(x, tag=0), peer.recv(back, tag=0))
+        waited = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert int(back.min()) == 42 and int(back.max()) == 42, "stale bytes went out"
+    assert waited > 0.01
+
+
+async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer) -> None:
+    """The write must not land before earlier work on the receiver's stream used the buffer, and
+    work queued after the recv must see the new bytes."""
+    x = torch.full((16 * MiB,), 5, dtype=torch.uint8, device="cuda")
+    buf = torch.full((16 * MiB,), 1, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        before = buf.clone()  # queued behind the sleep: must still read the old bytes
+        await asyncio.gather(peer.send(x, tag=0), peer.recv(buf, tag=0))
+        after = buf.to(torch.int64).sum()  # queued after the recv: must see the new bytes
+    side.synchronize()
+    assert int(before.max()) == 1, "the remote wrote before the receiver's earlier work was done"
+    assert int(after) == 5 * 16 * MiB
+
+
+async def test_recv_tensor_on_gpu(peer: aiomooncake.Peer) -> None:
+    x = torch.randn(33, 77, dtype=torch.bfloat16, device="cuda")
+    await peer.send(x, tag=0)
+    got = await peer.recv_tensor(tag=0)
+    assert got.is_cuda and got.shape == x.shape and same_bytes(got, x)
+
+
+async def test_memory_flat_over_1000_sends(remote: object) -> None:
+    peer = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
+    xs = [torch.randint(0, 256, (3 * MiB + i,), dtype=torch.uint8, device="cuda") for i in range(4)]
+    backs = [torch.empty_like(x) for x in xs]
+    for i in range(50):
+        await asyncio.gather(peer.send(xs[i % 4], tag=0), peer.recv(backs[i % 4], tag=0))
+    torch.cuda.synchronize()
+    free0, _ = torch.cuda.mem_get_info()
+    regs0 = engine().registrations
+    for i in range(1000):
+        await asyncio.gather(peer.send(xs[i % 4], tag=0), peer.recv(backs[i % 4], tag=0))
+    torch.cuda.synchronize()
+    free1, _ = torch.cuda.mem_get_info()
+    assert engine().registrations == regs0
+    assert free0 - free1 < 64 * MiB, f"GPU memory fell by {(free0 - free1) / MiB:.0f} MiB over 1000 sends"
+    assert all(same_bytes(b, x) for b, x in zip(backs, xs, strict=True))
+    cached = engine().stats().cached_regions
+    await peer.close()
+    assert engine().stats().cached_regions < cached or engine().peers > 0
