@@ -96,12 +96,14 @@ def element_size(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
-def spec(dtype: torch.dtype | str, shape: tuple[int, ...] | int, seed: int = 0) -> dict[str, Any]:
-    """A picklable description of a tensor both processes can rebuild bit-exactly."""
+def spec(dtype: torch.dtype | str, shape: tuple[int, ...] | int, seed: int = 0,
+         fill: int | None = None) -> dict[str, Any]:
+    """A picklable description of a tensor both processes can rebuild bit-exactly: pattern bytes
+    from ``seed``, or every byte ``fill`` (cheap for huge tensors whose content does not matter)."""
     if isinstance(shape, int):
         shape = (shape,)
     return {"dtype": dtype if isinstance(dtype, str) else dtype_name(dtype), "shape": tuple(shape),
-            "seed": seed}
+            "seed": seed, "fill": fill}
 
 
 def u8(nbytes: int, seed: int = 0) -> dict[str, Any]:
@@ -140,6 +142,8 @@ def pattern(nbytes: int, seed: int = 0) -> torch.Tensor:
 def make_tensor(sp: dict[str, Any]) -> torch.Tensor:
     """The tensor a spec describes: contiguous, its bytes drawn from :func:`pattern`."""
     dt = spec_dtype(sp)
+    if sp.get("fill") is not None:
+        return filled(sp["shape"], dt, sp["fill"])
     numel = math.prod(sp["shape"])
     raw = pattern(numel * element_size(dt), sp["seed"])
     return raw.view(dt).reshape(sp["shape"])
@@ -652,6 +656,14 @@ class Remote:
         os.kill(self.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
             self.broken = True
+
+    def pause(self) -> None:
+        """Freeze the whole process (SIGSTOP): its engine threads and event loop stop. Keep it
+        shorter than the heartbeat timeout, then :meth:`resume`."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
 
     def ask_to_quit(self) -> None:
         if self.proc is not None and self.proc.is_alive() and not self.broken:
