@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg, points = make_config(args)
     torchrun = under_torchrun()
+    if torchrun and not cfg.verbose:
+        os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # before any engine loads in this process
     lead = not torchrun or torchrun_rank() == 0
     console = Console(stderr=True, quiet=not lead)
     # a pipe or file gets wide tables rather than folded ones

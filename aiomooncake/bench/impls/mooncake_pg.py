@@ -10,6 +10,7 @@ processes: a crash becomes a reported skip reason with the signal's name, never 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,9 +57,11 @@ def available(device: str) -> str | None:
     if proc.returncode < 0:
         return f"importing mooncake.pg {describe_exit(proc.returncode)}" + (f": {detail}" if detail else "")
     if "ImportError" in proc.stderr or "ModuleNotFoundError" in proc.stderr:
-        # e.g. "Mooncake PG was not built against torch==2.13.0" (the CPU wheel has no PG build)
-        msg = " ".join(ln.strip() for ln in lines if not ln.startswith(("Traceback", "  ")))
-        return f"mooncake.pg is not importable: {msg or detail}"
+        # e.g. "Mooncake PG was not built against torch==2.13.0" (the CPU wheel has no PG build):
+        # the last exception's line, and the lines of its message after it
+        starts = [i for i, ln in enumerate(lines) if re.match(r"[\w.]+(Error|Exception)\b", ln)]
+        msg = " ".join(ln.strip() for ln in lines[starts[-1]:]) if starts else detail
+        return f"mooncake.pg is not importable: {msg}"
     return f"importing mooncake.pg failed ({describe_exit(proc.returncode)}): {detail}"
 
 
