@@ -9,6 +9,7 @@ from typing import Any
 from .errors import ConfigurationError
 
 _TRANSPORTS = ("auto", "tcp", "rdma", "nvlink")
+_HOST_TRANSPORTS = ("auto", "te", "shm")
 _AUTO_CHUNK = {"tcp": 256 * 1024 * 1024, "nvlink": 256 * 1024 * 1024, "rdma": 64 * 1024 * 1024}
 
 
@@ -32,6 +33,9 @@ class Options:
         on VMs where waking a sleeping process is slow); 0 disables it.
     engine_host: the address the local Transfer Engine advertises (default: the control socket's).
     secret: shared secret for the authenticated handshake (default: $AIOMOONCAKE_SECRET).
+    host_transport: CPU tensors between peers on one host under one uid: "shm" copies them with
+        process_vm_writev (aiomooncake.shm), "te" uses the Transfer Engine, "auto" (default, or
+        $AIOMOONCAKE_HOST_TRANSPORT) is "shm" where possible unless ``transport`` forces tcp/rdma.
     """
 
     transport: str = "auto"
@@ -46,6 +50,7 @@ class Options:
     busy_poll: float = 0.0005
     engine_host: str | None = None
     secret: str | None = None
+    host_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.transport not in _TRANSPORTS:
@@ -60,6 +65,11 @@ class Options:
             raise ConfigurationError("max_frame must exceed eager_threshold by at least 1 KiB")
         if self.secret is None and os.environ.get("AIOMOONCAKE_SECRET"):
             object.__setattr__(self, "secret", os.environ["AIOMOONCAKE_SECRET"])
+        if self.host_transport == "auto" and os.environ.get("AIOMOONCAKE_HOST_TRANSPORT"):
+            object.__setattr__(self, "host_transport", os.environ["AIOMOONCAKE_HOST_TRANSPORT"])
+        if self.host_transport not in _HOST_TRANSPORTS:
+            raise ConfigurationError(f"host_transport must be one of {_HOST_TRANSPORTS}, "
+                                     f"got {self.host_transport!r}")
 
     def chunk_for(self, transport: str) -> int:
         """The chunk size used on a link of ``transport``."""
