@@ -178,3 +178,97 @@ def test_malformed_info_is_a_handshake_error(bad: Any) -> None:
     for c, s in ((bad, info(ALL)), (info(ALL), bad)):
         with pytest.raises(HandshakeError, match="malformed"):
             plan_links(c, s)
+
+
+# ------------------------------------------------------------------- same-host CPU path
+def shm_info(caps: list[str] | None = None, transport: str = "auto", host: str | None = "host-a",
+             host_transport: str | None = None, uid: Any = 1000) -> dict[str, Any]:
+    d = info([*(caps if caps is not None else ["tcp"]), "shm"], transport, host)
+    if host_transport is not None:
+        d["host_transport"] = host_transport
+    if uid is not None:
+        d["uid"] = uid
+    return d
+
+
+def test_shm_same_host_same_uid_carries_the_cpu_link() -> None:
+    assert plan_links(shm_info(), shm_info()) == {"cpu": "shm", "cuda": "tcp"}
+    assert plan_links(shm_info(ALL), shm_info(ALL)) == {"cpu": "shm", "cuda": "nvlink"}
+    assert plan_links(shm_info(["rdma", "tcp"]), shm_info(["rdma", "tcp"])) == {"cpu": "shm", "cuda": "rdma"}
+
+
+@pytest.mark.parametrize(("c", "s"), [
+    (shm_info(host="a"), shm_info(host="b")),  # two hosts
+    (shm_info(host=None), shm_info(host=None)),  # hosts unknown
+    (shm_info(uid=1000), shm_info(uid=1001)),  # two users
+    (shm_info(uid=None), shm_info(uid=None)),  # no uid
+    (shm_info(uid="1000"), shm_info(uid="1000")),  # junk uid
+    (shm_info(), info(["tcp"])),  # one side cannot
+    (shm_info(host_transport="te"), shm_info()),  # one side asks for the Transfer Engine
+    (shm_info(transport="tcp"), shm_info()),  # a forced Transfer Engine transport covers the cpu link
+    (shm_info(["rdma", "tcp"], transport="rdma"), shm_info(["rdma", "tcp"])),
+])
+def test_shm_not_used(c: dict[str, Any], s: dict[str, Any]) -> None:
+    for a, b in ((c, s), (s, c)):
+        assert plan_links(a, b)["cpu"] in ("tcp", "rdma")
+
+
+def test_shm_with_forced_nvlink_keeps_the_cpu_link() -> None:
+    """Forcing nvlink concerns the cuda link; the cpu link still takes the same-host path."""
+    assert plan_links(shm_info(ALL, "nvlink"), shm_info(ALL)) == {"cpu": "shm", "cuda": "nvlink"}
+
+
+def test_shm_forced_wins_over_a_forced_engine_transport() -> None:
+    assert plan_links(shm_info(transport="tcp", host_transport="shm"), shm_info(transport="tcp")) == {
+        "cpu": "shm", "cuda": "tcp"}
+
+
+def test_shm_forced_but_impossible_is_an_error() -> None:
+    for c, s in ((shm_info(host_transport="shm"), info(["tcp"])),
+                 (shm_info(host_transport="shm", uid=1), shm_info(uid=2))):
+        for a, b in ((c, s), (s, c)):
+            with pytest.raises(HandshakeError, match="host_transport 'shm'"):
+                plan_links(a, b)
+
+
+def test_shm_forced_across_hosts_uses_the_engine() -> None:
+    assert plan_links(shm_info(host="a", host_transport="shm"), shm_info(host="b")) == {
+        "cpu": "tcp", "cuda": "tcp"}
+
+
+def test_shm_forced_against_te_is_a_mismatch() -> None:
+    with pytest.raises(HandshakeError, match="host transport mismatch"):
+        plan_links(shm_info(host_transport="shm"), shm_info(host_transport="te"))
+
+
+@pytest.mark.parametrize("bad", ["SHM", 1, None, ["shm"]], ids=repr)
+def test_shm_malformed_host_transport(bad: Any) -> None:
+    d = shm_info()
+    d["host_transport"] = bad
+    with pytest.raises(HandshakeError, match="malformed"):
+        plan_links(d, shm_info())
+
+
+def test_shm_is_never_a_transfer_engine_transport() -> None:
+    """A peer naming "shm" as its (engine) transport cannot put the cuda link on it."""
+    with pytest.raises(HandshakeError, match="not available"):
+        plan_links(shm_info(transport="shm"), shm_info())
+
+
+@pytest.mark.parametrize("same_host", [True, False])
+def test_shm_every_combination(same_host: bool) -> None:
+    """With "shm" in both caps: symmetric, never on the cuda link, only on one host."""
+    hts = [None, "auto", "te", "shm"]
+    for ccaps, scaps, wc, ws, hc, hs in itertools.product(CAPS, CAPS, WANTS, WANTS, hts, hts):
+        c = shm_info([*ccaps, "tcp"], wc, host="h1", host_transport=hc)
+        s = shm_info([*scaps, "tcp"], ws, host="h1" if same_host else "h2", host_transport=hs)
+        out = _outcome(c, s)
+        assert out == _outcome(s, c), (c, s)
+        if out == "error":
+            continue
+        assert isinstance(out, dict)
+        assert out["cuda"] != "shm"
+        if out["cpu"] == "shm":
+            assert same_host and "te" not in (hc, hs)
+        elif same_host and "shm" in (hc, hs):
+            raise AssertionError(f"host_transport='shm' on one host was not honoured: {c}, {s}")

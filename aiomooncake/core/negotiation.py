@@ -11,13 +11,58 @@ from typing import Any
 
 from ..errors import HandshakeError
 
+_SHM = "shm"
+
 
 def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
     """Return ``{"cpu": transport, "cuda": transport}`` or raise HandshakeError saying why not.
 
     Each info holds ``caps`` (transports it can provide), ``transport`` (its option: "auto" or a
-    fixed one) and ``host_id``.
+    fixed one) and ``host_id``; for the same-host CPU path (``"shm"``, see :func:`_use_shm`) also
+    ``host_transport`` and ``uid``.
     """
+    plan = _plan_engine(client, server)
+    if _use_shm(client, server):
+        plan["cpu"] = "shm"
+    return plan
+
+
+def _use_shm(client: dict[str, Any], server: dict[str, Any]) -> bool:
+    """Whether the "cpu" link is the same-host path: both peers on one host under one uid with
+    "shm" in their caps, neither asking for ``host_transport="te"``, and either one asking for
+    "shm" or both for "auto" with no Transfer Engine transport forced (an "nvlink" one concerns
+    the "cuda" link only)."""
+    hc, hs = _host_side(client, "client"), _host_side(server, "server")
+    same_host = bool(client.get("host_id")) and client.get("host_id") == server.get("host_id")
+    if not same_host:
+        return False
+    if {hc, hs} == {"te", "shm"}:
+        raise HandshakeError(f"host transport mismatch: the client asks for {hc!r}, the server for "
+                             f"{hs!r}; configure both peers with the same host_transport (or 'auto')")
+    if "te" in (hc, hs):
+        return False
+    uid = client.get("uid")
+    possible = (_SHM in client["caps"] and _SHM in server["caps"] and isinstance(uid, int)
+                and uid == server.get("uid"))
+    if "shm" in (hc, hs):
+        if not possible:
+            raise HandshakeError("host_transport 'shm' needs both peers under one uid with the same-host "
+                                 "path available on both (Linux process_vm_writev, ptrace access); "
+                                 "use host_transport='te' or 'auto'")
+        return True
+    return possible and {client.get("transport", "auto"), server.get("transport", "auto")} <= {
+        "auto", "nvlink"}
+
+
+def _host_side(info: dict[str, Any], who: str) -> str:
+    want = info.get("host_transport", "auto")
+    if want not in ("auto", "te", "shm"):
+        raise HandshakeError(f"the {who} sent a malformed host_transport: {want!r:.40}")
+    return str(want)
+
+
+def _plan_engine(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
+    """The Transfer Engine transports of both links."""
     ccaps, want_c = _side(client, "client")
     scaps, want_s = _side(server, "server")
     same_host = bool(client.get("host_id")) and client.get("host_id") == server.get("host_id")
@@ -25,7 +70,7 @@ def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]
         raise HandshakeError(f"transport mismatch: the client asks for {want_c!r}, the server for "
                              f"{want_s!r}; configure both peers with the same transport (or 'auto')")
     want = want_s if want_c == "auto" else want_c
-    common = ccaps & scaps
+    common = (ccaps & scaps) - {_SHM}  # the same-host path is no Transfer Engine transport
     host_t = "rdma" if "rdma" in common else "tcp"
     if want == "auto":
         dev_t = "nvlink" if same_host and "nvlink" in common else host_t
