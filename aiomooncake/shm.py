@@ -1,0 +1,481 @@
+"""The same-host CPU data path: one kernel copy with ``process_vm_writev``.
+
+When both peers run on one host under one uid, a rendezvous write on the "cpu" link needs no
+network stack: ``process_vm_writev(2)`` copies straight from the sender's tensor into the
+receiver's tensor, once, with no socket, no staging buffer and no registration (the receiver's
+"registration" is a no-op; the sender still checks every write against the ``[addr, addr +
+capacity)`` the receiver announced). Loopback TCP, which the Transfer Engine uses otherwise, copies
+twice through socket buffers and measured at about half of gloo on a 2-core host.
+
+:class:`ShmEngine` offers the :class:`~aiomooncake.engine.Engine` interface the peer uses
+(``acquire``/``release``/``target``/``write``/``epoch``/``gen``/``segment``/``kind``), so a link
+carried by it needs nothing special in the peer. Copies of up to :attr:`ShmEngine.inline_bytes`
+run on the event loop (tens of microseconds, cheaper than a thread hand-off); larger writes are cut
+into :attr:`ShmEngine.chunk_bytes` pieces copied by a small thread pool (the syscall releases the
+GIL), several at once, and the job's future resolves on the loop when the last piece landed.
+
+Who may be written: the kernel lets a process write into another only where it may ptrace it (same
+uid, not raised privileges, Yama ``ptrace_scope`` <= 1). The handshake enables the path only after
+checking that the peer's claimed pid is a process of this uid that owns the other end of this very
+control connection (through ``/proc``), and that reading its probe word through the same permission
+check returns the nonce it announced; writes go only to pids that passed that check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import secrets
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .core.regions import Region, RegionCache
+from .engine import Engine, Stats, WriteJob
+from .errors import HandshakeError, TransferFailed
+
+log = logging.getLogger(__name__)
+
+KIND = "shm"
+
+_PR_GET_DUMPABLE = 3
+_PR_SET_PTRACER = 0x59616D61
+_PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+@dataclass
+class _Sys:
+    writev: Any
+    readv: Any
+    prctl: Any
+
+
+_sys: _Sys | None = None
+_unusable: str | None = None  # why this process cannot use the path (None: it can, or untested)
+_tested = False
+_probe = (ctypes.c_uint64 * 1)()  # the word peers read to check they may access this process
+_probe[0] = secrets.randbits(64)
+
+
+def _syscalls() -> _Sys:
+    global _sys
+    if _sys is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fns = []
+        for name in ("process_vm_writev", "process_vm_readv"):
+            fn = libc[name]
+            fn.restype = ctypes.c_ssize_t
+            fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                           ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+            fns.append(fn)
+        prctl = libc["prctl"]
+        prctl.restype = ctypes.c_int
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        _sys = _Sys(fns[0], fns[1], prctl)
+    return _sys
+
+
+def _rw(fn: Any, pid: int, local: int, remote: int, n: int) -> None:
+    """Move ``n`` bytes between ``local`` here and ``remote`` in ``pid`` (``fn`` decides the
+    direction); resumes after partial transfers. Raises OSError."""
+    lv, rv = _Iovec(), _Iovec()
+    done = 0
+    while done < n:
+        lv.base, lv.len = local + done, n - done
+        rv.base, rv.len = remote + done, n - done
+        k = fn(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0)
+        if k <= 0:
+            err = ctypes.get_errno() if k < 0 else errno.EFAULT
+            raise OSError(err, os.strerror(err))
+        done += k
+
+
+def copy_to(pid: int, src: int, dst: int, n: int) -> None:
+    """Copy ``n`` bytes from ``src`` in this process to ``dst`` in process ``pid`` (blocking)."""
+    _rw(_syscalls().writev, pid, src, dst, n)
+
+
+def unavailable() -> str | None:
+    """Why this process cannot offer the same-host path, or None when it can.
+
+    Tests the syscall on this process (absent kernels and seccomp filters fail here), refuses
+    non-dumpable processes (peers could not access them) and Yama ``ptrace_scope`` >= 2; under scope
+    1 it lets any process of this uid access this one (``PR_SET_PTRACER_ANY``), as the default
+    scope 0 does anyway."""
+    global _tested, _unusable
+    if _tested:
+        return _unusable
+    _tested = True
+    _unusable = _check_local()
+    if _unusable is not None:
+        log.info("same-host CPU path unavailable: %s; the Transfer Engine carries CPU tensors", _unusable)
+    return _unusable
+
+
+def _check_local() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "needs Linux"
+    try:
+        s = _syscalls()
+    except (OSError, AttributeError) as e:
+        return f"libc lacks process_vm_writev ({e})"
+    src = (ctypes.c_uint64 * 1)(0x5A5A5A5A)
+    dst = (ctypes.c_uint64 * 1)(0)
+    try:
+        _rw(s.writev, os.getpid(), ctypes.addressof(src), ctypes.addressof(dst), 8)
+    except OSError as e:
+        return f"process_vm_writev fails on this process ({e.strerror})"
+    if dst[0] != src[0]:
+        return "process_vm_writev did not copy"
+    if s.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 1:
+        return "this process is not dumpable, so no peer may access its memory"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        scope = 0
+    if scope >= 2:
+        return f"Yama ptrace_scope is {scope}: only privileged processes may access another's memory"
+    if scope == 1 and s.prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0) != 0:
+        return "Yama ptrace_scope is 1 and PR_SET_PTRACER failed"
+    return None
+
+
+# ------------------------------------------------------------------------------- engine
+_NO_REGION = Region(0, 0, None)
+
+
+class ShmEngine(Engine):
+    """The process-wide same-host engine. It subclasses :class:`Engine` only to share its
+    interface (a link's ``engine``); no Transfer Engine is involved."""
+
+    inline_bytes = 256 * 1024  # copies up to this size run on the loop (~20-50 us)
+    chunk_bytes = 4 * 1024 * 1024  # larger writes: pieces of this size for the pool (~0.5 ms each)
+
+    def __init__(self) -> None:  # deliberately not Engine.__init__: no Transfer Engine here
+        self.kind = KIND
+        self.host = ""
+        self.segment = f"pid:{os.getpid()}"
+        self._regions = RegionCache()  # stays empty (engine.unregister looks into it)
+        self._reg_lock = threading.Lock()
+        self.registrations = 0
+        self.unregistrations = 0
+        self.writes_submitted = 0
+        self._allowed: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = max(1, min(4, len(os.sched_getaffinity(0))))
+
+    @classmethod
+    def instance(cls) -> ShmEngine:
+        """The process's same-host engine, listed with the Transfer Engines (``Engine.existing``,
+        ``Engine.get("shm", ...)``) so pinning, statistics and the handshake find it."""
+        with Engine._lock:
+            inst = Engine._instances.get(KIND)
+            if not isinstance(inst, ShmEngine):
+                inst = Engine._instances[KIND] = cls()
+            return inst
+
+    # ------------------------------------------------------------ peers
+    def allow(self, pid: int) -> None:
+        """Let writes go to ``pid`` (a peer the handshake verified)."""
+        self._allowed.add(pid)
+
+    def _pid_of(self, segment: str) -> int:
+        kind, _, num = segment.partition(":")
+        pid = int(num) if kind == "pid" and num.isdigit() else -1
+        if pid not in self._allowed:
+            raise TransferFailed(f"refusing a same-host write to {segment!r}: not a peer this process "
+                                 "verified during a handshake")
+        return pid
+
+    # ------------------------------------------------- the Engine interface
+    def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
+        return _NO_REGION  # nothing to register: the kernel reaches any mapped page
+
+    def release(self, r: Region, pin: bool = False) -> None:
+        pass
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    @property
+    def gen(self) -> int:
+        return 0
+
+    def target(self, segment: str, epoch: int, gen: int) -> str:
+        return segment
+
+    def trim(self) -> int:
+        return 0
+
+    def stats(self) -> Stats:
+        return Stats(0, 0, 0, self.writes_submitted)
+
+    def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
+        copy_to(self._pid_of(segment), src, dst, length)
+        self.writes_submitted += 1
+        return 0
+
+    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> ShmJob:
+        """Copy ``pieces`` of ``(src_addr, dst_addr, length)`` into the peer behind ``segment``.
+        ``window`` is ignored: the pool decides how many copies run at once."""
+        job = ShmJob(self, segment, list(pieces), max(1, window))
+        try:
+            job.pid = self._pid_of(segment)
+        except TransferFailed as e:
+            job.error = str(e)
+            job.settle()
+            return job
+        total = sum(n for _, _, n in job.pieces)
+        if total <= self.inline_bytes:
+            try:
+                for src, dst, n in job.pieces:
+                    copy_to(job.pid, src, dst, n)
+                    job.copies += 1
+            except OSError as e:
+                job.error = _explain(e, job.pid)
+            job.done = job.copies
+            job.settle()
+            return job
+        step = self.chunk_bytes
+        job.chunks = [(src + off, dst + off, min(step, n - off))
+                      for src, dst, n in job.pieces for off in range(0, n, step)]
+        workers = min(self._workers, len(job.chunks))
+        job.active = workers
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="aiomooncake-shm")
+        for _ in range(workers):
+            pool.submit(job.drain)
+        return job
+
+    def _after_fork(self) -> None:
+        self.segment = f"pid:{os.getpid()}"
+        self._allowed = set()
+        self._pool = None  # its threads did not survive the fork
+
+
+@dataclass(eq=False)
+class ShmJob(WriteJob):
+    """One write: resolves ``future`` on the loop once every piece landed, failed or stopped."""
+
+    pid: int = -1
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)
+    cursor: int = 0  # next chunk to claim
+    copies: int = 0  # chunks copied
+    done: int = 0  # == len(chunks) (or pieces) when every byte landed
+    active: int = 0  # pool workers still draining
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+
+    def drain(self) -> None:
+        """Pool thread: copy chunks until none is left, the job stopped, or one failed."""
+        try:
+            while not self.stopped and self.error is None:
+                with self.lock:
+                    i = self.cursor
+                    if i >= len(self.chunks):
+                        break
+                    self.cursor = i + 1
+                src, dst, n = self.chunks[i]
+                copy_to(self.pid, src, dst, n)
+                with self.lock:
+                    self.copies += 1
+        except OSError as e:
+            self.error = self.error or _explain(e, self.pid)
+        except BaseException as e:  # never leave the future pending
+            self.error = self.error or f"same-host copy crashed: {type(e).__name__}: {e}"
+        finally:
+            with self.lock:
+                self.active -= 1
+                last = self.active == 0
+            if last:
+                self.done = self.copies
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                    self.loop.call_soon_threadsafe(self.settle)
+
+    def settle(self) -> None:
+        """On the loop: count the copies and resolve the future."""
+        eng = self.engine
+        eng.writes_submitted += self.copies
+        total = len(self.chunks) if self.chunks else len(self.pieces)
+        # the peer reads ``next < len(pieces)`` after a stop as "not every byte was written"
+        self.next = len(self.pieces) if self.done >= total else 0
+        if self.future.done():
+            return
+        if self.error is not None:
+            self.future.set_exception(TransferFailed(self.error))
+        else:
+            self.future.set_result(None)
+
+    def step(self) -> bool:  # the TE poller's hook; shm jobs never go to the poller
+        return self.future.done()
+
+
+_warned_perm = False
+
+
+def _explain(e: OSError, pid: int) -> str:
+    global _warned_perm
+    code = e.errno
+    if code in (errno.EPERM, errno.EACCES):
+        msg = (f"the kernel refused to write into process {pid} ({errno.errorcode.get(code, code)}): the "
+               "same-host CPU path needs ptrace access to the receiver (same uid, Yama ptrace_scope "
+               "<= 1, no LSM denial); connect with host_transport='te' to use the Transfer Engine")
+        if not _warned_perm:
+            _warned_perm = True
+            log.warning("%s", msg)
+        return msg
+    if code == errno.ESRCH:
+        return f"the receiving process {pid} is gone"
+    if code == errno.EFAULT:
+        return f"the destination in process {pid} (or the source here) is not mapped memory"
+    return f"process_vm_writev into process {pid} failed: {e.strerror} (errno {code})"
+
+
+def _after_fork_in_child() -> None:
+    inst = Engine._instances.get(KIND)
+    if isinstance(inst, ShmEngine):
+        inst._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------- handshake
+def advertise(info: dict[str, Any], host_transport: str) -> None:
+    """Add what the peer needs to plan and verify the same-host path to this side's handshake
+    info: ``host_transport``, and when the path is possible here the ``"shm"`` capability, the uid
+    and the probe word (its address and value)."""
+    info["host_transport"] = host_transport
+    if host_transport == "te" or unavailable() is not None:
+        return
+    ShmEngine.instance()
+    info["caps"] = [*info.get("caps", []), KIND]
+    info["uid"] = os.getuid()
+    info["shm_probe"] = [ctypes.addressof(_probe), int(_probe[0])]
+
+
+def screen(mine: dict[str, Any], theirs: Any, sockname: tuple[str, int], peername: str) -> None:
+    """Server side, before planning: keep the ``"shm"`` capability in ``mine`` only if the client
+    is verified (see :func:`verify`), so both sides then plan without it when it is not."""
+    if KIND not in mine.get("caps", ()) or not isinstance(theirs, dict):
+        return
+    caps = theirs.get("caps")
+    if not isinstance(caps, list) or KIND not in caps or theirs.get("host_id") != mine.get("host_id"):
+        return
+    why = verify(theirs, sockname, peername)
+    if why is not None:
+        log.warning("same-host CPU path to %s disabled (%s); using the Transfer Engine", peername, why)
+        mine["caps"] = [c for c in mine["caps"] if c != KIND]
+
+
+def confirm(plan: dict[str, Any], theirs: Any, sockname: tuple[str, int], peername: str) -> None:
+    """Client side: the server chose the same-host path; check the server the same way."""
+    if plan.get("cpu") != KIND:
+        return
+    why = verify(theirs, sockname, peername)
+    if why is not None:
+        raise HandshakeError(f"the server at {peername} chose the same-host CPU path, but this process "
+                             f"cannot use it ({why}); connect with host_transport='te'")
+
+
+def verify(theirs: Any, sockname: tuple[str, int], peername: str) -> str | None:
+    """Check that the peer's claimed pid is a process of this uid holding the other end of the
+    control connection ``sockname`` <-> ``peername``, and that this process may read its probe word.
+    On success writes to that pid are allowed; otherwise say why not."""
+    pid = theirs.get("pid") if isinstance(theirs, dict) else None
+    probe = theirs.get("shm_probe") if isinstance(theirs, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return "the peer sent no valid pid"
+    if (not isinstance(probe, list) or len(probe) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in probe)):
+        return "the peer sent no valid probe word"
+    if unavailable() is not None:
+        return unavailable()
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return f"process {pid} belongs to another user"
+        if not _owns_connection(pid, sockname, peername):
+            return (f"process {pid} does not hold the other end of this connection (another network "
+                    "or pid namespace?)")
+    except OSError as e:
+        return f"cannot inspect process {pid} ({e.strerror})"
+    word = (ctypes.c_uint64 * 1)()
+    try:
+        _rw(_syscalls().readv, pid, ctypes.addressof(word), probe[0], 8)
+    except OSError as e:
+        return f"cannot access process {pid}'s memory ({e.strerror})"
+    if word[0] != probe[1]:
+        return f"process {pid}'s probe word differs from what it announced"
+    ShmEngine.instance().allow(pid)
+    return None
+
+
+def _owns_connection(pid: int, sockname: tuple[str, int], peername: str) -> bool:
+    """Whether ``pid`` has the TCP socket whose local end is ``peername`` and remote end ``sockname``
+    (the other side of our control connection) open."""
+    host, _, port = peername.rpartition(":")
+    try:
+        theirs = (_norm(host.strip("[]")), int(port))
+        ours = (_norm(sockname[0]), int(sockname[1]))
+    except ValueError:
+        return False
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and _parse(cols[1]) == theirs and _parse(cols[2]) == ours:
+                        inodes.add(f"socket:[{cols[9]}]")
+        except OSError:
+            continue
+    if not inodes:
+        return False
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _norm(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _parse(col: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """An address column of /proc/net/tcp{,6}: hex words in host byte order, then the port."""
+    hexip, _, hexport = col.partition(":")
+    try:
+        raw = b"".join(int(hexip[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hexip), 8))
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(raw)
+        port = int(hexport, 16)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, port
