@@ -85,7 +85,8 @@ def draw_map(rng: random.Random, num_physical: int, num_logical: int) -> list[in
     return phys
 
 
-def draw_plan(seed: int, layers: int, num_physical: int, num_logical: int) -> list[tuple[list[int], list[int]]]:
+def draw_plan(seed: int, layers: int, num_physical: int,
+              num_logical: int) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(seed)
     return [(draw_map(rng, num_physical, num_logical), draw_map(rng, num_physical, num_logical))
             for _ in range(layers)]
@@ -154,7 +155,7 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
         moved += 1
         local = next((s for s in range(first, last) if old[s] == e), None)
         if local is not None:  # already on this rank: copy it aside now, in place later
-            for w, t in zip(weights, temp):
+            for w, t in zip(weights, temp, strict=True):
                 t[dst - first].copy_(w[local - first])
             copies.append((dst - first, dst - first))
             continue
@@ -162,7 +163,8 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
         if twin is not None:  # an earlier slot of this rank receives the same expert: reuse it
             copies.append((twin - first, dst - first))
             continue
-        local_holders, local_needy, holders, remote_needy = _routes(old, new, e, per_rank, gpus_per_node, rank)
+        local_holders, local_needy, holders, remote_needy = _routes(
+            old, new, e, per_rank, gpus_per_node, rank)
         if rank in local_needy:
             src = local_holders[_chunk_of(len(local_needy), len(local_holders), local_needy.index(rank))]
         else:
@@ -178,7 +180,8 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
         if e in done:
             continue
         done.add(e)
-        local_holders, local_needy, holders, remote_needy = _routes(old, new, e, per_rank, gpus_per_node, rank)
+        local_holders, local_needy, holders, remote_needy = _routes(
+            old, new, e, per_rank, gpus_per_node, rank)
         dsts: list[int] = []
         if rank in local_holders and local_needy:
             dsts += local_needy[_split(len(local_needy), len(local_holders), local_holders.index(rank))]
@@ -197,7 +200,7 @@ def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOp
         for req in dist.batch_isend_irecv(lo.ops):
             req.wait()
     for src, dst in lo.copies:
-        for w, t in zip(weights, temp):
+        for w, t in zip(weights, temp, strict=True):
             w[dst].copy_(t[src])
 
 
@@ -289,7 +292,8 @@ def _gather_to_zero(values: list[float], rank: int, world: int) -> list[list[flo
     return out
 
 
-def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, object] | None:
+def _rebalance(args: argparse.Namespace, rank: int, world: int,
+               device: torch.device) -> dict[str, object] | None:
     shapes = ExpertShapes.scaled(args.scale)
     per_rank = args.experts_per_rank
     num_physical = per_rank * world
@@ -321,7 +325,7 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
         _sync(device)
         if rank == 0 and it == 0:
             for layer, (old, new) in enumerate(plan):
-                moves = sum(1 for a, b in zip(old, new) if a != b)
+                moves = sum(1 for a, b in zip(old, new, strict=True) if a != b)
                 print(f"  plan layer {layer}: {moves}/{num_physical} slots change; old {old} -> new {new}",
                       flush=True)
         it_times, it_bytes = [], []
@@ -352,9 +356,10 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
     all_v = _gather_to_zero([float(verified)], rank, world)
     if rank != 0:
         return None
-    per_layer = [max(ts[i] for ts in all_t) for i in range(len(flat_t))]  # a layer ends when its last rank does
+    # a layer is done when its last rank is
+    per_layer = [max(ts[i] for ts in all_t) for i in range(len(flat_t))]
     layer_bytes = [sum(bs[i] for bs in all_b) for i in range(len(flat_b))]
-    for i, (t, b) in enumerate(zip(per_layer, layer_bytes)):
+    for i, (t, b) in enumerate(zip(per_layer, layer_bytes, strict=True)):
         it, layer = divmod(i, args.layers)
         print(f"  iter {it} layer {layer}: {t * 1e3:8.2f} ms  {b / 1e6:9.2f} MB received  "
               f"{b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
