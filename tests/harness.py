@@ -36,6 +36,7 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pytest
 import torch
 
 import aiomooncake
@@ -51,6 +52,16 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 EAGER_THRESHOLD = aiomooncake.Options().eager_threshold
+
+
+# Core bugs found by these tests; the affected tests carry the mark (strict: a fix turns them red
+# until the mark is removed).
+CORE_BUG_CANCEL = pytest.mark.xfail(
+    reason="core bug: peer.py Peer._send and Peer._cancel_recv check `fut.done()` after the task was "
+           "cancelled, but task cancellation has already cancelled that future, so the session is "
+           "never told: no ABORT/RCANCEL is sent, the op stays posted, and later messages (or the "
+           "rest of a transfer) land in the abandoned buffer",
+    strict=True)
 
 
 # =================================================================== dtypes and tensor data

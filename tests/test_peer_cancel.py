@@ -16,6 +16,7 @@ import asyncio
 import pytest
 import torch
 from harness import (
+    CORE_BUG_CANCEL,
     SENTINEL,
     MiB,
     Remote,
@@ -33,12 +34,6 @@ from harness import (
 )
 
 import aiomooncake
-
-CORE_BUG_CANCEL = pytest.mark.xfail(
-    reason="core bug: peer.py _send/_cancel_recv test `fut.done()` after the task was cancelled, but "
-           "task cancellation has already cancelled that future, so the session is never told: no "
-           "ABORT/RCANCEL, the op stays posted and later messages land in the abandoned buffer",
-    strict=True)
 
 BIG = 512 * MiB
 SLOW = {"chunk_bytes": 4096, "window": 1, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}

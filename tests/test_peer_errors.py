@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from harness import (
+    CORE_BUG_CANCEL,
     EAGER_THRESHOLD,
     Remote,
     dest_for,
@@ -101,6 +102,7 @@ async def test_mismatch_leaves_other_operations_alone(remote: Remote) -> None:
     assert failed_with(outs[0], aiomooncake.MessageMismatch) and outs[1]["ok"] and outs[2]["ok"]
 
 
+@CORE_BUG_CANCEL
 async def test_recv_timeout_withdraws_the_recv(remote: Remote) -> None:
     """recv(timeout=...) with nothing sent raises aiomooncake.Timeout (an asyncio.TimeoutError)
     after about the timeout; the timed-out recv is withdrawn, so the next message on that tag goes
@@ -127,6 +129,7 @@ async def test_recv_timeout_withdraws_the_recv(remote: Remote) -> None:
     assert s1["ok"] and s2["ok"]
 
 
+@CORE_BUG_CANCEL
 @pytest.mark.parametrize("path", ["eager", "rendezvous"])
 async def test_send_timeout_withdraws_the_message(remote: Remote, path: str) -> None:
     """send(timeout=...) that nobody receives raises Timeout and withdraws the message: the remote's
@@ -219,20 +222,26 @@ async def test_remote_frozen_is_declared_dead_by_heartbeat(
 
 
 async def test_remote_killed_mid_transfer(spawn_remotes: Callable[[int], list[Remote]]) -> None:
-    """The receiver dies while our engine is writing a large message into it: our send fails with
-    PeerClosed (not a hang), and closing the peer afterwards finishes."""
+    """The receiver dies while our engine is writing a large message into it: our send fails (not a
+    hang), the peer is declared closed, and closing it afterwards finishes."""
     (r,) = spawn_remotes(1)
     n = 512 * 1024 * 1024
     big = spec(torch.uint8, (n,), fill=0x11)
-    slow = {**HB, "chunk_bytes": 4096, "window": 1}
+    # 4 KiB chunks one at a time keep both loops busy; a roomier heartbeat avoids a false "dead"
+    # verdict on a loaded machine (the kill itself is seen at once through the TCP reset).
+    hb = {"heartbeat_interval": 0.5, "heartbeat_timeout": 3.0}
+    slow = {**hb, "chunk_bytes": 4096, "window": 1}
     async with r.scenario(steps=[do.recv(4, big)], options=slow) as sc:
         w0 = writes_submitted()
         send = asyncio.ensure_future(sc.peer.send(make_tensor(big), 4))
         assert await wait_until(lambda: writes_submitted() - w0 >= 20 or send.done(), 30)
         assert not send.done(), "the transfer finished before the kill: make it slower"
         r.kill(signal.SIGKILL)
-        with pytest.raises(aiomooncake.PeerClosed):
-            await asyncio.wait_for(send, HB["heartbeat_timeout"] + 5)
+        # Which notices first is a race: the engine's failed write (TransferFailed) or the control
+        # connection (PeerClosed). Either way: an error, no hang, and the peer ends up closed.
+        with pytest.raises((aiomooncake.PeerClosed, aiomooncake.TransferFailed)):
+            await asyncio.wait_for(send, hb["heartbeat_timeout"] + 5)
+        assert await wait_until(lambda: sc.peer.closed, hb["heartbeat_timeout"] + 1.0)
         await asyncio.wait_for(sc.peer.close(), 10)
 
 
