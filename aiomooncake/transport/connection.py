@@ -43,6 +43,9 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_event_loop()
         self.peername: str = "?"
         self.sockname: tuple[str, int] = ("", 0)
+        # Frames a peer may queue before the handshake reads them; None lifts the bound. A stranger
+        # flooding a listener before it authenticated must not make it buffer without limit.
+        self.handshake_backlog: int | None = 8
 
     # ---------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,6 +82,10 @@ class Connection(asyncio.Protocol):
                 self.close(PeerClosed(f"the peer at {self.peername} closed the connection: {m.reason}"))
                 return
             elif self._handler is None:
+                if self.handshake_backlog is not None and self._handshake.qsize() >= self.handshake_backlog:
+                    self._protocol_error(ProtocolError(
+                        f"more than {self.handshake_backlog} frames before the handshake ended"))
+                    return
                 self._handshake.put_nowait(m)
             else:
                 try:
@@ -200,11 +207,23 @@ class Connection(asyncio.Protocol):
             self._on_lost(error)
 
     async def _beat(self, interval: float, timeout: float) -> None:
+        # Wake at the next ping or at the silence deadline, whichever is first, so a dead peer is
+        # declared dead ``timeout`` after the last byte from it, not up to ``interval`` later.
+        next_ping = time.monotonic() + interval
         while self._closed is None:
-            await asyncio.sleep(interval)
-            silent = time.monotonic() - self._last_rx
-            if silent > timeout:
-                self._lost(PeerClosed(f"no heartbeat from {self.peername} for {silent:.1f} s "
-                                      f"(timeout {timeout:g} s): the peer is dead or unreachable"))
-                return
-            self.send(Ping(time.monotonic()))
+            now = time.monotonic()
+            await asyncio.sleep(max(0.0, min(next_ping, self._last_rx + timeout) - now))
+            if time.monotonic() - self._last_rx >= timeout:
+                # Timers run before I/O in a loop iteration: after a stalled loop (a long callback)
+                # the peer's frames may be waiting unread. Let the loop poll them before judging.
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                silent = time.monotonic() - self._last_rx
+                if silent >= timeout:
+                    self._lost(PeerClosed(f"no heartbeat from {self.peername} for {silent:.1f} s "
+                                          f"(timeout {timeout:g} s): the peer is dead or unreachable"))
+                    return
+            now = time.monotonic()
+            if now >= next_ping:
+                self.send(Ping(now))
+                next_ping = now + interval
