@@ -222,38 +222,39 @@ class Engine:
         if view is None:
             view = self._views[segment] = _RemoteView(segment, epoch, gen)
             return view.name
-        if gen != view.gen:
+        if gen != view.gen or (epoch != view.epoch and (view.alias or not _sync_segment_cache(self._te))):
+            # syncSegmentCache refreshes descriptors by the segment's canonical name only, so once
+            # we write through an alias, every later change also moves to a fresh alias.
             host, _, port = segment.rpartition(":")
             view.alias += 1
             view.name = f"{host}:{'0' * view.alias}{port}"
-            view.gen, view.epoch = gen, epoch
-            log.info("remote %s re-registered memory: writing through alias %s", segment, view.name)
-        elif epoch != view.epoch:
-            if not _sync_segment_cache(self._te):
-                host, _, port = segment.rpartition(":")
-                view.alias += 1
-                view.name = f"{host}:{'0' * view.alias}{port}"
-            view.epoch = epoch
+            log.info("remote %s changed its registrations: writing through %s", segment, view.name)
+        view.gen, view.epoch = gen, epoch
         return view.name
 
     def attach(self) -> None:
         self.peers += 1
 
     def detach(self) -> None:
-        """A peer closed: when none is left, release every cached (unpinned) registration, so GPU
-        memory (and the IPC mappings peers opened on it) is not held for nothing."""
+        """A peer closed: when none is left, release the cached registrations of host memory.
+
+        Device registrations stay: a CUDA segment lives as long as torch's caching allocator keeps
+        it, and unregistering it would only make the next peer's sender re-open its IPC mapping
+        under a new alias (mappings the engine never closes)."""
         self.peers -= 1
         if self.peers <= 0:
             self.peers = 0
-            n = self.trim()
+            n = self.trim(cpu_only=True)
             if n:
                 log.debug("released %d registrations of the %s engine", n, self.kind)
 
-    def trim(self) -> int:
+    def trim(self, cpu_only: bool = False) -> int:
         """Unregister cached regions that are neither pinned nor in flight; return how many."""
         n = 0
         with self._reg_lock:
             for r in self._regions:
+                if cpu_only and isinstance(r.ident, tuple) and r.ident[:1] == ("cuda",):
+                    continue
                 if not r.inflight and not r.pinned:
                     self._unregister(r)
                     n += 1

@@ -59,7 +59,7 @@ def test_roundtrip_without_msgpack(msg: m.Message) -> None:
 def test_encoded_form_is_a_plain_array() -> None:
     assert encode(m.Ack(9)) == [Kind.ACK, 9]
     assert encode(m.Nack(9, Code.FAILED, "x")) == [Kind.NACK, 9, 3, "x"]
-    assert encode(m.Eager(1, 2, "int8", (3,), b"abc")) == [Kind.EAGER, 1, 2, "int8", [3], b"abc"]
+    assert encode(m.Eager(1, 2, "int8", (3,), b"abc")) == [Kind.EAGER, 1, 2, "int8", [3], b"abc", "cpu"]
 
 
 def test_decoded_codes_and_shapes_have_their_proper_types() -> None:

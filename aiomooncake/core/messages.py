@@ -51,6 +51,7 @@ class Eager:
     dtype: str
     shape: tuple[int, ...]
     data: bytes
+    device: str = "cpu"  # where the sender's tensor lives (recv_tensor allocates alike)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +154,11 @@ def encode(msg: Message) -> list[Any]:
     """Turn a message into the msgpack-ready array."""
     t = type(msg)
     if t is Eager:
-        return [1, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data]  # type: ignore[union-attr]
+        return [1, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data, msg.device]  # type: ignore[union-attr]
     if t is Ack:
         return [4, msg.op]  # type: ignore[union-attr]
     if isinstance(msg, Eager):
-        return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data]
+        return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data, msg.device]
     if isinstance(msg, Rts):
         return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device]
     if isinstance(msg, Cts):
@@ -248,11 +249,11 @@ def _eager(f: list[Any]) -> Eager:
     if type(f[5]) is not bytes:
         raise ProtocolError("EAGER payload must be bytes")
     return Eager(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX), _str(f[3], "dtype"),
-                 _shape(f[4]), f[5])
+                 _shape(f[4]), f[5], _str(f[6], "device"))
 
 
 _DECODERS: dict[int, tuple[int, Any]] = {
-    Kind.EAGER: (5, _eager),
+    Kind.EAGER: (6, _eager),
     Kind.RTS: (6, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
                                 _str(f[6], "device"))),

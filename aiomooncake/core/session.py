@@ -218,7 +218,7 @@ class Session:
         self._next_send += 1
         self._sends[op.id] = op
         if payload is not None:
-            self.outbox.append(Eager(op.id, tag, dtype, shape, payload))
+            self.outbox.append(Eager(op.id, tag, dtype, shape, payload, device))
         else:
             self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device))
         return op
