@@ -240,11 +240,12 @@ def backend_string(name: str, device: str) -> tuple[str, object | None]:
         try:
             from mooncake import pg
         except ImportError as e:
+            why = " ".join(str(e).split()).rstrip(".")
             raise SystemExit(
                 "--backend mooncake needs Mooncake's own process group (`from mooncake import pg`), which "
-                f"this installation lacks ({e}). The CPU wheel (mooncake-transfer-engine-non-cuda) does "
-                "not ship it; install a CUDA Mooncake wheel built with the EP/PG extensions, or pick "
-                "another --backend.") from None
+                f"is not available here: {why}. The CPU wheel (mooncake-transfer-engine-non-cuda) carries "
+                "no PG extension built for this torch; install a CUDA Mooncake wheel built with the EP/PG "
+                "extensions for your torch version, or pick another --backend.") from None
         return ("mooncake" if device == "cuda" else "mooncake-cpu"), pg
     if name == "nccl" and device != "cuda":
         raise SystemExit("--backend nccl needs --device cuda")
@@ -413,6 +414,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    backend_string(args.backend, args.device)  # fail early (e.g. mooncake missing), before spawning
     if args.nprocs > 0:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -38,6 +38,7 @@ class Ctx:
     world: int
     backend: str
     args: tuple[Any, ...] = ()
+    port: int = 0  # the TCPStore's (init "store") or the tcp:// / env:// master port
     _q: Any = field(default=None, repr=False)
 
     def report(self, key: str, value: Any) -> None:
@@ -64,7 +65,7 @@ def _child(rank: int, world: int, backend: str, init: str, port: int, scenario: 
 
     import aiomooncake.torch  # noqa: F401  (registers the backend)
 
-    ctx = Ctx(rank, world, backend, args, q)
+    ctx = Ctx(rank, world, backend, args, port, q)
     try:
         timeout = datetime.timedelta(seconds=group_timeout)
         if init == "store":
