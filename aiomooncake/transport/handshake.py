@@ -30,6 +30,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from .. import shm
 from ..core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
 from ..core.negotiation import plan_links
 from ..engine import Engine, capabilities
@@ -63,8 +64,10 @@ def host_id() -> str:
 
 
 def _local_info(options: Options) -> dict[str, Any]:
-    return {"caps": capabilities(), "transport": options.transport, "host_id": host_id(),
+    info = {"caps": capabilities(), "transport": options.transport, "host_id": host_id(),
             "pid": os.getpid(), "max_frame": options.max_frame}
+    shm.advertise(info, options.host_transport)  # the same-host CPU path, where possible
+    return info
 
 
 async def _engines(plan: dict[str, str], host: str) -> dict[str, Engine]:
@@ -172,6 +175,7 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         raise ProtocolError("WELCOME without self or links")
     try:
         expected = plan_links(mine, remote)
+        shm.confirm(expected, remote, conn.sockname, conn.peername)
     except HandshakeError as e:
         _refuse(conn, str(e))
         raise
@@ -222,6 +226,7 @@ async def server_handshake(conn: Connection, options: Options) -> Agreement:
     # client may stream data frames right behind its last READY: stop bounding the backlog.
     conn.handshake_backlog = None
     mine = _local_info(options)
+    shm.screen(mine, remote, conn.sockname, conn.peername)  # drops "shm" unless the client checks out
     try:
         plan = plan_links(remote, mine)
     except HandshakeError as e:
