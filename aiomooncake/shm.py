@@ -175,6 +175,7 @@ class ShmEngine(Engine):
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0
+        self.peers = 0
         self._allowed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._workers = max(1, min(4, len(os.sched_getaffinity(0))))
@@ -220,8 +221,14 @@ class ShmEngine(Engine):
     def target(self, segment: str, epoch: int, gen: int) -> str:
         return segment
 
-    def trim(self) -> int:
-        return 0
+    def attach(self) -> None:
+        self.peers += 1
+
+    def detach(self) -> None:
+        self.peers = max(0, self.peers - 1)
+
+    def trim(self, *args: Any, **kwargs: Any) -> int:
+        return 0  # nothing registered
 
     def stats(self) -> Stats:
         return Stats(0, 0, 0, self.writes_submitted)
