@@ -13,7 +13,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ._version import __version__
-from .engine import register, unregister
+from .engine import empty_cache, register, unregister
 from .errors import (
     AiomooncakeError,
     ConfigurationError,
@@ -80,6 +80,7 @@ __all__ = [
     "TransferFailed",
     "__version__",
     "connect",
+    "empty_cache",
     "listen",
     "new_event_loop",
     "register",

@@ -177,6 +177,13 @@ class Engine:
                     f"(0x{stale.base:x}+{stale.size}); was a registered buffer freed while in flight?")
             self._unregister(stale)
         rc = self._te.register_memory(alloc.base, alloc.size, "*")
+        if rc == -7:  # ERR_ADDRESS_OVERLAPPED: a registration we could not remove is in the way
+            release_allocation(alloc)
+            raise TransferFailed(
+                f"cannot register {alloc.size} B at 0x{alloc.base:x}: it overlaps a registration of memory "
+                "that torch gave back to the driver and reused at another base address, which the "
+                "engine cannot unregister any more. Call aiomooncake.empty_cache() instead of "
+                "torch.cuda.empty_cache(): it unregisters first, then frees.")
         if rc != 0:
             release_allocation(alloc)
             raise TransferFailed(f"the engine refused to register {alloc.size} B at 0x{alloc.base:x} "
@@ -439,6 +446,17 @@ def _safe_step(job: WriteJob) -> bool:
         if not job.future.done():
             job.future.set_exception(TransferFailed(f"engine error: {e}"))
         return True
+
+
+def empty_cache() -> int:
+    """Unregister cached GPU memory (nothing in flight, nothing pinned), then
+    ``torch.cuda.empty_cache()``. Use it instead of torch's: once torch gives a segment back to the
+    driver, a new allocation may reuse its addresses at another base, and the engine can then no
+    longer remove the old registration. Returns how many registrations were dropped."""
+    n = sum(e.trim() for e in Engine.existing())
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
 
 
 # ------------------------------------------------------------------ pinning

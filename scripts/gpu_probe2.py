@@ -47,6 +47,8 @@ def send(q, a):
     print("write b2 after sync", te.transfer_sync_write(seg, src.data_ptr(), p2, 1 << 20), flush=True)
     alias = f"127.0.0.1:0{port}"
     t = time.perf_counter(); rc = te.transfer_sync_write(alias, src.data_ptr(), p2, 1 << 20); print("write b2 via alias", rc, (time.perf_counter() - t) * 1e6, "us", flush=True)
+    print("REOPEN: write b1 (opened via seg) via alias", te.transfer_sync_write(alias, src.data_ptr(), p1, 1 << 20), flush=True)
+    print("REOPEN: write b1 via alias 000", te.transfer_sync_write(f"127.0.0.1:000{port}", src.data_ptr(), p1, 1 << 20), flush=True)
     a.put(1)
     p3 = q.get()
     print("same addr", p3 == p2, flush=True)
