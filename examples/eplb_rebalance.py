@@ -141,7 +141,8 @@ class LayerOps:
 
 
 def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: Sequence[int],
-                    new: Sequence[int], per_rank: int, gpus_per_node: int, rank: int) -> LayerOps:
+                    new: Sequence[int], per_rank: int, gpus_per_node: int, rank: int,
+                    group: dist.ProcessGroup | None = None) -> LayerOps:
     first, last = rank * per_rank, (rank + 1) * per_rank
     infos: list[tuple[int, list[dist.P2POp]]] = []
     copies: list[tuple[int, int]] = []
@@ -169,7 +170,7 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
             src = local_holders[_chunk_of(len(local_needy), len(local_holders), local_needy.index(rank))]
         else:
             src = holders[_chunk_of(len(remote_needy), len(holders), remote_needy.index(rank))]
-        infos.append((e, [dist.P2POp(dist.irecv, t[dst - first], src) for t in temp]))
+        infos.append((e, [dist.P2POp(dist.irecv, t[dst - first], src, group) for t in temp]))
         recv_bytes += sum(t[dst - first].nbytes for t in temp)
         copies.append((dst - first, dst - first))
 
@@ -188,7 +189,8 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
         if remote_needy:
             dsts += remote_needy[_split(len(remote_needy), len(holders), holders.index(rank))]
         if dsts:
-            infos.append((e, [dist.P2POp(dist.isend, w[src_slot - first], d) for d in dsts for w in weights]))
+            infos.append((e, [dist.P2POp(dist.isend, w[src_slot - first], d, group)
+                               for d in dsts for w in weights]))
             send_bytes += len(dsts) * sum(w[src_slot - first].nbytes for w in weights)
 
     infos.sort(key=lambda x: x[0])  # both sides order a pair's messages by logical expert id
@@ -255,21 +257,36 @@ def backend_string(name: str, device: str) -> tuple[str, object | None]:
 # ---------------------------------------------------------------------------------------- main
 
 
+def _options(name: str, mooncake_pg: object | None, world: int, device: torch.device) -> object | None:
+    if mooncake_pg is None:
+        return None
+    active = torch.ones(world, dtype=torch.int32, device=device)
+    return mooncake_pg.MooncakeBackendOptions(active)  # type: ignore[attr-defined]
+
+
 def run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict[str, object] | None:
+    """Join the group(s): the first backend makes the default group, each further one a new_group
+    over the same ranks, so one launch compares them on the same plans and tensors."""
     device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend, mooncake_pg = backend_string(args.backend, args.device)
+    names = list(dict.fromkeys(args.backend))
+    specs = [backend_string(n, args.device) for n in names]
+    timeout = datetime.timedelta(seconds=args.timeout)
+    backend, mooncake_pg = specs[0]
     kwargs: dict[str, object] = {}
-    if mooncake_pg is not None:
-        active = torch.ones(world, dtype=torch.int32, device=device)
-        kwargs["pg_options"] = mooncake_pg.MooncakeBackendOptions(active)  # type: ignore[attr-defined]
+    opts = _options(backend, mooncake_pg, world, device)
+    if opts is not None:
+        kwargs["pg_options"] = opts
     if device.type == "cuda" and backend == "nccl":
         kwargs["device_id"] = device
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.timeout), **kwargs)  # type: ignore[arg-type]
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)  # type: ignore[arg-type]
     try:
-        return _rebalance(args, rank, world, device)
+        groups: dict[str, dist.ProcessGroup] = {names[0]: dist.group.WORLD}  # type: ignore[dict-item]
+        for name, (b, mpg) in zip(names[1:], specs[1:], strict=True):
+            groups[name] = dist.new_group(list(range(world)), backend=b, timeout=timeout,
+                                          pg_options=_options(b, mpg, world, device))
+        return _rebalance(args, rank, world, device, groups)
     finally:
         dist.destroy_process_group()
 
@@ -280,7 +297,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _gather_to_zero(values: list[float], rank: int, world: int) -> list[list[float]]:
-    """Point-to-point gather (the aiomooncake group has no collectives)."""
+    """Point-to-point gather on the default group (the aiomooncake group has no collectives)."""
     t = torch.tensor(values, dtype=torch.float64)
     if rank != 0:
         dist.send(t, 0, tag=7)
@@ -293,89 +310,98 @@ def _gather_to_zero(values: list[float], rank: int, world: int) -> list[list[flo
     return out
 
 
-def _rebalance(args: argparse.Namespace, rank: int, world: int,
-               device: torch.device) -> dict[str, object] | None:
+def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.device,
+               groups: dict[str, dist.ProcessGroup]) -> dict[str, object] | None:
     shapes = ExpertShapes.scaled(args.scale)
     per_rank = args.experts_per_rank
     num_physical = per_rank * world
     num_logical = num_physical - args.redundant
     if num_logical < 1:
         raise SystemExit("--redundant must be smaller than nprocs * --experts-per-rank")
+    names = list(groups)
     content = Content(shapes, device, args.seed)
     plans = [draw_plan(args.seed + it, args.layers, num_physical, num_logical) for it in range(args.iters)]
-    # Every iteration starts from a fresh fill of its own old maps.
     weights = [[torch.empty((per_rank, *shape), dtype=dtype, device=device)
                 for _, shape, dtype in shapes.tensors()] for _ in range(args.layers)]
     temp = [torch.empty_like(w) for w in weights[0]]  # one set of buffers, reused by every layer (as SGLang)
     scratch = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in shapes.tensors()]
     expert_bytes = sum(shapes.nbytes())
     if rank == 0:
-        names = ", ".join(f"{n} {list(s)} {str(d).removeprefix('torch.')}" for n, s, d in shapes.tensors())
-        print(f"EPLB rebalance: {world} ranks, backend {args.backend}, device {args.device}, "
+        desc = ", ".join(f"{n} {list(s)} {str(d).removeprefix('torch.')}" for n, s, d in shapes.tensors())
+        print(f"EPLB rebalance: {world} ranks, backend {' vs '.join(names)}, device {args.device}, "
               f"{args.layers} layers x {per_rank} experts/rank ({num_logical} logical, {args.redundant} "
-              f"redundant), expert = {expert_bytes:,} B ({names})", flush=True)
+              f"redundant), expert = {expert_bytes:,} B ({desc})", flush=True)
+        for layer, (old, new) in enumerate(plans[0]):
+            moves = sum(1 for a, b in zip(old, new, strict=True) if a != b)
+            print(f"  plan layer {layer}: {moves}/{num_physical} slots change; old {old} -> new {new}",
+                  flush=True)
 
-    times: list[list[float]] = []  # [iteration][layer] seconds on this rank
-    moved_bytes: list[list[int]] = []
+    times: dict[str, list[float]] = {n: [] for n in names}  # [iteration * layers + layer] seconds, this rank
+    moved: dict[str, list[float]] = {n: [] for n in names}
     verified = 0
     for it, plan in enumerate(plans):
-        for layer, (old, _) in enumerate(plan):
-            for slot in range(per_rank):
-                for k, w in enumerate(weights[layer]):
-                    content.fill(w[slot], k, layer, old[rank * per_rank + slot])
-        _sync(device)
-        if rank == 0 and it == 0:
-            for layer, (old, new) in enumerate(plan):
-                moves = sum(1 for a, b in zip(old, new, strict=True) if a != b)
-                print(f"  plan layer {layer}: {moves}/{num_physical} slots change; old {old} -> new {new}",
-                      flush=True)
-        it_times, it_bytes = [], []
-        for layer, (old, new) in enumerate(plan):
-            dist.barrier()
-            t0 = time.perf_counter()
-            lo = build_layer_ops(weights[layer], temp, old, new, per_rank, args.gpus_per_node, rank)
-            run_layer(weights[layer], temp, lo)
-            _sync(device)
-            it_times.append(time.perf_counter() - t0)
-            it_bytes.append(lo.recv_bytes)
-        times.append(it_times)
-        moved_bytes.append(it_bytes)
-        if not args.no_verify:
-            for layer, (_, new) in enumerate(plan):
+        order = names[it % len(names):] + names[:it % len(names)]  # rotate: drift hits every backend alike
+        for name in order:
+            group = groups[name]
+            for layer, (old, _) in enumerate(plan):
                 for slot in range(per_rank):
-                    e = new[rank * per_rank + slot]
                     for k, w in enumerate(weights[layer]):
-                        if not content.check(w[slot], k, layer, e, scratch[k]):
-                            raise SystemExit(f"rank {rank}: iteration {it} layer {layer} slot {slot} "
-                                             f"(expert {e}) tensor {k}: WRONG BYTES")
-                        verified += w[slot].nbytes
+                        content.fill(w[slot], k, layer, old[rank * per_rank + slot])
+            _sync(device)
+            for layer, (old, new) in enumerate(plan):
+                dist.barrier(group=group)
+                t0 = time.perf_counter()
+                lo = build_layer_ops(weights[layer], temp, old, new, per_rank, args.gpus_per_node, rank,
+                                     group)
+                run_layer(weights[layer], temp, lo)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+                moved[name].append(float(lo.recv_bytes))
+            if not args.no_verify:
+                for layer, (_, new) in enumerate(plan):
+                    for slot in range(per_rank):
+                        e = new[rank * per_rank + slot]
+                        for k, w in enumerate(weights[layer]):
+                            if not content.check(w[slot], k, layer, e, scratch[k]):
+                                raise SystemExit(f"rank {rank}: {name}: iteration {it} layer {layer} slot "
+                                                 f"{slot} (expert {e}) tensor {k}: WRONG BYTES")
+                            verified += w[slot].nbytes
 
-    flat_t = [t for row in times for t in row]
-    flat_b = [float(b) for row in moved_bytes for b in row]
-    all_t = _gather_to_zero(flat_t, rank, world)
-    all_b = _gather_to_zero(flat_b, rank, world)
+    gathered = {n: (_gather_to_zero(times[n], rank, world), _gather_to_zero(moved[n], rank, world))
+                for n in names}
     all_v = _gather_to_zero([float(verified)], rank, world)
     if rank != 0:
         return None
-    # a layer is done when its last rank is
-    per_layer = [max(ts[i] for ts in all_t) for i in range(len(flat_t))]
-    layer_bytes = [sum(bs[i] for bs in all_b) for i in range(len(flat_b))]
-    for i, (t, b) in enumerate(zip(per_layer, layer_bytes, strict=True)):
-        it, layer = divmod(i, args.layers)
-        print(f"  iter {it} layer {layer}: {t * 1e3:8.2f} ms  {b / 1e6:9.2f} MB received  "
-              f"{b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
-    steady = per_layer[args.layers * min(args.warmup, args.iters - 1):]
-    steady_b = layer_bytes[args.layers * min(args.warmup, args.iters - 1):]
-    med = statistics.median(steady)
-    gbps = sum(steady_b) / sum(steady) / 1e9 if sum(steady) > 0 else 0.0
+    skip = args.layers * min(args.warmup, args.iters - 1)
+    per_backend: dict[str, dict[str, object]] = {}
+    for name in names:
+        all_t, all_b = gathered[name]
+        per_layer = [max(ts[i] for ts in all_t) for i in range(len(all_t[0]))]  # done when its last rank is
+        layer_bytes = [sum(bs[i] for bs in all_b) for i in range(len(all_b[0]))]
+        for i, (t, b) in enumerate(zip(per_layer, layer_bytes, strict=True)):
+            it, layer = divmod(i, args.layers)
+            print(f"  {name:>12} iter {it} layer {layer}: {t * 1e3:8.2f} ms  {b / 1e6:9.2f} MB received  "
+                  f"{b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
+        steady, steady_b = per_layer[skip:], layer_bytes[skip:]
+        med = statistics.median(steady)
+        gbps = sum(steady_b) / sum(steady) / 1e9 if sum(steady) > 0 else 0.0
+        per_backend[name] = {"median_layer_ms": med * 1e3, "gbps": gbps,
+                             "layer_ms": [t * 1e3 for t in per_layer], "layer_bytes": layer_bytes}
     total_verified = int(sum(v[0] for v in all_v))
-    print(f"summary: backend {args.backend}: median {med * 1e3:.2f} ms per layer, {gbps:.2f} GB/s aggregate, "
-          f"{len(steady)} layers timed" + ("" if args.no_verify else f"; verified {total_verified:,} B "
-                                           "bit-exact on all ranks"), flush=True)
-    result = {"backend": args.backend, "device": args.device, "world": world, "layers": args.layers,
-              "iters": args.iters, "median_layer_ms": med * 1e3, "gbps": gbps,
-              "layer_ms": [t * 1e3 for t in per_layer], "layer_bytes": layer_bytes,
-              "expert_bytes": expert_bytes, "verified_bytes": None if args.no_verify else total_verified}
+    for name in names:
+        r = per_backend[name]
+        print(f"summary: backend {name}: median {r['median_layer_ms']:.2f} ms per layer, "
+              f"{r['gbps']:.2f} GB/s aggregate, {len(gathered[name][0][0]) - skip} layers timed", flush=True)
+    if len(names) > 1:
+        base = per_backend[names[0]]["median_layer_ms"]
+        print("relative to " + names[0] + ": " + ", ".join(
+            f"{n} {per_backend[n]['median_layer_ms'] / base:.2f}x time" for n in names[1:]), flush=True)  # type: ignore[operator]
+    if not args.no_verify:
+        print(f"verified {total_verified:,} B bit-exact on all ranks", flush=True)
+    first = per_backend[names[0]]
+    result = {"backend": names[0], "device": args.device, "world": world, "layers": args.layers,
+              "iters": args.iters, **first, "expert_bytes": expert_bytes,
+              "verified_bytes": None if args.no_verify else total_verified, "backends": per_backend}
     print("RESULT " + json.dumps(result), flush=True)
     return result
 
@@ -395,8 +421,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nprocs", type=int, default=0, help="spawn this many ranks (0: use torchrun's env)")
-    p.add_argument("--backend", default="aiomooncake",
-                   help="gloo | nccl | mooncake | aiomooncake | any torch backend string")
+    p.add_argument("--backend", nargs="+", default=["aiomooncake"],
+                   help="gloo | nccl | mooncake | aiomooncake | any torch backend string; several: "
+                        "compared in one launch, iterations rotating among them")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--layers", type=int, default=4, help="MoE layers (DeepSeek-V3 has 58)")
     p.add_argument("--experts-per-rank", type=int, default=4, help="physical experts per rank")
@@ -414,7 +441,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    backend_string(args.backend, args.device)  # fail early (e.g. mooncake missing), before spawning
+    for name in args.backend:
+        backend_string(name, args.device)  # fail early (e.g. mooncake missing), before spawning
     if args.nprocs > 0:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
