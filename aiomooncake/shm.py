@@ -36,7 +36,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -174,7 +174,8 @@ class ShmEngine(Engine):
         self._reg_lock = threading.Lock()
         self.registrations = 0
         self.unregistrations = 0
-        self.writes_submitted = 0
+        self.writes_submitted = 0  # copies made (syscall batches), for statistics
+        self._count_lock = threading.Lock()
         self.peers = 0
         self._allowed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
@@ -235,8 +236,13 @@ class ShmEngine(Engine):
 
     def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
         copy_to(self._pid_of(segment), src, dst, length)
-        self.writes_submitted += 1
+        self._count(1)
         return 0
+
+    def _count(self, n: int) -> None:
+        """Count ``n`` copies done (from pool threads too)."""
+        with self._count_lock:
+            self.writes_submitted += n
 
     def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> ShmJob:
         """Copy ``pieces`` of ``(src_addr, dst_addr, length)`` into the peer behind ``segment``.
@@ -256,6 +262,7 @@ class ShmEngine(Engine):
                     job.copies += 1
             except OSError as e:
                 job.error = _explain(e, job.pid)
+            self._count(job.copies)
             job.done = job.copies
             job.settle()
             return job
@@ -303,6 +310,7 @@ class ShmJob(WriteJob):
                 copy_to(self.pid, src, dst, n)
                 with self.lock:
                     self.copies += 1
+                cast(ShmEngine, self.engine)._count(1)
         except OSError as e:
             self.error = self.error or _explain(e, self.pid)
         except BaseException as e:  # never leave the future pending
@@ -317,9 +325,7 @@ class ShmJob(WriteJob):
                     self.loop.call_soon_threadsafe(self.settle)
 
     def settle(self) -> None:
-        """On the loop: count the copies and resolve the future."""
-        eng = self.engine
-        eng.writes_submitted += self.copies
+        """On the loop: resolve the future."""
         total = len(self.chunks) if self.chunks else len(self.pieces)
         # the peer reads ``next < len(pieces)`` after a stop as "not every byte was written"
         self.next = len(self.pieces) if self.done >= total else 0
