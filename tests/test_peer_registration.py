@@ -8,8 +8,9 @@ eager messages never touch the engine; ``aiomooncake.register`` registers once u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import pytest
 from harness import (
     EAGER_THRESHOLD,
     MiB,
@@ -27,6 +28,15 @@ import aiomooncake
 
 LARGE = 1 * MiB
 assert LARGE > EAGER_THRESHOLD
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _transfer_engine_for_cpu() -> Iterator[None]:
+    """Keep CPU tensors on the Transfer Engine here (both processes): the same-host path
+    (aiomooncake.shm, tests/test_shm.py) registers nothing."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIOMOONCAKE_HOST_TRANSPORT", "te")
+        yield
 
 
 async def test_sending_the_same_tensor_again_registers_nothing(remote: Remote) -> None:
