@@ -267,7 +267,9 @@ def _options(name: str, mooncake_pg: object | None, world: int, device: torch.de
 def run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict[str, object] | None:
     """Join the group(s): the first backend makes the default group, each further one a new_group
     over the same ranks, so one launch compares them on the same plans and tensors."""
-    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    # (more ranks than GPUs share them round-robin, e.g. two ranks on a one-GPU machine)
+    device = (torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if args.device == "cuda"
+              else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     names = list(dict.fromkeys(args.backend))

@@ -33,6 +33,7 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
     for tag, n in ((1, 100), (2, 8 << 20)):  # eager and rendezvous sizes
         if ctx.rank == 0:
             src = torch.zeros(n, device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))  # the zeros are written before the fill
             with torch.cuda.stream(side):
                 torch.cuda._sleep(SPIN)
                 src.fill_(float(tag))  # queued, not done, when isend is called
@@ -65,6 +66,43 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
         out["to_cuda"] = dev_buf.mean().item()
     dist.barrier()
     return out
+
+
+def core_stream_order(ctx: Ctx) -> float:
+    """The same check on the async core itself (the group's own Peer, driven on the loop thread with
+    the side stream current), to tell a core problem from a torch-layer one."""
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    pg: Any = dist.group.WORLD
+    peer_rank = 1 - ctx.rank
+
+    async def go() -> float:
+        peer = await pg._mesh._send[peer_rank].ready
+        side = torch.cuda.Stream(dev)
+        n = 8 << 20
+        if ctx.rank == 0:
+            src = torch.zeros(n, device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(SPIN)
+                src.fill_(2.0)
+                await peer.send(src, 99)
+            return 0.0
+        buf = torch.empty(n, device=dev)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(SPIN)
+            buf.fill_(-7.0)
+            await peer.recv(buf, 99)
+            total = buf.sum()
+        return float(total.item()) / n
+
+    result: float = pg._loop.run(go(), 60)
+    return result
+
+
+def test_core_stream_order() -> None:
+    res = run_ranks(core_stream_order, 2, timeout=180).results
+    assert res[1] == 2.0
 
 
 def test_cuda_stream_order() -> None:
