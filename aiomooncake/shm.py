@@ -10,9 +10,10 @@ twice through socket buffers and measured at about half of gloo on a 2-core host
 :class:`ShmEngine` offers the :class:`~aiomooncake.engine.Engine` interface the peer uses
 (``acquire``/``release``/``target``/``write``/``epoch``/``gen``/``segment``/``kind``), so a link
 carried by it needs nothing special in the peer. Copies of up to :attr:`ShmEngine.inline_bytes`
-run on the event loop (tens of microseconds, cheaper than a thread hand-off); larger writes are cut
-into :attr:`ShmEngine.chunk_bytes` pieces copied by a small thread pool (the syscall releases the
-GIL), several at once, and the job's future resolves on the loop when the last piece landed.
+(1 MiB, a fraction of a millisecond) run on the event loop, cheaper than a thread hand-off; larger
+writes are cut into pieces of at most :attr:`ShmEngine.chunk_bytes` copied by a small thread pool
+(the syscall releases the GIL), several at once, and the job's future resolves on the loop when the
+last piece landed. Memory per write is constant (a list of piece addresses): nothing is staged.
 
 Who may be written: the kernel lets a process write into another only where it may ptrace it (same
 uid, not raised privileges, Yama ``ptrace_scope`` <= 1). The handshake enables the path only after
@@ -163,8 +164,12 @@ class ShmEngine(Engine):
     """The process-wide same-host engine. It subclasses :class:`Engine` only to share its
     interface (a link's ``engine``); no Transfer Engine is involved."""
 
-    inline_bytes = 256 * 1024  # copies up to this size run on the loop (~20-50 us)
-    chunk_bytes = 4 * 1024 * 1024  # larger writes: pieces of this size for the pool (~0.5 ms each)
+    # Measured on a 2-core VM (scripts/bench_shm.py, /tmp tuning runs): copying up to 1 MiB on the
+    # loop (~0.1-0.2 ms) beat a thread hand-off by ~40 % at 1 MiB; above, two pool threads copying
+    # 4 MiB pieces doubled one thread's bandwidth (~9 vs ~4.5 GB/s at 64-256 MiB); 2 MiB pieces and
+    # a third thread on two cores were no better.
+    inline_bytes = 1024 * 1024  # copies up to this size run on the loop
+    chunk_bytes = 4 * 1024 * 1024  # larger writes: pieces of at most this size for the pool
 
     def __init__(self) -> None:  # deliberately not Engine.__init__: no Transfer Engine here
         self.kind = KIND
@@ -266,7 +271,9 @@ class ShmEngine(Engine):
             job.done = job.copies
             job.settle()
             return job
-        step = self.chunk_bytes
+        # at least one piece per worker, each a multiple of 4 KiB, none over chunk_bytes
+        share = -(-total // self._workers)  # ceil
+        step = min(self.chunk_bytes, max(256 * 1024, (share + 4095) // 4096 * 4096))
         job.chunks = [(src + off, dst + off, min(step, n - off))
                       for src, dst, n in job.pieces for off in range(0, n, step)]
         workers = min(self._workers, len(job.chunks))

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from typing import Any
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("aiomooncake-shm", "aiomooncake-te", "te-raw", "gloo")
 RATIOS = (("gloo", "gloo"), ("te-raw", "te-raw"), ("aiomooncake-te", "aio-te"))
 
@@ -40,8 +41,11 @@ def _bench(impls: str, host_transport: str, args: argparse.Namespace) -> list[di
                "--impls", impls, "--sizes", args.sizes, "--iters", str(args.iters),
                "--warmup", str(args.warmup), "--window", str(args.window), "--no-progress",
                "--json", out]
-        env = dict(os.environ, AIOMOONCAKE_HOST_TRANSPORT=host_transport)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # this checkout's package, whatever an editable install elsewhere points to
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, AIOMOONCAKE_HOST_TRANSPORT=host_transport, PYTHONPATH=path)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             sys.stderr.write(proc.stdout[-4000:])
             raise SystemExit(f"the benchmark failed (exit {proc.returncode}): {' '.join(cmd)}")

@@ -46,8 +46,8 @@ from aiomooncake.shm import ShmEngine
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"shm: {shm.unavailable()}")
 
 # around the boundaries: eager, inline on the loop, one pool chunk, several chunks
-SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, ShmEngine.inline_bytes, ShmEngine.inline_bytes + 1,
-         1 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
+SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes, ShmEngine.inline_bytes + 1,
+         3 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
 
 
 # ------------------------------------------------------------------------- two processes
@@ -261,7 +261,7 @@ async def test_forced_shm_against_te_is_refused() -> None:
 
 
 async def test_loop_stays_responsive_during_a_large_copy() -> None:
-    """Large copies run on pool threads: the loop keeps turning (inline copies are <= 256 KiB)."""
+    """Large copies run on pool threads: the loop keeps turning (inline copies are <= 1 MiB)."""
     async with pair() as (s, c):
         n = 256 * MiB
         src, dst = torch.ones(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
