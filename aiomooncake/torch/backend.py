@@ -45,8 +45,10 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for non-NCCL
 _TAG_MAX = 2**31 - 1  # c10d passes tags as C int
 
 # Heartbeats only catch hung hosts (a dead process closes its sockets at once); a training step that
-# keeps the GIL for seconds must not get a healthy peer declared dead.
-DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0)
+# keeps the GIL for seconds must not get a healthy peer declared dead. No busy-polling: the loop thread
+# shares the GIL with the threads calling isend/wait, and a loop that spins after every message keeps
+# taking the GIL back from them (each handoff then waits for Python's switch interval).
+DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0, busy_poll=0.0)
 
 
 def resolve_options(backend_options: Any) -> tuple[Options, str | None]:
