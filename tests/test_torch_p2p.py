@@ -205,3 +205,30 @@ def test_four_ranks_match_gloo() -> None:
     assert ours[0]["any_three"] == [(1, [1.0] * 3), (2, [2.0] * 3), (3, [3.0] * 3)]
     assert ours[0]["priority"] == [[1.0, 1.0], [2.0, 2.0], 1]
     assert no_children_left()
+
+
+# ---------------------------------------------------------------------------------- coalescing
+def coalescing(ctx: Ctx) -> dict[str, Any]:
+    from torch.distributed.distributed_c10d import _coalescing_manager
+
+    peer = 1 - ctx.rank
+    bufs = [torch.zeros(5) for _ in range(3)]
+    with _coalescing_manager(dist.group.WORLD, torch.device("cpu"), async_ops=True) as cm:
+        for i, b in enumerate(bufs):
+            dist.irecv(b, peer, tag=i)
+            dist.isend(torch.full((5,), float(10 * ctx.rank + i)), peer, tag=i)
+    out = {"works": len(cm.works), "type": type(cm.works[0]).__name__ if cm.works else None}
+    cm.wait()
+    out["data"] = [b[0].item() for b in bufs]
+    # an empty coalesced block completes at once
+    with _coalescing_manager(dist.group.WORLD, torch.device("cpu"), async_ops=True) as cm2:
+        pass
+    cm2.wait()
+    out["empty_done"] = all(w.is_completed() for w in cm2.works)
+    return out
+
+
+def test_coalescing_manager_gives_one_work() -> None:
+    res = run_ranks(coalescing, 2).results
+    assert res[0] == {"works": 1, "type": "Work", "data": [10.0, 11.0, 12.0], "empty_done": True}
+    assert res[1]["data"] == [0.0, 1.0, 2.0]
