@@ -52,6 +52,10 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 EAGER_THRESHOLD = aiomooncake.Options().eager_threshold
+# These tests are about the Transfer Engine: CPU tensors between same-host peers would otherwise take
+# the shared-memory path (aiomooncake.shm, tested in tests/test_shm.py). Both sides get this unless a
+# test overrides it, and every connection is checked to really use the engine over TCP.
+TE_OPTIONS: dict[str, Any] = {"host_transport": "te"}
 
 
 # Core bugs found by these tests; the affected tests carry the mark (strict: a fix turns them red
@@ -724,15 +728,16 @@ class Remote:
         """Start scenario ``name`` (``script`` takes ``steps=[...]``) in the remote and connect to it.
 
         ``options`` go to both ``connect`` (here) and ``listen`` (there) unless ``remote_options``
-        is given. On exit the local peer is closed and the remote must finish within CLOSE_GRACE
-        seconds, or the remote is marked broken (the fixtures replace it)."""
+        is given; both default to :data:`TE_OPTIONS`. On exit the local peer is closed and the
+        remote must finish within CLOSE_GRACE seconds, or the remote is marked broken (the fixtures
+        replace it)."""
         assert self.ch is not None and self.healthy, "the remote process is not running"
         ch = self.ch
         ch.attach()
         self._sid += 1
         sid = self._sid
-        opts = dict(options or {})
-        ropts = dict(remote_options if remote_options is not None else opts)
+        opts = {**TE_OPTIONS, **(options or {})}
+        ropts = {**TE_OPTIONS, **(remote_options if remote_options is not None else opts)}
         ch.send(("run", sid, name, kwargs, ropts))
         try:
             m = await ch.get(lambda m: m[1] == sid and m[0] in ("port", "error"), DEFAULT_TIMEOUT)
@@ -748,6 +753,8 @@ class Remote:
             raise
         sc = Scenario(self, sid, peer)
         try:
+            if opts.get("host_transport") == "te" and ropts.get("host_transport") == "te":
+                assert peer.transports.get("cpu") == "tcp", f"not the engine over TCP: {peer.transports}"
             yield sc
         finally:
             try:

@@ -3,14 +3,14 @@
 
 Registrations are cached per allocation (a CPU tensor's storage) while peers are open: sending or
 receiving with the same tensor again, or with another view of the same storage, registers nothing;
-eager messages never touch the engine; ``aiomooncake.register`` registers once up front.
+eager messages never touch the engine; ``aiomooncake.register`` registers once up front. (The harness
+keeps CPU tensors on the engine, ``host_transport="te"``: the same-host path registers nothing.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 from harness import (
     EAGER_THRESHOLD,
     MiB,
@@ -28,15 +28,6 @@ import aiomooncake
 
 LARGE = 1 * MiB
 assert LARGE > EAGER_THRESHOLD
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _transfer_engine_for_cpu() -> Iterator[None]:
-    """Keep CPU tensors on the Transfer Engine here (both processes): the same-host path
-    (aiomooncake.shm, tests/test_shm.py) registers nothing."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIOMOONCAKE_HOST_TRANSPORT", "te")
-        yield
 
 
 async def test_sending_the_same_tensor_again_registers_nothing(remote: Remote) -> None:
