@@ -197,13 +197,17 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
     return LayerOps([op for _, ops in infos for op in ops], copies, recv_bytes, send_bytes, moved)
 
 
-def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOps) -> None:
+def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOps) -> float:
+    """Execute one layer's update; return the seconds spent in batch_isend_irecv and the waits."""
+    t0 = time.perf_counter()
     if lo.ops:
         for req in dist.batch_isend_irecv(lo.ops):
             req.wait()
+    comm = time.perf_counter() - t0
     for src, dst in lo.copies:
         for w, t in zip(weights, temp, strict=True):
             w[dst].copy_(t[src])
+    return comm
 
 
 # ------------------------------------------------------------------------------------ content
@@ -339,6 +343,7 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
                   flush=True)
 
     times: dict[str, list[float]] = {n: [] for n in names}  # [iteration * layers + layer] seconds, this rank
+    comms: dict[str, list[float]] = {n: [] for n in names}  # the batch_isend_irecv + wait part of it
     moved: dict[str, list[float]] = {n: [] for n in names}
     verified = 0
     for it, plan in enumerate(plans):
@@ -355,9 +360,10 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
                 t0 = time.perf_counter()
                 lo = build_layer_ops(weights[layer], temp, old, new, per_rank, args.gpus_per_node, rank,
                                      group)
-                run_layer(weights[layer], temp, lo)
+                comm = run_layer(weights[layer], temp, lo)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
+                comms[name].append(comm)
                 moved[name].append(float(lo.recv_bytes))
             if not args.no_verify:
                 for layer, (_, new) in enumerate(plan):
@@ -369,31 +375,39 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
                                                  f"{slot} (expert {e}) tensor {k}: WRONG BYTES")
                             verified += w[slot].nbytes
 
-    gathered = {n: (_gather_to_zero(times[n], rank, world), _gather_to_zero(moved[n], rank, world))
-                for n in names}
+    gathered = {n: (_gather_to_zero(times[n], rank, world), _gather_to_zero(moved[n], rank, world),
+                    _gather_to_zero(comms[n], rank, world)) for n in names}
     all_v = _gather_to_zero([float(verified)], rank, world)
     if rank != 0:
         return None
     skip = args.layers * min(args.warmup, args.iters - 1)
     per_backend: dict[str, dict[str, object]] = {}
     for name in names:
-        all_t, all_b = gathered[name]
+        all_t, all_b, all_c = gathered[name]
         per_layer = [max(ts[i] for ts in all_t) for i in range(len(all_t[0]))]  # done when its last rank is
+        per_comm = [max(cs[i] for cs in all_c) for i in range(len(all_c[0]))]
         layer_bytes = [sum(bs[i] for bs in all_b) for i in range(len(all_b[0]))]
-        for i, (t, b) in enumerate(zip(per_layer, layer_bytes, strict=True)):
+        for i, (t, c, b) in enumerate(zip(per_layer, per_comm, layer_bytes, strict=True)):
             it, layer = divmod(i, args.layers)
-            print(f"  {name:>12} iter {it} layer {layer}: {t * 1e3:8.2f} ms  {b / 1e6:9.2f} MB received  "
-                  f"{b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
+            print(f"  {name:>12} iter {it} layer {layer}: {t * 1e3:8.2f} ms (comm {c * 1e3:7.2f} ms)  "
+                  f"{b / 1e6:9.2f} MB received  {b / t / 1e9 if t > 0 else 0.0:6.2f} GB/s", flush=True)
         steady, steady_b = per_layer[skip:], layer_bytes[skip:]
         med = statistics.median(steady)
         gbps = sum(steady_b) / sum(steady) / 1e9 if sum(steady) > 0 else 0.0
-        per_backend[name] = {"median_layer_ms": med * 1e3, "gbps": gbps,
-                             "layer_ms": [t * 1e3 for t in per_layer], "layer_bytes": layer_bytes}
+        per_backend[name] = {
+            "median_layer_ms": med * 1e3,
+            "median_comm_ms": statistics.median(per_comm[skip:]) * 1e3,
+            "gbps": gbps,
+            "layer_ms": [t * 1e3 for t in per_layer],
+            "comm_ms": [c * 1e3 for c in per_comm],
+            "layer_bytes": layer_bytes,
+        }
     total_verified = int(sum(v[0] for v in all_v))
     for name in names:
         r = per_backend[name]
-        print(f"summary: backend {name}: median {r['median_layer_ms']:.2f} ms per layer, "
-              f"{r['gbps']:.2f} GB/s aggregate, {len(gathered[name][0][0]) - skip} layers timed", flush=True)
+        print(f"summary: backend {name}: median {r['median_layer_ms']:.2f} ms per layer (of which "
+              f"batch_isend_irecv + wait {r['median_comm_ms']:.2f} ms), {r['gbps']:.2f} GB/s aggregate, "
+              f"{len(gathered[name][0][0]) - skip} layers timed", flush=True)
     if len(names) > 1:
         base = per_backend[names[0]]["median_layer_ms"]
         print("relative to " + names[0] + ": " + ", ".join(
