@@ -137,6 +137,17 @@ async def test_noncontiguous_source_is_sent_as_contiguous(remote: Remote, path: 
 
 
 @pytest.mark.parametrize("path", ["eager", "rendezvous"])
+async def test_expanded_source_is_sent_materialized(remote: Remote, path: str) -> None:
+    """A stride-0 (expanded) tensor is sent as its contiguous copy: every element materialized."""
+    n = 10 if path == "eager" else 40_000
+    row = make_tensor(spec(torch.float32, (1, 7), seed=17))
+    src = row.expand(n, 7)
+    assert src.stride() == (0, 1)
+    back = await echo_roundtrip(remote, src)
+    assert same_bytes(back, src.contiguous())
+
+
+@pytest.mark.parametrize("path", ["eager", "rendezvous"])
 async def test_noncontiguous_destination(remote: Remote, path: str) -> None:
     """Documented: recv into a non-contiguous tensor fills it (through a contiguous temporary) in
     logical element order, returns that same tensor, and leaves the memory between its elements alone."""
