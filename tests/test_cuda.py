@@ -206,6 +206,9 @@ async def test_memory_flat_over_1000_sends(remote: object) -> None:
     assert engine().registrations == regs0
     assert free0 - free1 < 64 * MiB, f"GPU memory fell by {(free0 - free1) / MiB:.0f} MiB over 1000 sends"
     assert all(same_bytes(b, x) for b, x in zip(backs, xs, strict=True))
+    # Device registrations outlive the peer (torch keeps the segments; re-registering them would
+    # make the next peer's sender re-open IPC mappings): closing neither grows nor leaks them.
     cached = engine().stats().cached_regions
     await peer.close()
-    assert engine().stats().cached_regions < cached or engine().peers > 0
+    assert engine().stats().cached_regions == cached
+    assert aiomooncake.empty_cache() >= 1  # what the user calls to give them back
