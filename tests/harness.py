@@ -60,6 +60,13 @@ TE_OPTIONS: dict[str, Any] = {"host_transport": "te"}
 
 # Core bugs found by these tests; the affected tests carry the mark (strict: a fix turns them red
 # until the mark is removed).
+CORE_BUG_CLOSE_IN_FLIGHT = pytest.mark.xfail(
+    reason="core bug: Peer._stop_writing (peer.py) returns at once when the connection is already "
+           "lost, so Peer.close() returns with this peer's engine writes still in flight; if the "
+           "event loop then ends, their regions stay 'in flight' forever and every later "
+           "registration overlapping that memory fails with TransferFailed('overlaps a registration "
+           "still in use')",
+    strict=True)
 CORE_BUG_CANCEL = pytest.mark.xfail(
     reason="core bug: peer.py Peer._send and Peer._cancel_recv check `fut.done()` after the task was "
            "cancelled, but task cancellation has already cancelled that future, so the session is "
@@ -200,6 +207,12 @@ def registrations() -> int:
 
 def writes_submitted() -> int:
     return sum(e.stats().writes_submitted for e in Engine.existing())
+
+
+def regions_in_flight() -> int:
+    """Engine registrations this process still counts as used by a transfer in flight (white-box:
+    the engine's region cache; 0 whenever nothing is moving)."""
+    return sum(r.inflight for e in Engine.existing() for r in e._regions)
 
 
 def cpu_seconds() -> float:

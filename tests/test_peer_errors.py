@@ -12,6 +12,7 @@ import pytest
 import torch
 from harness import (
     CORE_BUG_CANCEL,
+    CORE_BUG_CLOSE_IN_FLIGHT,
     EAGER_THRESHOLD,
     Remote,
     dest_for,
@@ -19,6 +20,7 @@ from harness import (
     failed_with,
     filled,
     make_tensor,
+    regions_in_flight,
     same_bytes,
     spec,
     untouched,
@@ -243,6 +245,41 @@ async def test_remote_killed_mid_transfer(spawn_remotes: Callable[[int], list[Re
             await asyncio.wait_for(send, hb["heartbeat_timeout"] + 5)
         assert await wait_until(lambda: sc.peer.closed, hb["heartbeat_timeout"] + 1.0)
         await asyncio.wait_for(sc.peer.close(), 10)
+        # Let the failed engine requests settle before this test's loop ends (see
+        # test_close_waits_for_engine_writes_of_a_dead_peer): a region left "in flight" would make
+        # every later registration of that memory fail.
+        assert await wait_until(lambda: regions_in_flight() == 0, 10)
+
+
+@CORE_BUG_CLOSE_IN_FLIGHT
+async def test_close_waits_for_engine_writes_of_a_dead_peer(
+        spawn_remotes: Callable[[int], list[Remote]]) -> None:
+    """The receiver stops answering mid-transfer (SIGSTOP: its engine stalls our write), the heartbeat
+    declares it dead, and it is then killed. close() must return only once our engine writes to it
+    have settled: the source's registration is no longer in use when close() returns (it would stay
+    "in flight" forever if the event loop ended right after close())."""
+    (r,) = spawn_remotes(1)
+    n = 512 * 1024 * 1024
+    big = spec(torch.uint8, (n,), fill=0x11)
+    slow = {**HB, "chunk_bytes": 4096, "window": 1, "cancel_timeout": 5.0}
+    assert regions_in_flight() == 0
+    async with r.scenario(steps=[do.recv(4, big)], options=slow) as sc:
+        w0 = writes_submitted()
+        send = asyncio.ensure_future(sc.peer.send(make_tensor(big), 4))
+        assert await wait_until(lambda: writes_submitted() - w0 >= 20 or send.done(), 30)
+        assert not send.done(), "the transfer finished before the freeze: make it slower"
+        r.kill(signal.SIGSTOP)
+        try:
+            with pytest.raises(aiomooncake.PeerClosed):
+                await asyncio.wait_for(send, HB["heartbeat_timeout"] + 5)
+            assert regions_in_flight() == 1, "the stalled engine write should still be in flight"
+            r.kill(signal.SIGKILL)  # the engine's request now fails within moments
+            await asyncio.wait_for(sc.peer.close(), 10)
+            left = regions_in_flight()
+        finally:
+            settled = await wait_until(lambda: regions_in_flight() == 0, 10)
+        assert settled, "the engine write never settled"
+        assert left == 0, "close() returned while an engine write of this peer was still in flight"
 
 
 async def test_sender_killed_mid_transfer(spawn_remotes: Callable[[int], list[Remote]]) -> None:
