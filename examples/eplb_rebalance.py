@@ -430,6 +430,10 @@ def _free_port() -> int:
 
 def _spawned(local_rank: int, args: argparse.Namespace) -> None:
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun does: several ranks per host each running a full-width intra-op thread pool
+        # oversubscribe the cores, and the weight copies then stall in OpenMP barriers.
+        torch.set_num_threads(1)
     run(args, local_rank, args.nprocs, local_rank)
 
 
