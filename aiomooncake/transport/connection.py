@@ -46,6 +46,7 @@ class Connection(asyncio.Protocol):
         # Frames a peer may queue before the handshake reads them; None lifts the bound. A stranger
         # flooding a listener before it authenticated must not make it buffer without limit.
         self.handshake_backlog: int | None = 8
+        self._probes: dict[float, asyncio.Future[bool]] = {}  # ping stamp -> is the peer alive?
 
     # ---------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,7 +78,10 @@ class Connection(asyncio.Protocol):
             elif isinstance(m, Ping):
                 self.send(Pong(m.stamp))
             elif isinstance(m, Pong):
-                pass
+                if self._probes:
+                    probe = self._probes.pop(m.stamp, None)
+                    if probe is not None and not probe.done():
+                        probe.set_result(True)
             elif isinstance(m, Bye):
                 self.close(PeerClosed(f"the peer at {self.peername} closed the connection: {m.reason}"))
                 return
@@ -157,6 +161,19 @@ class Connection(asyncio.Protocol):
             raise item
         return item
 
+    async def probe(self) -> bool:
+        """Ask the peer for a sign of life: True once it answers a ping sent now, False if the
+        connection is lost first (at the latest after the heartbeat timeout of silence)."""
+        if self._closed is not None:
+            return False
+        stamp = time.monotonic()
+        while stamp in self._probes:
+            stamp += 1e-9
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._probes[stamp] = fut
+        self.send(Ping(stamp))
+        return await fut
+
     def start(self, handler: Handler, on_lost: LostHandler, interval: float, timeout: float) -> None:
         """Leave the handshake: deliver frames to ``handler`` and start heartbeats."""
         self._handler = handler
@@ -203,6 +220,10 @@ class Connection(asyncio.Protocol):
         if self._paused is not None and not self._paused.done():
             self._paused.set_result(None)
         self._handshake.put_nowait(error)
+        probes, self._probes = self._probes, {}
+        for probe in probes.values():
+            if not probe.done():
+                probe.set_result(False)
         if self._on_lost is not None:
             self._on_lost(error)
 
