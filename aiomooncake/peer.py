@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +89,8 @@ class Peer:
     """One connected remote process. Create with :func:`aiomooncake.connect` or
     :meth:`Listener.accept`; use ``async with peer:`` to close it."""
 
+    quarantine_s = 60.0  # how long memory a dead peer may still write into is held (see below)
+
     def __init__(self, conn: Connection, agreement: Agreement, options: Options) -> None:
         self._conn = conn
         self._opts = options
@@ -103,10 +107,12 @@ class Peer:
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
         self._side_streams: dict[int, Any] = {}
         self._closing = False
+        self._jobs: set[WriteJob] = set()  # engine writes in flight from this peer
         self._engines = {id(link.engine): link.engine for link in self._links.values()}
         for eng in self._engines.values():
             eng.attach()
         self._detached = False
+        _prune_quarantine()
         self._busy = conn.busy = BusyPoller.for_loop(options.busy_poll)
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
 
@@ -177,7 +183,10 @@ class Peer:
         """Close the connection; pending operations fail with PeerClosed. Idempotent."""
         if not self._closing:
             self._closing = True
+            await self._stop_writing()
             self._conn.close(None, reason="the peer closed the connection")
+        elif self._jobs:
+            await self._stop_writing()  # a concurrent close() waits for the writes as well
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._busy is not None:
@@ -185,7 +194,24 @@ class Peer:
             await asyncio.sleep(0)
         self._detach()
 
+    async def _stop_writing(self) -> None:
+        """Before the BYE: fail every pending operation here and let our engine writes settle, so
+        the remote's receives fail only once no byte of ours can land in them any more. Also when
+        the connection is already lost: the engine may still be finishing writes into the dead
+        peer, and returning before they settle would leave their memory registered as in use."""
+        if not self._jobs:
+            return
+        if self._conn.closed is None:
+            self._session.close(PeerClosed(f"the connection to {self.address} was closed locally"))
+            self._flush()  # StopWriting: nothing more is submitted
+        futs = [j.future for j in self._jobs]
+        _, pending = await asyncio.wait(futs, timeout=self._opts.cancel_timeout)
+        if pending:
+            log.warning("closing %s with %d engine writes still in flight after %g s", self.address,
+                        len(pending), self._opts.cancel_timeout)
+
     def _detach(self) -> None:
+        _prune_quarantine()
         if not self._detached:
             self._detached = True
             for eng in self._engines.values():
@@ -280,6 +306,7 @@ class Peer:
             if _trace.on:
                 _trace.mark("send:submit")
             job = ctx.job = link.engine.write(target, pieces, self._opts.window)
+            self._jobs.add(job)
         except Exception as e:
             if region is not None and link is not None:
                 link.engine.release(region)
@@ -291,8 +318,21 @@ class Peer:
     def _write_finished_cb(self, op: SendOp, link: Link, region: Region, n: int,
                            fut: asyncio.Future[None]) -> None:
         link.engine.release(region)
+        job: WriteJob | None = op.context.job  # type: ignore[attr-defined]
+        self._jobs.discard(job)
         exc = fut.exception()
-        self._write_done(op, op.context.job, n, _as_error(exc) if exc is not None else None)  # type: ignore[attr-defined]
+        if exc is not None and self._conn.closed is None and not self._closing:
+            # A failed engine write usually means the receiving process died, and its control
+            # connection says so a moment later. Ask the peer for a sign of life before blaming the
+            # data plane: the send then fails with PeerClosed if the peer is gone (at the latest
+            # after the heartbeat timeout), with TransferFailed only if it answers.
+            self._spawn(self._write_failed(op, job, n, _as_error(exc)))
+            return
+        self._write_done(op, job, n, _as_error(exc) if exc is not None else None)
+
+    async def _write_failed(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError) -> None:
+        await self._conn.probe()
+        self._write_done(op, job, n, error)
 
     def _write_done(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError | None) -> None:
         if error is None and job is not None and job.stopped and job.next < n:
@@ -453,6 +493,23 @@ class Peer:
         if not ctx.fut.done():
             ctx.fut.set_result(result)
 
+    def _release_or_quarantine(self, ctx: _RecvCtx) -> None:
+        """Release a failed receive's memory, unless the connection died while the sender may still
+        be writing into it (its CTS went out, no DONE/ABORT came back): bytes its engine already
+        had in flight, or that a frozen process sends when it wakes, may still land. That memory
+        (registration and tensors) is then kept for ``quarantine_s`` so they land in memory nobody
+        reuses, never in memory freed and handed out again."""
+        if ctx.region is None or self._session.closed is None:
+            self._release(ctx)
+            return
+        _prune_quarantine()
+        _quarantine.append((time.monotonic() + self.quarantine_s, ctx.region,
+                            (ctx.work, ctx.dest, ctx.extra.pop("device_work", None))))
+        ctx.region = None
+        log.info("the connection to %s died during a receive of %d B: its memory stays registered "
+                 "for %g s in case the remote's writes still land", self.address,
+                 ctx.work.nbytes if ctx.work is not None else 0, self.quarantine_s)
+
     def _release(self, ctx: _RecvCtx) -> None:
         if ctx.region is not None:
             eng, region = ctx.region
@@ -504,11 +561,11 @@ class Peer:
                 ctx.job.stop()
         elif isinstance(ev, RecvFailed):
             rctx: _RecvCtx = ev.op.context  # type: ignore[assignment]
-            self._release(rctx)
+            self._release_or_quarantine(rctx)
             _set_exc(rctx.fut, ev.error)
         elif isinstance(ev, RecvReleased):
             rctx = ev.op.context  # type: ignore[assignment]
-            self._release(rctx)
+            self._release_or_quarantine(rctx)
             if rctx.released is not None and not rctx.released.done():
                 rctx.released.set_result(None)
         elif isinstance(ev, MessageArrived):
@@ -551,6 +608,24 @@ class Peer:
         except asyncio.TimeoutError:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+
+
+# (expiry, (engine, region), tensors): memory a dead peer may still write into. Pruned when a
+# receive is quarantined and when a peer is created or closed, so nothing here outlives its expiry
+# by more than the time to the next of those (no timer that would hold tensors past its loop).
+_quarantine: deque[tuple[float, tuple[Engine, Region], tuple[Any, ...]]] = deque()
+
+
+def _prune_quarantine() -> None:
+    now = time.monotonic()
+    while _quarantine and _quarantine[0][0] <= now:
+        _, (eng, region), _tensors = _quarantine.popleft()
+        eng.release(region)
+
+
+def quarantined_bytes() -> int:
+    """Bytes of receive memory currently held because a dead peer may still write into it."""
+    return sum(t[0].nbytes for _, _, t in _quarantine if t[0] is not None)
 
 
 def _as_error(e: BaseException) -> AiomooncakeError:
