@@ -39,7 +39,8 @@ def _bench(impls: str, host_transport: str, args: argparse.Namespace) -> list[di
         out = os.path.join(tmp, "bench.json")
         cmd = [sys.executable, "-m", "aiomooncake.bench", "--device", "cpu", "--modes", "stream",
                "--impls", impls, "--sizes", args.sizes, "--iters", str(args.iters),
-               "--warmup", str(args.warmup), "--window", str(args.window), "--no-progress",
+               "--warmup", str(args.warmup), "--window", str(args.window), "--max-bytes", args.max_bytes,
+               "--no-progress",
                "--json", out]
         # this checkout's package, whatever an editable install elsewhere points to
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
@@ -77,9 +78,12 @@ def _size(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sizes", default="64K,1M,16M,64M,256M")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sizes", default="32K,64K,1M,16M,64M,256M")
+    # Many iterations for small sizes (gloo's first point stalls for ~4 ms per iteration during
+    # its first few dozen iterations here); --max-bytes shrinks them for the large ones.
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--max-bytes", default="4G")
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--json", help="write every round's numbers and the medians here")
     args = ap.parse_args()
