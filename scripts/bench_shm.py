@@ -14,7 +14,7 @@ aiomooncake alone). Shared, noisy machines make single numbers unreliable, so ev
 ratio per size taken within that round, and the table shows medians over the rounds: GB/s and
 the ratios aiomooncake-shm / gloo, / te-raw and / aiomooncake-te.
 
-    python scripts/bench_shm.py                       # 5 rounds, 64K,1M,16M,64M,256M
+    python scripts/bench_shm.py                       # 5 rounds, 32K,64K,1M,16M,64M,256M
     python scripts/bench_shm.py --rounds 3 --sizes 1M,256M --json shm.json
 """
 
@@ -79,8 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="32K,64K,1M,16M,64M,256M")
-    # Many iterations for small sizes (gloo's first point stalls for ~4 ms per iteration during
-    # its first few dozen iterations here); --max-bytes shrinks them for the large ones.
+    # Many iterations for small sizes; --max-bytes shrinks them for the large ones. 32K comes first
+    # because gloo's first point, at 64K, at times stalled at ~4 ms per iteration throughout.
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--max-bytes", default="4G")
