@@ -8,7 +8,11 @@ engine's writes, copying eager payloads, resolving the callers' futures).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -148,6 +152,10 @@ class Peer:
         the sent one) and return it. A non-contiguous ``tensor`` is filled through a contiguous
         temporary. For CUDA, work the caller queues on its current stream afterwards sees the data."""
         self._check_tensor(tensor, "recv into")
+        why = _unwritable(tensor)
+        if why is not None:
+            raise ConfigurationError(f"cannot recv into this tensor: {why}; receive into a writable "
+                                     "tensor (e.g. torch.empty) or use recv_tensor()")
         if timeout is None:
             return await self._recv(tensor, None, tag)
         return await self._with_timeout(self._recv(tensor, None, tag), timeout, "recv", tag)
@@ -237,14 +245,13 @@ class Peer:
         if conn._paused is not None:
             await conn.drain()
         s = self._session
+        # CUDA tensors take the rendezvous path (only empty ones go inline): an inline payload needs
+        # the producer's work done before the post, so the post would wait and a later send on the
+        # same tag could overtake it. The engine's write waits for that work instead, in order, and
+        # moves the bytes device to device (no two pageable copies through the host).
         payload = None
-        if nbytes <= s.eager_threshold:
-            if ready is not None:
-                await wait_event(ready)
-                with torch.cuda.stream(self._side_stream(src.device)):
-                    payload = to_bytes(src.cpu())
-            else:
-                payload = to_bytes(src)
+        if nbytes <= s.eager_threshold and (ready is None or nbytes == 0):
+            payload = to_bytes(src) if ready is None else b""
         fut: asyncio.Future[None] = self._loop.create_future()
         if _trace.on:
             _trace.mark("send:post")
@@ -256,7 +263,8 @@ class Peer:
         try:
             await fut
         except asyncio.CancelledError:
-            if not fut.done() and s.cancel_send(op):
+            # Task.cancel() cancelled fut itself: a cancelled fut still needs withdrawing.
+            if (not fut.done() or fut.cancelled()) and s.cancel_send(op):
                 ctx.stop = True
                 if ctx.job is not None:
                     ctx.job.stop()
@@ -371,8 +379,8 @@ class Peer:
         return op
 
     async def _cancel_recv(self, op: RecvOp, ctx: _RecvCtx) -> None:
-        if ctx.fut.done():
-            return
+        if ctx.fut.done() and not ctx.fut.cancelled():
+            return  # it completed (or failed) before the cancellation reached it
         must_wait = self._session.cancel_recv(op)
         ctx.released = self._loop.create_future() if must_wait else None
         self._flush()
@@ -591,6 +599,10 @@ class Peer:
             raise ConfigurationError(f"cannot {what} a {type(t).__name__}: pass a torch.Tensor")
         if t.layout is not torch.strided:
             raise ConfigurationError(f"cannot {what} a {t.layout} tensor: only dense (strided) tensors")
+        if t.is_quantized:
+            raise ConfigurationError(f"cannot {what} a quantized tensor ({t.dtype}): its quantizer (scale, "
+                                     "zero point) does not travel; send t.int_repr() and the quantizer "
+                                     "parameters instead")
         dev = t.device.type
         if dev == "cpu":
             return dev
@@ -608,6 +620,78 @@ class Peer:
         except asyncio.TimeoutError:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+
+
+_probe_lock = threading.Lock()
+_probe_pipe: tuple[int, int] | None = None
+_libc_read: Any = None
+_BYTES_TYPE = id(bytes).to_bytes(8, sys.byteorder)
+
+
+def _unwritable(t: torch.Tensor) -> str | None:
+    """Why the engine must not write into ``t``, or None. Torch does not record whether memory may
+    be written (``torch.frombuffer`` over ``bytes`` or a read-only ``mmap`` only warns), so look:
+    elements that share memory (expanded tensors), pages the kernel maps read-only (writing there
+    would crash the process), and the payload of an immutable Python ``bytes`` object (writing there
+    would silently change a value Python assumes constant). About 3 us per call on the CPU."""
+    if t.numel() == 0:
+        return None
+    if torch._debug_has_internal_overlap(t) == 1:
+        return "several of its elements share memory (an expanded or stride-0 tensor)"
+    if t.device.type != "cpu":
+        return None
+    st = t.untyped_storage()
+    base, size = st.data_ptr(), st.nbytes()
+    if size == 0 or base == 0:
+        return None
+    for addr in {base, base + size - 1}:
+        if not _page_writable(addr):
+            return "its memory is mapped read-only (e.g. torch.frombuffer over a read-only mmap)"
+    if _inside_bytes_object(base, size):
+        return "its memory is an immutable Python bytes object (torch.frombuffer over bytes)"
+    return None
+
+
+def _page_writable(addr: int) -> bool:
+    """Whether the kernel lets this process write the byte at ``addr``: read() one byte from a pipe
+    into it (the byte it already holds, so nothing changes); a read-only page gives EFAULT."""
+    global _probe_pipe, _libc_read
+    with _probe_lock:
+        if _probe_pipe is None:
+            lib = ctypes.CDLL(None, use_errno=True)
+            _libc_read = lib.read
+            _libc_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+            _libc_read.restype = ctypes.c_ssize_t
+            _probe_pipe = os.pipe()
+        r, w = _probe_pipe
+        os.write(w, ctypes.string_at(addr, 1))
+        if _libc_read(r, addr, 1) == 1:
+            return True
+        os.read(r, 1)  # EFAULT: the byte is still in the pipe
+        return False
+
+
+def _inside_bytes_object(base: int, size: int) -> bool:
+    """Whether ``[base, base + size)`` lies in the payload of a live ``bytes`` object whose header
+    (refcount, type, size, hash: 32 bytes on 64-bit CPython) is on the same page, before ``base``.
+    Stale memory can hold the type's address too, so the header must also look alive: 16-byte
+    aligned (every CPython allocator aligns so), a plausible reference count (a freed object's first
+    word is an allocator's free-list pointer) and a size that covers the tensor."""
+    off = base & 4095
+    if off < 32 or sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return False
+    page = ctypes.string_at(base - off, off)
+    i = page.rfind(_BYTES_TYPE)
+    while i >= 8:
+        obj = base - off + i - 8
+        if obj % 16 == 0 and i + 16 <= off:
+            refcnt = int.from_bytes(page[i - 8:i], sys.byteorder)
+            length = int.from_bytes(page[i + 8:i + 16], sys.byteorder, signed=True)
+            if (0 < refcnt < 1 << 32 and 0 <= length < 1 << 48 and obj + 32 <= base
+                    and base + size <= obj + 32 + length):
+                return True
+        i = page.rfind(_BYTES_TYPE, 0, i)
+    return False
 
 
 # (expiry, (engine, region), tensors): memory a dead peer may still write into. Pruned when a
