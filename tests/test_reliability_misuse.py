@@ -1,0 +1,201 @@
+"""API misuse gives clear errors, at the call, and leaves the peer usable: destinations that must not
+be written (immutable bytes, read-only mappings, overlapping elements), too-small destinations,
+tensors of the wrong kind or device, operations on a closed peer, and concurrent closes.
+
+Both peers live in this process (one event loop): misuse is caught before anything crosses."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import tempfile
+import warnings
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+import aiomooncake
+from aiomooncake.peer import _unwritable
+
+HOST = "127.0.0.1"
+Pair = tuple[aiomooncake.Peer, aiomooncake.Peer]
+SMALL, LARGE = 256, 1 << 20  # eager, rendezvous
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    lst = await aiomooncake.listen(HOST, 0)
+    a = await aiomooncake.connect(HOST, lst.port)
+    b = await asyncio.wait_for(lst.accept(), 10)
+    await lst.close()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def frombuffer(buf: object) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "The given buffer is not writable"
+        return torch.frombuffer(buf, dtype=torch.uint8)  # type: ignore[call-overload]
+
+
+async def still_works(a: aiomooncake.Peer, b: aiomooncake.Peer, tag: int = 99) -> None:
+    for n in (SMALL, LARGE):
+        src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        dest = torch.zeros(n, dtype=torch.uint8)
+        await asyncio.wait_for(asyncio.gather(a.send(src, tag), b.recv(dest, tag)), 30)
+        assert torch.equal(src, dest)
+
+
+# ------------------------------------------------------------------------ unwritable destinations
+async def test_recv_into_immutable_bytes_is_refused(pair: Pair) -> None:
+    a, b = pair
+    for n in (SMALL, LARGE):
+        frozen = bytes(range(256)) * (n // 256)
+        snapshot = bytes(frozen)  # a copy to compare with
+        with pytest.raises(aiomooncake.ConfigurationError, match="immutable Python bytes"):
+            await b.recv(frombuffer(frozen), 1)
+        # also at an offset into the object
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inner = torch.frombuffer(frozen, dtype=torch.uint8, offset=64, count=64)
+        with pytest.raises(aiomooncake.ConfigurationError, match="immutable"):
+            await b.recv(inner, 1)
+        # the message is still there for a proper recv, and the bytes object never changed
+        src = torch.full((n,), 7, dtype=torch.uint8)
+        dest = torch.empty(n, dtype=torch.uint8)
+        await asyncio.gather(a.send(src, 1), b.recv(dest, 1))
+        assert torch.equal(dest, src) and frozen == snapshot
+    await still_works(a, b)
+
+
+async def test_recv_into_read_only_mapping_is_refused(pair: Pair) -> None:
+    a, b = pair
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(b"\0" * (2 * mmap.PAGESIZE))
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ)
+            t = frombuffer(mm)
+            with pytest.raises(aiomooncake.ConfigurationError, match="read-only"):
+                await b.recv(t, 2)  # writing there would have killed this process with SIGSEGV
+            del t
+            mm.close()
+        finally:
+            os.close(fd)
+    await still_works(a, b)
+
+
+async def test_recv_into_overlapping_elements_is_refused(pair: Pair) -> None:
+    a, b = pair
+    expanded = torch.zeros(1, dtype=torch.float32).expand(64)
+    with pytest.raises(aiomooncake.ConfigurationError, match="share memory"):
+        await b.recv(expanded, 3)
+    await still_works(a, b)
+
+
+def test_writable_tensors_pass_the_check() -> None:
+    """No false alarms: torch allocations, bytearray-backed, views, numpy, empty tensors."""
+    import numpy as np
+
+    ok = [torch.empty(100), torch.empty(3, 1 << 20)[1], torch.empty(64, 64).t(),
+          frombuffer(bytearray(5000)), torch.from_numpy(np.zeros(1000)), torch.empty(0),
+          torch.empty((), dtype=torch.float64)]
+    for t in ok:
+        assert _unwritable(t) is None, t.shape
+    # many random small tensors: the bytes-header scan must never match torch's own memory
+    keep = [torch.empty(int(n)) for n in torch.randint(1, 4096, (2000,))]
+    assert all(_unwritable(t) is None for t in keep)
+
+
+# ------------------------------------------------------------------------ sizes and kinds
+@pytest.mark.parametrize("n", [SMALL, LARGE], ids=["eager", "rendezvous"])
+async def test_too_small_destination_fails_both_sides(pair: Pair,
+                                                     n: int) -> None:
+    a, b = pair
+    small = torch.full((n // 2,), 0xA5, dtype=torch.uint8)
+    results = await asyncio.gather(a.send(torch.ones(n, dtype=torch.uint8), 4), b.recv(small, 4),
+                                   return_exceptions=True)
+    assert all(isinstance(r, aiomooncake.MessageMismatch) for r in results), results
+    assert "size differs" in str(results[1]) and "no byte was written" in str(results[1])
+    assert bool((small == 0xA5).all()), "a refused message wrote into the destination"
+    await still_works(a, b)
+
+
+async def test_wrong_kind_of_tensor_is_refused(pair: Pair) -> None:
+    a, b = pair
+    cases: list[tuple[object, str]] = [
+        (torch.empty(4, device="meta"), "meta"),
+        (torch.zeros(4, 4).to_sparse(), "sparse|strided"),
+        (torch.quantize_per_tensor(torch.ones(4), 0.5, 0, torch.quint8), "quantized"),
+        ([1, 2, 3], "torch.Tensor"),
+        (b"bytes", "torch.Tensor"),
+    ]
+    for obj, why in cases:
+        with pytest.raises(aiomooncake.ConfigurationError, match=why):
+            await a.send(obj, 5)  # type: ignore[arg-type]
+        with pytest.raises(aiomooncake.ConfigurationError, match=why):
+            await b.recv(obj, 5)  # type: ignore[arg-type]
+    for bad_tag in (2**63, -(2**63) - 1, 1.5, "7"):
+        with pytest.raises(aiomooncake.ConfigurationError, match="tag"):
+            await a.send(torch.ones(3), bad_tag)  # type: ignore[arg-type]
+    await still_works(a, b)
+
+
+# ------------------------------------------------------------------------ closed peers
+async def test_operations_on_a_closed_peer_fail_at_once(pair: Pair) -> None:
+    a, b = pair
+    await a.close()
+    for op in (a.send(torch.ones(SMALL), 1), a.send(torch.ones(LARGE), 1),
+               a.recv(torch.empty(4), 1), a.recv_tensor(1)):
+        with pytest.raises(aiomooncake.PeerClosed, match="closed"):
+            await asyncio.wait_for(op, 1)
+    # the other side learns it too, for new operations and at once
+    await asyncio.sleep(0.05)
+    assert b.closed
+    with pytest.raises(aiomooncake.PeerClosed):
+        await asyncio.wait_for(b.send(torch.ones(SMALL), 1), 1)
+    with pytest.raises(aiomooncake.PeerClosed):
+        await asyncio.wait_for(b.wait_incoming(1), 1)
+
+
+async def test_concurrent_close(pair: Pair) -> None:
+    """Many close() calls at once, from both sides, with operations pending in both directions:
+    every close returns, every pending operation fails with PeerClosed, nothing else is raised."""
+    a, b = pair
+    pending = [asyncio.ensure_future(a.send(torch.ones(LARGE, dtype=torch.uint8), 6)),
+               asyncio.ensure_future(a.recv(torch.empty(LARGE, dtype=torch.uint8), 7)),
+               asyncio.ensure_future(b.recv_tensor(8)),
+               asyncio.ensure_future(b.send(torch.ones(SMALL), 9))]
+    await asyncio.sleep(0.05)
+    closes = [a.close() for _ in range(5)] + [b.close() for _ in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*closes, return_exceptions=True), 30)
+    assert results == [None] * 10, results
+    outs = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 10)
+    assert all(isinstance(o, aiomooncake.PeerClosed) for o in outs), outs
+    assert a.closed and b.closed
+    await a.close()  # idempotent afterwards too
+
+
+async def test_close_while_a_transfer_runs_fails_both_sides_cleanly(
+        pair: Pair) -> None:
+    """Closing the sending side mid-transfer: its send fails with PeerClosed, the receiver's recv
+    with PeerClosed, and no byte lands in the receiver's buffer after its recv failed."""
+    a, b = pair
+    n = 64 << 20
+    dest = torch.full((n,), 0xA5, dtype=torch.uint8)
+    recv = asyncio.ensure_future(b.recv(dest, 10))
+    send = asyncio.ensure_future(a.send(torch.ones(n, dtype=torch.uint8), 10))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.002)
+    await a.close()
+    outs = await asyncio.gather(send, recv, return_exceptions=True)
+    if all(o is None or isinstance(o, torch.Tensor) for o in outs):
+        pytest.skip("the transfer finished before close(): nothing to check")
+    assert all(isinstance(o, aiomooncake.PeerClosed) for o in outs), outs
+    snapshot = dest.clone()
+    await asyncio.sleep(0.3)
+    assert torch.equal(dest, snapshot), "bytes landed after the recv had failed"
