@@ -36,7 +36,6 @@ import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import pytest
 import torch
 
 import aiomooncake
@@ -56,21 +55,6 @@ EAGER_THRESHOLD = aiomooncake.Options().eager_threshold
 # the shared-memory path (aiomooncake.shm, tested in tests/test_shm.py). Both sides get this unless a
 # test overrides it, and every connection is checked to really use the engine over TCP.
 TE_OPTIONS: dict[str, Any] = {"host_transport": "te"}
-
-
-# Core bugs found by these tests; the affected tests carry the mark (strict: a fix turns them red
-# until the mark is removed).
-CORE_BUG_CLOSE_IN_FLIGHT = pytest.mark.xfail(
-    reason="core bug: Peer._stop_writing (peer.py) returns at once when the connection is already "
-           "lost, so Peer.close() returns with this peer's engine writes still in flight; if the "
-           "event loop then ends, their regions stay 'in flight' forever and every later "
-           "registration overlapping that memory fails with TransferFailed('overlaps a registration "
-           "still in use')",
-    strict=True)
-def CORE_BUG_CANCEL(test: Any) -> Any:  # noqa: N802 (was an xfail mark; the bug is fixed)
-    """Marked the tests of cancelled sends/recvs while peer.py ignored a cancelled future; they pass
-    since the fix and keep this name only so the files that use it need no churn."""
-    return test
 
 
 # =================================================================== dtypes and tensor data
@@ -205,6 +189,12 @@ def registrations() -> int:
 
 def writes_submitted() -> int:
     return sum(e.stats().writes_submitted for e in Engine.existing())
+
+
+def stranded_regions() -> list[tuple[int, int]]:
+    """(base, size) of registrations still counted in flight although their memory was freed: left
+    behind by cleanup that never ran; any later registration overlapping them fails."""
+    return [(r.base, r.size) for e in Engine.existing() for r in e._regions if r.inflight and not r.alive()]
 
 
 def regions_in_flight() -> int:
@@ -369,6 +359,11 @@ def _die_with_parent(parent: int) -> None:
 
 def _remote_main(conn: Any, parent: int) -> None:
     _die_with_parent(parent)
+    import logging
+
+    # The core's warnings go to stderr, which pytest captures and shows with a failing test.
+    logging.basicConfig(level=logging.INFO,
+                        format=f"remote {os.getpid()} %(name)s %(levelname)s: %(message)s")
     aiomooncake.run(_serve(Channel(conn)))
 
 
@@ -763,10 +758,14 @@ class Remote:
             self.broken = True
             raise
         sc = Scenario(self, sid, peer)
+        failure: BaseException | None = None
         try:
             if opts.get("host_transport") == "te" and ropts.get("host_transport") == "te":
                 assert peer.transports.get("cpu") == "tcp", f"not the engine over TCP: {peer.transports}"
             yield sc
+        except BaseException as e:
+            failure = e
+            raise
         finally:
             try:
                 await asyncio.wait_for(peer.close(), CLOSE_GRACE)
@@ -781,8 +780,20 @@ class Remote:
                         await sc._get(None, CLOSE_GRACE)
                     if sc.final is None:
                         self.broken = True
+                if failure is not None:
+                    failure.add_note(self._final_note(sc))
                 ch.purge(sid)
                 ch.detach()
+
+    def _final_note(self, sc: Scenario) -> str:
+        """How the remote side of a failed test ended, for the failure report."""
+        m = sc.final
+        if m is None:
+            return f"remote scenario {sc.sid}: no final word; {self.describe()}"
+        if m[0] == "error":
+            info = m[2]
+            return f"remote scenario {sc.sid} raised {info['type']}: {info['message']}\n{info['traceback']}"
+        return f"remote scenario {sc.sid} returned {m[2]!r:.2000}"
 
 
 def stop_remotes(remotes: list[Remote]) -> None:

@@ -16,7 +16,6 @@ import asyncio
 import pytest
 import torch
 from harness import (
-    CORE_BUG_CANCEL,
     SENTINEL,
     MiB,
     Remote,
@@ -58,7 +57,6 @@ def sender_steps(tag: int) -> list[dict[str, object]]:
             *(do.send(tag, sp) for sp in AFTER)]
 
 
-@CORE_BUG_CANCEL
 async def test_cancel_unmatched_recv(remote: Remote) -> None:
     """A cancelled recv that matched nothing is withdrawn: the next message goes to the next recv and
     the abandoned buffer is never written."""
@@ -79,7 +77,6 @@ async def test_cancel_unmatched_recv(remote: Remote) -> None:
         await sc.result()
 
 
-@CORE_BUG_CANCEL
 async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote) -> None:
     """Cancel a recv whose CTS went out and whose bytes are arriving, while the sender is frozen
     (SIGSTOP) so it cannot acknowledge yet. Whenever the cancellation returns, not one byte may land
@@ -111,7 +108,6 @@ async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote) -> No
         await sc.result()
 
 
-@CORE_BUG_CANCEL
 async def test_recv_timeout_mid_transfer(remote: Remote) -> None:
     """A timeout around a recv whose transfer is under way: Timeout is raised only once the remote
     can no longer write, the sender's send fails with TransferCancelled, and the peer is usable."""
@@ -133,7 +129,6 @@ async def test_recv_timeout_mid_transfer(remote: Remote) -> None:
         await sc.result()
 
 
-@CORE_BUG_CANCEL
 async def test_cancel_send_mid_transfer(remote: Remote) -> None:
     """Cancelling our send while the engine writes it: the remote's recv fails with
     TransferCancelled, and both directions work afterwards on the same peer."""
@@ -156,7 +151,6 @@ async def test_cancel_send_mid_transfer(remote: Remote) -> None:
     assert r1["match"] and r2["match"] and s["ok"]
 
 
-@CORE_BUG_CANCEL
 async def test_cancel_half_of_many_pending_recvs(remote: Remote) -> None:
     """Of 100 pending recvs on one tag, every other one is cancelled before anything is sent: the 50
     messages go, in order, to the 50 remaining recvs; cancelled buffers stay untouched."""
