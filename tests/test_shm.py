@@ -45,6 +45,9 @@ from aiomooncake.shm import ShmEngine
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"shm: {shm.unavailable()}")
 
+# The harness keeps CPU tensors on the Transfer Engine unless told otherwise (TE_OPTIONS).
+AUTO = {"host_transport": "auto"}
+
 # around the boundaries: eager, inline on the loop, one pool chunk, several chunks
 SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes, ShmEngine.inline_bytes + 1,
          3 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
@@ -53,7 +56,7 @@ SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes,
 # ------------------------------------------------------------------------- two processes
 async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
     sp = u8(1 * MiB, seed=3)
-    async with remote.scenario(steps=[do.recv(1, sp), do.send(2, sp)]) as sc:
+    async with remote.scenario(steps=[do.recv(1, sp), do.send(2, sp)], options=AUTO) as sc:
         assert sc.peer.transports == {"cpu": "shm", "cuda": "tcp"}
         w0, r0 = writes_submitted(), registrations()
         await sc.peer.send(make_tensor(sp), 1)
@@ -70,7 +73,8 @@ async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
 @pytest.mark.parametrize("nbytes", SIZES)
 async def test_sizes_both_ways(remote: Remote, nbytes: int) -> None:
     out, back = u8(nbytes, seed=nbytes % 251), u8(nbytes, seed=nbytes % 251 + 1)
-    async with remote.scenario(steps=[do.recv(1, out), do.send(2, back)]) as sc:
+    async with remote.scenario(steps=[do.recv(1, out), do.send(2, back)], options=AUTO) as sc:
+        assert sc.peer.transports["cpu"] == "shm"
         await sc.peer.send(make_tensor(out), 1)
         got = await sc.peer.recv(torch.full((nbytes,), 0xA5, dtype=torch.uint8), 2)
         r_recv, r_send = await sc.result(60)
@@ -83,7 +87,8 @@ async def test_sizes_both_ways(remote: Remote, nbytes: int) -> None:
                                               (torch.int64, (5, 300_001)), (torch.bool, (1_000_003,))])
 async def test_dtypes_and_odd_shapes(remote: Remote, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     sp = spec(dtype, shape, seed=7)
-    async with remote.scenario(steps=[do.recv(1, sp), do.recv_tensor(2, sp)]) as sc:
+    async with remote.scenario(steps=[do.recv(1, sp), do.recv_tensor(2, sp)], options=AUTO) as sc:
+        assert sc.peer.transports["cpu"] == "shm"
         await sc.peer.send(make_tensor(sp), 1)
         await sc.peer.send(make_tensor(sp).t() if len(shape) == 2 else make_tensor(sp), 2)
         r1, r2 = await sc.result()
@@ -97,7 +102,8 @@ async def test_concurrent_large_messages(remote: Remote) -> None:
     """Several pool jobs at once (more than the pool has threads), each delivered intact."""
     specs = [u8(9 * MiB + i, seed=i) for i in range(6)]
     steps = [do.gather([do.recv(10 + i, sp) for i, sp in enumerate(specs)])]
-    async with remote.scenario(steps=steps) as sc:
+    async with remote.scenario(steps=steps, options=AUTO) as sc:
+        assert sc.peer.transports["cpu"] == "shm"
         await asyncio.gather(*(sc.peer.send(make_tensor(sp), 10 + i) for i, sp in enumerate(specs)))
         (outs,) = await sc.result(60)
     assert all(o["ok"] and o["match"] for o in outs), outs
@@ -114,8 +120,8 @@ async def test_host_transport_te_keeps_the_engine(remote: Remote) -> None:
     assert got["ok"] and got["match"]
 
 
-@pytest.mark.parametrize(("mine", "theirs"), [({"host_transport": "te"}, {}),
-                                              ({}, {"host_transport": "te"})])
+@pytest.mark.parametrize(("mine", "theirs"), [({"host_transport": "te"}, AUTO),
+                                              (AUTO, {"host_transport": "te"})])
 async def test_one_side_asking_for_te_wins(remote: Remote, mine: dict[str, Any],
                                            theirs: dict[str, Any]) -> None:
     sp = u8(3 * MiB, seed=9)
@@ -128,7 +134,7 @@ async def test_one_side_asking_for_te_wins(remote: Remote, mine: dict[str, Any],
 
 async def test_environment_variable_selects_te(remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOMOONCAKE_HOST_TRANSPORT", "te")  # this process only
-    async with remote.scenario(steps=[]) as sc:
+    async with remote.scenario(steps=[], options=AUTO) as sc:  # auto here, so the variable decides
         assert sc.peer.transports["cpu"] == "tcp"
         await sc.result()
 
@@ -145,7 +151,8 @@ async def test_writes_outside_the_announced_destination_are_refused(
 
     monkeypatch.setattr(Peer, "_start_write", shrink)
     sp = u8(2 * MiB, seed=1)
-    async with remote.scenario(steps=[do.recv(1, sp)]) as sc:
+    async with remote.scenario(steps=[do.recv(1, sp)], options=AUTO) as sc:
+        assert sc.peer.transports["cpu"] == "shm"
         w0 = writes_submitted()
         with pytest.raises(MessageMismatch, match="holds only"):
             await sc.peer.send(make_tensor(sp), 1)
@@ -166,7 +173,8 @@ async def test_eperm_fails_the_send_with_advice(remote: Remote, monkeypatch: pyt
     monkeypatch.setattr(shm, "_warned_perm", False)
     sp = u8(nbytes, seed=2)
     with caplog.at_level(logging.WARNING, logger="aiomooncake.shm"):
-        async with remote.scenario(steps=[do.recv(1, sp)]) as sc:
+        async with remote.scenario(steps=[do.recv(1, sp)], options=AUTO) as sc:
+            assert sc.peer.transports["cpu"] == "shm"
             with pytest.raises(TransferFailed, match="host_transport='te'"):
                 await sc.peer.send(make_tensor(sp), 1)
             (got,) = await sc.result()
