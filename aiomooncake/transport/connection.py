@@ -101,6 +101,10 @@ class Connection(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        partial = len(self._decoder._buf)
+        if partial and self._closed is None:
+            log.warning("protocol error from %s, closing the connection: it ended in the middle of a "
+                        "frame (%d B of it received)", self.peername, partial)
         why = f": {exc}" if exc else ""
         self._lost(PeerClosed(f"the connection to {self.peername} was lost{why}"))
 
