@@ -5,8 +5,9 @@ simply removed; one whose CTS already went out runs the cancel handshake (RCANCE
 and answers), so once the cancellation returns the remote can no longer write into that buffer.
 The sender's send then fails with TransferCancelled, and the peer stays usable.
 
-The slow rendezvous transfers use a 512 MiB message written in 4 KiB chunks, one at a time, so the
-transfer takes seconds and is reliably caught mid-way (the tests assert that it was).
+The slow rendezvous transfers use a 256 MiB message written in 4 KiB chunks, one at a time, so the
+transfer takes seconds and is reliably caught mid-way (the tests assert that it was). Big buffers are
+allocated before connecting, so filling them does not stall a connected event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from harness import (
 
 import aiomooncake
 
-BIG = 512 * MiB
+BIG = 256 * MiB
 SLOW = {"chunk_bytes": 4096, "window": 1, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}
 AFTER = [u8(100, seed=201), u8(300_000, seed=202)]  # eager, rendezvous: the peer is still usable
 
@@ -81,8 +82,8 @@ async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote) -> No
     """Cancel a recv whose CTS went out and whose bytes are arriving, while the sender is frozen
     (SIGSTOP) so it cannot acknowledge yet. Whenever the cancellation returns, not one byte may land
     in the buffer afterwards; the sender's send fails with TransferCancelled; the peer stays usable."""
+    buf = filled(BIG)
     async with remote.scenario(steps=sender_steps(6), options=SLOW) as sc:
-        buf = filled(BIG)
         task = asyncio.ensure_future(sc.peer.recv(buf, 6))
         await asyncio.sleep(0.01)
         sc.tell("go")
@@ -111,8 +112,8 @@ async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote) -> No
 async def test_recv_timeout_mid_transfer(remote: Remote) -> None:
     """A timeout around a recv whose transfer is under way: Timeout is raised only once the remote
     can no longer write, the sender's send fails with TransferCancelled, and the peer is usable."""
+    buf = filled(BIG)
     async with remote.scenario(steps=sender_steps(7), options=SLOW) as sc:
-        buf = filled(BIG)
         task = asyncio.ensure_future(sc.peer.recv(buf, 7, timeout=1.0))
         await asyncio.sleep(0.01)
         sc.tell("go")
@@ -133,9 +134,10 @@ async def test_cancel_send_mid_transfer(remote: Remote) -> None:
     """Cancelling our send while the engine writes it: the remote's recv fails with
     TransferCancelled, and both directions work afterwards on the same peer."""
     steps = [do.recv(2, big_spec(), emit="big"), *(do.recv(2, sp) for sp in AFTER), do.send(2, AFTER[1])]
+    src = make_tensor(big_spec())
     async with remote.scenario(steps=steps, options=SLOW) as sc:
         w0 = writes_submitted()
-        task = asyncio.ensure_future(sc.peer.send(make_tensor(big_spec()), 2))
+        task = asyncio.ensure_future(sc.peer.send(src, 2))
         assert await wait_until(lambda: writes_submitted() - w0 >= 20 or task.done(), 30)
         assert not task.done(), "the transfer finished before it could be cancelled"
         task.cancel()

@@ -225,16 +225,17 @@ async def test_remote_killed_mid_transfer(spawn_remotes: Callable[[int], list[Re
     """The receiver dies while our engine is writing a large message into it: our send fails with
     PeerClosed (not a hang), the peer is declared closed, and closing it afterwards finishes."""
     (r,) = spawn_remotes(1)
-    n = 512 * 1024 * 1024
+    n = 256 * 1024 * 1024
     big = spec(torch.uint8, (n,), fill=0x11)
     # 4 KiB chunks one at a time keep both loops busy; a roomier heartbeat avoids a false "dead"
     # verdict on a loaded machine (the kill itself is seen at once through the TCP reset).
     hb = {"heartbeat_interval": 0.5, "heartbeat_timeout": 3.0}
     slow = {**hb, "chunk_bytes": 4096, "window": 1}
     base = regions_in_flight()
+    src = make_tensor(big)
     async with r.scenario(steps=[do.recv(4, big)], options=slow) as sc:
         w0 = writes_submitted()
-        send = asyncio.ensure_future(sc.peer.send(make_tensor(big), 4))
+        send = asyncio.ensure_future(sc.peer.send(src, 4))
         assert await wait_until(lambda: writes_submitted() - w0 >= 20 or send.done(), 30)
         assert not send.done(), "the transfer finished before the kill: make it slower"
         r.kill(signal.SIGKILL)
@@ -257,19 +258,21 @@ async def test_close_waits_for_engine_writes_of_a_dead_peer(
     have settled: the source's registration is no longer in use when close() returns (it would stay
     "in flight" forever if the event loop ended right after close())."""
     (r,) = spawn_remotes(1)
-    n = 512 * 1024 * 1024
+    n = 256 * 1024 * 1024
     big = spec(torch.uint8, (n,), fill=0x11)
-    slow = {**HB, "chunk_bytes": 4096, "window": 1, "cancel_timeout": 5.0}
+    hb = {"heartbeat_interval": 0.3, "heartbeat_timeout": 2.0}
+    slow = {**hb, "chunk_bytes": 4096, "window": 1, "cancel_timeout": 5.0}
     base = regions_in_flight()
+    src = make_tensor(big)
     async with r.scenario(steps=[do.recv(4, big)], options=slow) as sc:
         w0 = writes_submitted()
-        send = asyncio.ensure_future(sc.peer.send(make_tensor(big), 4))
+        send = asyncio.ensure_future(sc.peer.send(src, 4))
         assert await wait_until(lambda: writes_submitted() - w0 >= 20 or send.done(), 30)
         assert not send.done(), "the transfer finished before the freeze: make it slower"
         r.kill(signal.SIGSTOP)
         try:
             with pytest.raises(aiomooncake.PeerClosed):
-                await asyncio.wait_for(send, HB["heartbeat_timeout"] + 5)
+                await asyncio.wait_for(send, hb["heartbeat_timeout"] + 5)
             assert regions_in_flight() == base + 1, "the stalled engine write should still be in flight"
             r.kill(signal.SIGKILL)  # the engine's request now fails within moments
             await asyncio.wait_for(sc.peer.close(), 10)
@@ -294,8 +297,8 @@ def test_receive_memory_of_a_dead_sender_is_not_stranded_when_the_loop_ends(
     slow = {**hb, "chunk_bytes": 4096, "window": 1}
 
     async def program() -> None:
+        buf = filled(big["shape"])
         async with r.scenario(steps=[do.send(4, big)], options=slow) as sc:
-            buf = filled(big["shape"])
             recv = asyncio.ensure_future(sc.peer.recv(buf, 4))
             assert await wait_until(lambda: buf[0].item() != 0xA5 or recv.done(), 30), "no byte arrived"
             assert not recv.done(), "the transfer finished before the kill: make it slower"
@@ -313,9 +316,9 @@ async def test_sender_killed_mid_transfer(spawn_remotes: Callable[[int], list[Re
     within the heartbeat timeout."""
     (r,) = spawn_remotes(1)
     hb = {"heartbeat_interval": 0.5, "heartbeat_timeout": 3.0}
-    big = spec(torch.uint8, (512 * 1024 * 1024,), fill=0x11)
+    big = spec(torch.uint8, (256 * 1024 * 1024,), fill=0x11)
+    buf = filled(big["shape"])
     async with r.scenario(steps=[do.send(4, big)], options={**hb, "chunk_bytes": 4096, "window": 1}) as sc:
-        buf = filled(big["shape"])
         recv = asyncio.ensure_future(sc.peer.recv(buf, 4))
         assert await wait_until(lambda: buf[0].item() != 0xA5 or recv.done(), 30), "no byte arrived"
         assert not recv.done(), "the transfer finished before the kill: make it slower"

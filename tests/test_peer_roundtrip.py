@@ -40,13 +40,15 @@ def took_expected_path(nbytes: int, writes: int) -> bool:
     return writes == 0 if nbytes <= EAGER_THRESHOLD else writes >= 1
 
 
-async def echo_roundtrip(remote: Remote, src: torch.Tensor, timeout: float = 60.0) -> torch.Tensor:
-    """Send ``src``, let the remote ``recv_tensor`` it and send it back into a sentinel buffer."""
-    async with remote.scenario("echo") as sc:
+async def echo_roundtrip(remote: Remote, src: torch.Tensor, timeout: float = 60.0,
+                         options: dict[str, object] | None = None) -> torch.Tensor:
+    """Send ``src``, let the remote ``recv_tensor`` it and send it back into a sentinel buffer
+    (allocated up front: filling a huge one must not stall the event loop while connected)."""
+    back = filled(src.shape, src.dtype)
+    async with remote.scenario("echo", options=options) as sc:
         w0 = writes_submitted()
         await sc.peer.send(src)
         sent_writes = writes_submitted() - w0
-        back = filled(src.shape, src.dtype)
         got = await sc.peer.recv(back)
         assert got is back
         (info,) = await sc.result(timeout)
@@ -70,7 +72,10 @@ async def test_roundtrip_sizes(remote: Remote, nbytes: int) -> None:
 async def test_roundtrip_1gib(remote: Remote) -> None:
     """1 GiB out and back (64 chunks per direction, 4 in flight)."""
     src = make_tensor(u8(1 * GiB, seed=11))
-    back = await echo_roundtrip(remote, src, timeout=300)
+    # A roomy heartbeat: allocating and page-faulting 1 GiB on a loaded 2-core machine can keep
+    # either process from answering pings for longer than the default 2 s.
+    back = await echo_roundtrip(remote, src, timeout=300,
+                                options={"heartbeat_interval": 1.0, "heartbeat_timeout": 15.0})
     assert same_bytes(back, src)
     del back, src
 
