@@ -37,11 +37,15 @@ import aiomooncake
 
 BIG = 256 * MiB
 SLOW = {"chunk_bytes": 4096, "window": 1, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}
+# Fast, but with 64 MiB of engine requests in flight (more than loopback socket buffers hold): when a
+# frozen sender wakes up, those still land unless the cancellation waited for the sender's word.
+DEEP = {"chunk_bytes": 4 * MiB, "window": 16, "heartbeat_interval": 0.5, "heartbeat_timeout": 5.0}
+DEEP_BIG = 1024 * MiB
 AFTER = [u8(100, seed=201), u8(300_000, seed=202)]  # eager, rendezvous: the peer is still usable
 
 
-def big_spec() -> dict[str, object]:
-    return spec(torch.uint8, (BIG,), fill=0x11)
+def big_spec(nbytes: int = BIG) -> dict[str, object]:
+    return spec(torch.uint8, (nbytes,), fill=0x11)
 
 
 async def assert_usable(sc: object, tag: int) -> None:
@@ -53,8 +57,8 @@ async def assert_usable(sc: object, tag: int) -> None:
         assert same_bytes(d, make_tensor(sp))
 
 
-def sender_steps(tag: int) -> list[dict[str, object]]:
-    return [do.wait("go"), do.send(tag, big_spec(), emit="big"), do.wait("again"),
+def sender_steps(tag: int, nbytes: int = BIG) -> list[dict[str, object]]:
+    return [do.wait("go"), do.send(tag, big_spec(nbytes), emit="big"), do.wait("again"),
             *(do.send(tag, sp) for sp in AFTER)]
 
 
@@ -78,12 +82,15 @@ async def test_cancel_unmatched_recv(remote: Remote) -> None:
         await sc.result()
 
 
-async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote) -> None:
+@pytest.mark.parametrize("sender", ["slow", "deep"])
+async def test_cancel_recv_mid_transfer_with_frozen_sender(remote: Remote, sender: str) -> None:
     """Cancel a recv whose CTS went out and whose bytes are arriving, while the sender is frozen
     (SIGSTOP) so it cannot acknowledge yet. Whenever the cancellation returns, not one byte may land
-    in the buffer afterwards; the sender's send fails with TransferCancelled; the peer stays usable."""
-    buf = filled(BIG)
-    async with remote.scenario(steps=sender_steps(6), options=SLOW) as sc:
+    in the buffer afterwards; the sender's send fails with TransferCancelled; the peer stays usable.
+    "slow": 4 KiB writes one at a time; "deep": 16 writes of 4 MiB in flight when it freezes."""
+    nbytes, opts = (BIG, SLOW) if sender == "slow" else (DEEP_BIG, DEEP)
+    buf = filled(nbytes)
+    async with remote.scenario(steps=sender_steps(6, nbytes), options=opts) as sc:
         task = asyncio.ensure_future(sc.peer.recv(buf, 6))
         await asyncio.sleep(0.01)
         sc.tell("go")
