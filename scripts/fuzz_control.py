@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import msgpack
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hyp_seed
 from hypothesis import strategies as st
 
 import aiomooncake
@@ -63,6 +64,7 @@ HOST = "127.0.0.1"
 SECRET = "fuzzing secret, long enough to be a real one"
 MAX_FRAME = aiomooncake.Options().max_frame
 ECHO_IN, ECHO_OUT = 100, 101
+BATCH = 2000
 log = logging.getLogger("fuzz_control")
 
 
@@ -507,14 +509,27 @@ def run(cases: int, seed: int = 0, timeout: float = 10.0, log_dir: str | None = 
         legit.start()
         random.seed(seed)
 
-        @settings(max_examples=cases, deadline=None, database=None, derandomize=False,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-        @given(phase=st.sampled_from(["session"] * 4 + ["handshake"]), h=hostile(), prefix=st.integers(0, 20))
-        def fuzz(phase: str, h: tuple[str, bytes], prefix: int) -> None:
-            assert target.poll() is None, f"the target died (exit {target.returncode})"
-            fz.case(phase, h[0], h[1], prefix)
+        def batch(n: int, batch_seed: int) -> None:
+            # Hypothesis keeps a record of every example of one run and slows down as it grows:
+            # run in batches of a few thousand, each from its own seed.
+            @hyp_seed(batch_seed)
+            @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(phase=st.sampled_from(["session"] * 4 + ["handshake"]), h=hostile(),
+                   prefix=st.integers(0, 20))
+            def fuzz(phase: str, h: tuple[str, bytes], prefix: int) -> None:
+                assert target.poll() is None, f"the target died (exit {target.returncode})"
+                fz.case(phase, h[0], h[1], prefix)
 
-        fuzz()
+            fuzz()
+
+        done = 0
+        while done < cases:
+            n = min(BATCH, cases - done)
+            batch(n, seed * 100_003 + done)
+            done += n
+            log.info("%d/%d cases, %d frames, %d closed, %d violations", fz.r.cases, cases, fz.r.frames,
+                     fz.r.closed, len(fz.r.violations))
         fz.r.seconds = time.monotonic() - t0
         time.sleep(0.5)
         stop.set()
