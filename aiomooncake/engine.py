@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 TRANSPORTS = ("tcp", "rdma", "nvlink")
 
-# The engine logs through glog; keep its INFO chatter out of the user's terminal unless asked.
+# The engine logs through glog; keep its INFO chatter out of the user's terminal unless asked
+# (newer engine builds read MC_LOG_LEVEL, older ones GLOG_minloglevel).
 os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
 
 
 def _te_module() -> Any:

@@ -17,7 +17,7 @@ from .. import _trace
 from ..core.messages import Ack, Bye, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
 from .busypoll import BusyPoller
-from .framing import FrameDecoder, pack
+from .framing import FrameDecoder, pack_into
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,10 @@ class Connection(asyncio.Protocol):
         if _trace.on:
             _trace.mark("tx")
         if self._closed is None and self._transport is not None and buf:
-            self._transport.write(pack(buf[0]) if len(buf) == 1 else b"".join(map(pack, buf)))
+            parts: list[bytes] = []
+            for m in buf:
+                pack_into(parts, m)
+            self._transport.writelines(parts)
 
     async def drain(self) -> None:
         """Wait while the socket's write buffer is over its high-water mark."""

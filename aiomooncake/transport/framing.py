@@ -26,6 +26,13 @@ def pack(msg: Message) -> bytes:
     return _HDR.pack(len(body)) + body
 
 
+def pack_into(parts: list[bytes], msg: Message) -> None:
+    """Append the frame's header and body as two pieces (for writelines: no concatenation copy)."""
+    body: bytes = _packer.pack(encode(msg))
+    parts.append(_HDR.pack(len(body)))
+    parts.append(body)
+
+
 class FrameDecoder:
     """Incremental decoder: feed bytes, get messages."""
 
@@ -37,25 +44,35 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Message]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            view = memoryview(buf)
+        else:
+            view = memoryview(data)  # common case: whole frames, parsed in place without a copy
         out: list[Message] = []
         pos = 0
-        n = len(buf)
-        while n - pos >= HEADER:
-            (length,) = _HDR.unpack_from(buf, pos)
-            if length > self.max_frame:
-                raise ProtocolError(f"frame of {length} B exceeds the cap of {self.max_frame} B")
-            if n - pos - HEADER < length:
-                break
-            start = pos + HEADER
-            out.append(decode(_unpack(bytes(buf[start:start + length]))))
-            pos = start + length
-        if pos:
-            del buf[:pos]
+        n = len(view)
+        try:
+            while n - pos >= HEADER:
+                (length,) = _HDR.unpack_from(view, pos)
+                if length > self.max_frame:
+                    raise ProtocolError(f"frame of {length} B exceeds the cap of {self.max_frame} B")
+                if n - pos - HEADER < length:
+                    break
+                start = pos + HEADER
+                out.append(decode(_unpack(view[start:start + length])))
+                pos = start + length
+        finally:
+            view.release()
+        if buf:
+            if pos:
+                del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
         return out
 
 
-def _unpack(body: bytes) -> Any:
+def _unpack(body: bytes | memoryview) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
                                max_bin_len=len(body), max_str_len=len(body),
