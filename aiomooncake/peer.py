@@ -8,6 +8,7 @@ engine's writes, copying eager payloads, resolving the callers' futures).
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import logging
 import os
@@ -177,7 +178,7 @@ class Peer:
         """Wait until :meth:`probe` would return True (for any-source receives)."""
         while not self._session.has_unexpected(tag):
             if self._conn.closed is not None:
-                raise self._conn.closed
+                raise _own_copy(self._conn.closed)
             fut = self._loop.create_future()
             self._arrivals.setdefault(tag, []).append(fut)
             try:
@@ -243,7 +244,10 @@ class Peer:
         nbytes = src.nbytes
         conn = self._conn
         if conn._paused is not None:
-            await conn.drain()
+            try:
+                await conn.drain()
+            except AiomooncakeError as e:
+                raise _own_copy(e) from None
         s = self._session
         # CUDA tensors take the rendezvous path (only empty ones go inline): an inline payload needs
         # the producer's work done before the post, so the post would wait and a later send on the
@@ -701,9 +705,12 @@ _quarantine: deque[tuple[float, tuple[Engine, Region], tuple[Any, ...]]] = deque
 
 
 def _prune_quarantine() -> None:
+    if not _quarantine:
+        return
     now = time.monotonic()
-    while _quarantine and _quarantine[0][0] <= now:
-        _, (eng, region), _tensors = _quarantine.popleft()
+    for entry in [e for e in _quarantine if e[0] <= now]:  # expiries differ if quarantine_s changed
+        _quarantine.remove(entry)
+        eng, region = entry[1]
         eng.release(region)
 
 
@@ -719,9 +726,18 @@ def _as_error(e: BaseException) -> AiomooncakeError:
     return TransferFailed(f"{type(e).__name__}: {e}")
 
 
+def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of an error shared by many operations (the connection's), for one of them to raise.
+    Raising attaches the raiser's frames to the exception; raising one shared instance would keep
+    every failed call's frames, and the tensors in them, alive as long as the peer object."""
+    dup = copy.copy(exc)
+    dup.__cause__ = exc.__cause__
+    return dup
+
+
 def _set_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
-        fut.set_exception(exc)
+        fut.set_exception(_own_copy(exc))
         fut.exception()  # mark retrieved: a cancelled caller must not cause "never retrieved" noise
 
 
