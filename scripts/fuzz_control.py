@@ -458,6 +458,7 @@ class Fuzzer:
                 conn.next((m.Bye, m.Refuse))
         except (Closed, BrokenPipeError, ConnectionResetError):
             self.r.closed += 1
+            self.r.closed_by_category["truncated-eof"] = self.r.closed_by_category.get("truncated-eof", 0) + 1
         except TimeoutError:
             self.r.violations.append(f"HANG: a connection that hung up mid-frame stayed open: {data!r:.100}")
         finally:
