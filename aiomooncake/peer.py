@@ -36,6 +36,7 @@ from .core.session import (
     SendComplete,
     SendFailed,
     SendOp,
+    SendState,
     Session,
     StopWriting,
     WriteRequested,
@@ -75,6 +76,7 @@ class _SendCtx:
     ready: torch.cuda.Event | None
     stop: bool = False
     job: WriteJob | None = None
+    retried: bool = False
 
 
 @dataclass(eq=False)
@@ -343,7 +345,18 @@ class Peer:
         self._write_done(op, job, n, _as_error(exc) if exc is not None else None)
 
     async def _write_failed(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError) -> None:
-        await self._conn.probe()
+        alive = await self._conn.probe()
+        ctx: _SendCtx = op.context  # type: ignore[assignment]
+        if alive and not ctx.retried and not ctx.stop and op.state is SendState.WRITING:
+            # The peer is alive, so the data plane failed: typically the engine reused a pooled
+            # connection to a process that died, whose port a restarted peer now holds. The engine
+            # drops a connection that failed; writing every piece again is harmless (same bytes,
+            # same place, and the receiver waits for DONE), so try once more.
+            ctx.retried = True
+            log.warning("engine write to %s failed (%s) while the peer is alive; retrying once",
+                        self.address, error)
+            self._submit(op, ctx, self._links.get(op.link))
+            return
         self._write_done(op, job, n, error)
 
     def _write_done(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError | None) -> None:
