@@ -157,3 +157,41 @@ async def test_receive_memory_is_quarantined_when_the_sender_dies(
     # expired: released when the next peer is created or closed (here: this scenario's close)
     assert peer_mod.quarantined_bytes() == q0
     assert regions_in_flight() <= base
+
+
+async def test_failed_engine_write_to_a_live_peer_is_retried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine write that fails while the peer answers (e.g. the engine reused a pooled connection
+    to a dead process whose port a restarted peer now holds) is written again once; a second
+    failure fails the send with TransferFailed (not PeerClosed: the peer is alive) and the peer
+    stays usable."""
+    from aiomooncake.engine import WriteJob
+    from aiomooncake.errors import TransferFailed
+
+    real = Engine.write
+    failures = [1]
+
+    def flaky(self: Engine, segment: str, pieces: Any, window: int) -> WriteJob:
+        if failures[0] > 0:
+            failures[0] -= 1
+            job = WriteJob(self, segment, list(pieces), window)
+            job.future.set_exception(TransferFailed("simulated: the engine reported status -1"))
+            return job
+        return real(self, segment, pieces, window)
+
+    monkeypatch.setattr(Engine, "write", flaky)
+    lst = await aiomooncake.listen("127.0.0.1", 0, host_transport="te")
+    a = await aiomooncake.connect("127.0.0.1", lst.port, host_transport="te")
+    b = await asyncio.wait_for(lst.accept(), 10)
+    await lst.close()
+    async with a, b:
+        src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
+        got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(1), a.send(src, 1)), 30)
+        assert torch.equal(got, src) and failures[0] == 0
+        failures[0] = 2  # fails again on the retry: a real data-plane failure
+        outs = await asyncio.wait_for(asyncio.gather(b.recv_tensor(2), a.send(src, 2),
+                                                     return_exceptions=True), 30)
+        assert isinstance(outs[1], TransferFailed) and not isinstance(outs[1], aiomooncake.PeerClosed)
+        assert isinstance(outs[0], TransferFailed), outs[0]
+        assert failures[0] == 0 and not a.closed
+        got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(3), a.send(src, 3)), 30)
+        assert torch.equal(got, src)
