@@ -437,3 +437,15 @@ def test_auth_primitives() -> None:
     assert not auth.verify(b"other key of sufficient length", "client", a, b, p)
     with pytest.raises(ValueError):
         auth.proof(key, "attacker", a, b)
+
+
+async def test_a_listener_whose_engine_fails_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener cannot start its Transfer Engine (no free port, no device...): the client gets
+    a HandshakeError with the reason instead of a bare 'connection lost'."""
+    async def broken(cls: type[Engine], kind: str, host: str) -> Engine:
+        raise aiomooncake.ConfigurationError("the Transfer Engine failed to initialize (simulated)")
+
+    monkeypatch.setattr(Engine, "get", classmethod(broken))
+    async with listening(secret=SECRET) as lst:
+        with pytest.raises(aiomooncake.HandshakeError, match=r"could not start its data plane.*simulated"):
+            await aiomooncake.connect(HOST, lst.port, secret=SECRET, **FAST)

@@ -34,7 +34,7 @@ from .. import shm
 from ..core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
 from ..core.negotiation import plan_links
 from ..engine import Engine, capabilities
-from ..errors import HandshakeError, ProtocolError
+from ..errors import AiomooncakeError, HandshakeError, ProtocolError
 from ..options import Options
 from . import auth
 from .connection import Connection
@@ -183,7 +183,11 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         reason = f"the peers disagree on transports: server chose {plan}, the client computes {expected}"
         _refuse(conn, reason)
         raise HandshakeError(reason)
-    engines = await _engines(plan, _engine_host(conn, options))
+    try:
+        engines = await _engines(plan, _engine_host(conn, options))
+    except AiomooncakeError as e:
+        _refuse(conn, f"the client could not start its data plane: {e}")
+        raise
     conn.send(Ready({"segments": {t: e.segment for t, e in engines.items()}}))
     return Agreement(_links(plan, engines, msg.info.get("segments")), remote)
 
@@ -232,7 +236,11 @@ async def server_handshake(conn: Connection, options: Options) -> Agreement:
     except HandshakeError as e:
         _refuse(conn, str(e))
         raise
-    engines = await _engines(plan, _engine_host(conn, options))
+    try:
+        engines = await _engines(plan, _engine_host(conn, options))
+    except AiomooncakeError as e:
+        _refuse(conn, f"the listener could not start its data plane: {e}")
+        raise
     conn.send(Welcome(PROTOCOL_VERSION, {"self": mine, "links": plan,
                                          "segments": {t: e.segment for t, e in engines.items()}}))
     final: Ready = await _expect(conn, options, Ready, "READY")
