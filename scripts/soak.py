@@ -9,8 +9,9 @@ checks the echo. A message is *lost* if its echo never comes back, *corrupted* i
 fails. Sizes are mixed: empty (every 997th message), 1 B to 4 KiB (70 %), to 64 KiB (20 %, still
 eager), to 1 MiB (9 %, rendezvous) and to 4 MiB (1 %).
 
-Resident memory (RSS) of the hub and of every child is sampled at each percent of progress; the
-growth reported is the mean over the last 10 % of the samples against the mean over the first 10 %.
+Resident memory (RSS) of the hub and of every child is sampled at each percent of progress (from
+1 %: before, nothing has moved yet); the growth reported is the mean over the last 10 % of the
+samples against the mean over the first 10 %.
 
     python scripts/soak.py --messages 100000 --peers 4 --inflight 1000 --json soak.json
 
@@ -182,7 +183,7 @@ async def run(args: Any) -> dict[str, Any]:
             t = asyncio.ensure_future(one(i))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
-            if i % step == 0:
+            if i % step == 0 and i:  # from the first percent on: before it nothing had moved yet
                 samples.append({"i": i, "t": round(time.monotonic() - t0, 3), "hub": rss(),
                                 **{f"child{k}": rss(pid) for k, pid in enumerate(pids)}})
                 if i % (step * 10) == 0:
