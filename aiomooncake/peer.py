@@ -76,7 +76,7 @@ class _SendCtx:
     ready: torch.cuda.Event | None
     stop: bool = False
     job: WriteJob | None = None
-    retried: bool = False
+    retries: int = 0
 
 
 @dataclass(eq=False)
@@ -347,14 +347,15 @@ class Peer:
     async def _write_failed(self, op: SendOp, job: WriteJob | None, n: int, error: AiomooncakeError) -> None:
         alive = await self._conn.probe()
         ctx: _SendCtx = op.context  # type: ignore[assignment]
-        if alive and not ctx.retried and not ctx.stop and op.state is SendState.WRITING:
+        if alive and ctx.retries < _WRITE_RETRIES and not ctx.stop and op.state is SendState.WRITING:
             # The peer is alive, so the data plane failed: typically the engine reused a pooled
             # connection to a process that died, whose port a restarted peer now holds. The engine
-            # drops a connection that failed; writing every piece again is harmless (same bytes,
-            # same place, and the receiver waits for DONE), so try once more.
-            ctx.retried = True
-            log.warning("engine write to %s failed (%s) while the peer is alive; retrying once",
-                        self.address, error)
+            # closes a connection that failed, and pools at most MC_TCP_LANES_PER_PEER (4) per
+            # address, so a few more attempts reach a fresh one. Writing every piece again is
+            # harmless (same bytes, same place, and the receiver waits for DONE).
+            ctx.retries += 1
+            log.warning("engine write to %s failed (%s) while the peer is alive; retry %d of %d",
+                        self.address, error, ctx.retries, _WRITE_RETRIES)
             self._submit(op, ctx, self._links.get(op.link))
             return
         self._write_done(op, job, n, error)
@@ -638,6 +639,9 @@ class Peer:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
+
+# Attempts after a failed engine write while the peer answers (one per pooled engine connection).
+_WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))
 
 _probe_lock = threading.Lock()
 _probe_pipe: tuple[int, int] | None = None

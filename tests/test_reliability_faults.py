@@ -159,11 +159,11 @@ async def test_receive_memory_is_quarantined_when_the_sender_dies(
     assert regions_in_flight() <= base
 
 
-async def test_failed_engine_write_to_a_live_peer_is_retried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_engine_write_to_a_live_peer_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine write that fails while the peer answers (e.g. the engine reused a pooled connection
-    to a dead process whose port a restarted peer now holds) is written again once; a second
-    failure fails the send with TransferFailed (not PeerClosed: the peer is alive) and the peer
-    stays usable."""
+    to a dead process whose port a restarted peer now holds) is written again, up to one attempt
+    per pooled connection; if every attempt fails, the send fails with TransferFailed (not
+    PeerClosed: the peer is alive) and the peer stays usable."""
     from aiomooncake.engine import WriteJob
     from aiomooncake.errors import TransferFailed
 
@@ -187,7 +187,10 @@ async def test_failed_engine_write_to_a_live_peer_is_retried_once(monkeypatch: p
         src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
         got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(1), a.send(src, 1)), 30)
         assert torch.equal(got, src) and failures[0] == 0
-        failures[0] = 2  # fails again on the retry: a real data-plane failure
+        failures[0] = 3  # stale connections to go through: still delivered
+        got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(4), a.send(src, 4)), 30)
+        assert torch.equal(got, src) and failures[0] == 0
+        failures[0] = 1 + peer_mod._WRITE_RETRIES  # fails on every retry: a real data-plane failure
         outs = await asyncio.wait_for(asyncio.gather(b.recv_tensor(2), a.send(src, 2),
                                                      return_exceptions=True), 30)
         assert isinstance(outs[1], TransferFailed) and not isinstance(outs[1], aiomooncake.PeerClosed)
