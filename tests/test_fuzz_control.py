@@ -56,6 +56,10 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def writelines(self, parts: list[bytes]) -> None:
+        for p in parts:
+            self.out += p
+
     def close(self) -> None:
         self.closed = True
 
