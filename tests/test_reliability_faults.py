@@ -154,8 +154,9 @@ async def test_receive_memory_is_quarantined_when_the_sender_dies(
         assert peer_mod.quarantined_bytes() - q0 == 128 << 20
         assert regions_in_flight() > base, "the memory was unregistered while a write may land"
         await asyncio.sleep(3.2)
-    # expired: released when the next peer is created or closed (here: this scenario's close)
-    assert peer_mod.quarantined_bytes() == q0
+    # expired: released when the next peer is created or closed (here: this scenario's close).
+    # Earlier tests' quarantines may expire at the same moment, so the total can fall below q0.
+    assert peer_mod.quarantined_bytes() <= q0
     assert regions_in_flight() <= base
 
 
