@@ -199,3 +199,30 @@ async def test_failed_engine_write_to_a_live_peer_is_retried(monkeypatch: pytest
         assert failures[0] == 0 and not a.closed
         got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(3), a.send(src, 3)), 30)
         assert torch.equal(got, src)
+
+
+async def test_a_segment_name_taken_over_by_a_restarted_peer_is_refreshed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted peer's engine may get the RPC port (hence the segment name) of a dead one; the
+    engine's cached descriptor of that name (dead data port, dead buffers) must then be re-fetched,
+    or every write to the new peer fails ('TCP lane connection to ... refused', seen in the engine
+    stress run). The first link to a name, and a new link from the same process, refresh nothing."""
+    from aiomooncake.transport import handshake
+
+    calls: list[object] = []
+    monkeypatch.setattr(handshake, "_sync_segment_cache", lambda te: calls.append(te) or True)
+    monkeypatch.setattr(handshake, "_segment_owners", {})
+
+    class FakeEngine:
+        _te = object()
+
+    def links(seg: str) -> dict[str, Any]:
+        return {"cpu": handshake.Link("cpu", "tcp", FakeEngine(), seg)}  # type: ignore[arg-type]
+
+    a, b = {"host_id": "h", "pid": 10}, {"host_id": "h", "pid": 11}
+    await handshake._forget_stale_segments(links("127.0.0.1:15001"), a)
+    await handshake._forget_stale_segments(links("127.0.0.1:15001"), a)  # same process again
+    await handshake._forget_stale_segments(links("127.0.0.1:15002"), b)  # another name
+    assert calls == []
+    await handshake._forget_stale_segments(links("127.0.0.1:15001"), b)  # taken over
+    assert len(calls) == 1

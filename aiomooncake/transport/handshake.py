@@ -25,6 +25,8 @@ Without secrets the same five messages flow, with ``auth: "none"`` and no proofs
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -33,11 +35,13 @@ from typing import Any
 from .. import shm
 from ..core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
 from ..core.negotiation import plan_links
-from ..engine import Engine, capabilities
+from ..engine import Engine, _sync_segment_cache, capabilities
 from ..errors import AiomooncakeError, HandshakeError, ProtocolError
 from ..options import Options
 from . import auth
 from .connection import Connection
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,33 @@ def _links(plan: dict[str, str], engines: dict[str, Engine], segments: Any) -> d
             raise ProtocolError(f"handshake: the peer sent no segment for transport {t!r}")
         out[name] = Link(name, t, engines[t], seg)
     return out
+
+
+# Remote segment name -> the process ("host_id/pid") that held it when we last linked to it.
+_segment_owners: dict[str, str] = {}
+
+
+async def _forget_stale_segments(links: dict[str, Link], remote: dict[str, Any]) -> None:
+    """A segment name is ``host:rpc_port`` of the remote engine, and a restarted peer's engine can
+    get the port a dead one had. The engine caches descriptors by name (the dead engine's data
+    port and buffers): writes to the new peer then fail until the cache is refreshed. So when a
+    name we linked to before now belongs to another process, make the engine re-fetch its cached
+    descriptors (off the loop: it asks every cached segment, dead ones included)."""
+    owner = f"{remote.get('host_id')}/{remote.get('pid')}"
+    stale = []
+    for link in links.values():
+        seg = link.remote_segment
+        previous = _segment_owners.get(seg)
+        _segment_owners[seg] = owner
+        if previous is not None and previous != owner and hasattr(link.engine, "_te"):
+            stale.append(link)
+    for link in stale:
+        log.info("segment %s now belongs to another process (a restarted peer): refreshing the "
+                 "%s engine's cached descriptors", link.remote_segment, link.transport)
+        ok = await asyncio.get_running_loop().run_in_executor(None, _sync_segment_cache, link.engine._te)
+        if not ok:
+            log.warning("could not refresh the engine's cached descriptor of %s: writes to this "
+                        "peer may fail", link.remote_segment)
 
 
 def _refuse(conn: Connection, reason: str) -> None:
@@ -189,7 +220,9 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         _refuse(conn, f"the client could not start its data plane: {e}")
         raise
     conn.send(Ready({"segments": {t: e.segment for t, e in engines.items()}}))
-    return Agreement(_links(plan, engines, msg.info.get("segments")), remote)
+    links = _links(plan, engines, msg.info.get("segments"))
+    await _forget_stale_segments(links, remote)
+    return Agreement(links, remote)
 
 
 async def server_handshake(conn: Connection, options: Options) -> Agreement:
@@ -244,4 +277,6 @@ async def server_handshake(conn: Connection, options: Options) -> Agreement:
     conn.send(Welcome(PROTOCOL_VERSION, {"self": mine, "links": plan,
                                          "segments": {t: e.segment for t, e in engines.items()}}))
     final: Ready = await _expect(conn, options, Ready, "READY")
-    return Agreement(_links(plan, engines, final.info.get("segments")), remote)
+    links = _links(plan, engines, final.info.get("segments"))
+    await _forget_stale_segments(links, remote)
+    return Agreement(links, remote)
