@@ -665,12 +665,27 @@ def _unwritable(t: torch.Tensor) -> str | None:
     base, size = st.data_ptr(), st.nbytes()
     if size == 0 or base == 0:
         return None
+    seen = _writable_seen.get(base)
+    if seen is not None:  # a live storage found writable stays writable: skip the syscalls
+        if not torch.UntypedStorage._expired(seen):
+            return None
+        torch.UntypedStorage._free_weak_ref(seen)
+        del _writable_seen[base]
     for addr in {base, base + size - 1}:
         if not _page_writable(addr):
             return "its memory is mapped read-only (e.g. torch.frombuffer over a read-only mmap)"
     if _inside_bytes_object(base, size):
         return "its memory is an immutable Python bytes object (torch.frombuffer over bytes)"
+    if len(_writable_seen) > 4096:
+        for key, ref in list(_writable_seen.items()):
+            if torch.UntypedStorage._expired(ref):
+                torch.UntypedStorage._free_weak_ref(ref)
+                del _writable_seen[key]
+    _writable_seen[base] = st._weak_ref()  # type: ignore[assignment]
     return None
+
+
+_writable_seen: dict[int, int] = {}  # storage address -> weak reference of a storage found writable
 
 
 def _page_writable(addr: int) -> bool:
