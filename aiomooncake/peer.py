@@ -646,6 +646,7 @@ _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))
 _probe_lock = threading.Lock()
 _probe_pipe: tuple[int, int] | None = None
 _libc_read: Any = None
+_libc_write: Any = None
 _BYTES_TYPE = id(bytes).to_bytes(8, sys.byteorder)
 
 
@@ -688,18 +689,24 @@ def _unwritable(t: torch.Tensor) -> str | None:
 _writable_seen: dict[int, int] = {}  # storage address -> weak reference of a storage found writable
 
 
+def _probe_setup() -> tuple[int, int]:
+    """The pipe and libc calls the probes use (call with _probe_lock held)."""
+    global _probe_pipe, _libc_read, _libc_write
+    if _probe_pipe is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        _libc_read, _libc_write = lib.read, lib.write
+        for fn in (_libc_read, _libc_write):
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_ssize_t
+        _probe_pipe = os.pipe()
+    return _probe_pipe
+
+
 def _page_writable(addr: int) -> bool:
     """Whether the kernel lets this process write the byte at ``addr``: read() one byte from a pipe
     into it (the byte it already holds, so nothing changes); a read-only page gives EFAULT."""
-    global _probe_pipe, _libc_read
     with _probe_lock:
-        if _probe_pipe is None:
-            lib = ctypes.CDLL(None, use_errno=True)
-            _libc_read = lib.read
-            _libc_read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-            _libc_read.restype = ctypes.c_ssize_t
-            _probe_pipe = os.pipe()
-        r, w = _probe_pipe
+        r, w = _probe_setup()
         os.write(w, ctypes.string_at(addr, 1))
         if _libc_read(r, addr, 1) == 1:
             return True
@@ -709,17 +716,24 @@ def _page_writable(addr: int) -> bool:
 
 def _inside_bytes_object(base: int, size: int) -> bool:
     """Whether ``[base, base + size)`` lies in the payload of a live ``bytes`` object whose header
-    (refcount, type, size, hash: 32 bytes on 64-bit CPython) is on the same page, before ``base``.
-    Stale memory can hold the type's address too, so the header must also look alive: 16-byte
-    aligned (every CPython allocator aligns so), a plausible reference count (a freed object's first
-    word is an allocator's free-list pointer) and a size that covers the tensor."""
-    off = base & 4095
-    if off < 32 or sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
+    (refcount, type, size, hash: 32 bytes on 64-bit CPython) is within the page of ``base`` or the
+    one before (a small object can straddle a page boundary; the earlier page is read only if the
+    kernel says it is readable). Stale memory can hold the type's address too, so the header must
+    also look alive: 16-byte aligned (every CPython allocator aligns so), a plausible reference
+    count (a freed object's first word is an allocator's free-list pointer) and a size that covers
+    the tensor. Not seen: views starting more than a page into a bytes object."""
+    if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
         return False
-    page = ctypes.string_at(base - off, off)
+    start = (base & ~4095) - 4096
+    if start <= 0 or not _page_readable(start):
+        start = base & ~4095
+    off = base - start
+    if off < 32:
+        return False
+    page = ctypes.string_at(start, off)
     i = page.rfind(_BYTES_TYPE)
     while i >= 8:
-        obj = base - off + i - 8
+        obj = start + i - 8
         if obj % 16 == 0 and i + 16 <= off:
             refcnt = int.from_bytes(page[i - 8:i], sys.byteorder)
             length = int.from_bytes(page[i + 8:i + 16], sys.byteorder, signed=True)
@@ -728,6 +742,16 @@ def _inside_bytes_object(base: int, size: int) -> bool:
                 return True
         i = page.rfind(_BYTES_TYPE, 0, i)
     return False
+
+
+def _page_readable(addr: int) -> bool:
+    """Whether the byte at ``addr`` may be read: write() it to a pipe (EFAULT if not mapped)."""
+    with _probe_lock:
+        r, w = _probe_setup()
+        if _libc_write(w, addr, 1) != 1:
+            return False
+        os.read(r, 1)
+        return True
 
 
 # (expiry, (engine, region), tensors): memory a dead peer may still write into. Pruned when a

@@ -199,3 +199,24 @@ async def test_close_while_a_transfer_runs_fails_both_sides_cleanly(
     snapshot = dest.clone()
     await asyncio.sleep(0.3)
     assert torch.equal(dest, snapshot), "bytes landed after the recv had failed"
+
+
+def test_bytes_views_across_a_page_boundary_are_seen() -> None:
+    """A view into a bytes object whose header sits on the previous 4 KiB page (small objects can
+    straddle pages) is still recognised as immutable."""
+    found = 0
+    keep = []
+    for _ in range(20000):
+        b = bytes(range(256)) + bytes(44)
+        keep.append(b)
+        payload = id(b) + 32
+        if payload // 4096 != (payload + 96) // 4096:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                view = torch.frombuffer(b, dtype=torch.uint8, offset=96, count=64)
+            assert view.data_ptr() // 4096 != id(b) // 4096
+            assert _unwritable(view) is not None
+            found += 1
+            if found >= 5:
+                break
+    assert found, "no bytes object straddled a page boundary"
