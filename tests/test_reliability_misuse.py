@@ -56,17 +56,17 @@ async def test_recv_into_immutable_bytes_is_refused(pair: Pair) -> None:
         frozen = bytes(range(256)) * (n // 256)
         snapshot = bytes(frozen)  # a copy to compare with
         with pytest.raises(aiomooncake.ConfigurationError, match="immutable Python bytes"):
-            await b.recv(frombuffer(frozen), 1)
+            await asyncio.wait_for(b.recv(frombuffer(frozen), 1), 10)
         # also at an offset into the object
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inner = torch.frombuffer(frozen, dtype=torch.uint8, offset=64, count=64)
         with pytest.raises(aiomooncake.ConfigurationError, match="immutable"):
-            await b.recv(inner, 1)
+            await asyncio.wait_for(b.recv(inner, 1), 10)
         # the message is still there for a proper recv, and the bytes object never changed
         src = torch.full((n,), 7, dtype=torch.uint8)
         dest = torch.empty(n, dtype=torch.uint8)
-        await asyncio.gather(a.send(src, 1), b.recv(dest, 1))
+        await asyncio.wait_for(asyncio.gather(a.send(src, 1), b.recv(dest, 1)), 30)
         assert torch.equal(dest, src) and frozen == snapshot
     await still_works(a, b)
 
@@ -81,7 +81,7 @@ async def test_recv_into_read_only_mapping_is_refused(pair: Pair) -> None:
             mm = mmap.mmap(fd, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ)
             t = frombuffer(mm)
             with pytest.raises(aiomooncake.ConfigurationError, match="read-only"):
-                await b.recv(t, 2)  # writing there would have killed this process with SIGSEGV
+                await asyncio.wait_for(b.recv(t, 2), 10)  # writing there would have been a SIGSEGV
             del t
             mm.close()
         finally:
@@ -93,7 +93,7 @@ async def test_recv_into_overlapping_elements_is_refused(pair: Pair) -> None:
     a, b = pair
     expanded = torch.zeros(1, dtype=torch.float32).expand(64)
     with pytest.raises(aiomooncake.ConfigurationError, match="share memory"):
-        await b.recv(expanded, 3)
+        await asyncio.wait_for(b.recv(expanded, 3), 10)
     await still_works(a, b)
 
 
@@ -117,8 +117,8 @@ async def test_too_small_destination_fails_both_sides(pair: Pair,
                                                      n: int) -> None:
     a, b = pair
     small = torch.full((n // 2,), 0xA5, dtype=torch.uint8)
-    results = await asyncio.gather(a.send(torch.ones(n, dtype=torch.uint8), 4), b.recv(small, 4),
-                                   return_exceptions=True)
+    results = await asyncio.wait_for(asyncio.gather(a.send(torch.ones(n, dtype=torch.uint8), 4),
+                                                    b.recv(small, 4), return_exceptions=True), 30)
     assert all(isinstance(r, aiomooncake.MessageMismatch) for r in results), results
     assert "size differs" in str(results[1]) and "no byte was written" in str(results[1])
     assert bool((small == 0xA5).all()), "a refused message wrote into the destination"
@@ -136,12 +136,12 @@ async def test_wrong_kind_of_tensor_is_refused(pair: Pair) -> None:
     ]
     for obj, why in cases:
         with pytest.raises(aiomooncake.ConfigurationError, match=why):
-            await a.send(obj, 5)  # type: ignore[arg-type]
+            await asyncio.wait_for(a.send(obj, 5), 10)  # type: ignore[arg-type]
         with pytest.raises(aiomooncake.ConfigurationError, match=why):
-            await b.recv(obj, 5)  # type: ignore[arg-type]
+            await asyncio.wait_for(b.recv(obj, 5), 10)  # type: ignore[arg-type]
     for bad_tag in (2**63, -(2**63) - 1, 1.5, "7"):
         with pytest.raises(aiomooncake.ConfigurationError, match="tag"):
-            await a.send(torch.ones(3), bad_tag)  # type: ignore[arg-type]
+            await asyncio.wait_for(a.send(torch.ones(3), bad_tag), 10)  # type: ignore[arg-type]
     await still_works(a, b)
 
 
