@@ -42,7 +42,7 @@ class Options:
     eager_threshold: int = 64 * 1024
     chunk_bytes: int = 0
     window: int = 4
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 2.0
     max_frame: int = 0  # 0: eager_threshold + 64 KiB
     handshake_timeout: float = 30.0

@@ -61,8 +61,6 @@ class Connection(asyncio.Protocol):
         if _trace.on:
             _trace.mark("rx")
         self._last_rx = time.monotonic()
-        if self.busy is not None:
-            self.busy.kick()
         try:
             msgs = self._decoder.feed(data)
         except ProtocolError as e:
@@ -70,6 +68,8 @@ class Connection(asyncio.Protocol):
             return
         for m in msgs:
             if self._handler is not None and type(m) not in _CONTROL:
+                if self.busy is not None:  # traffic (not a heartbeat): keep the loop hot a moment
+                    self.busy.kick()
                 try:
                     self._handler(m)
                 except ProtocolError as e:
@@ -130,7 +130,7 @@ class Connection(asyncio.Protocol):
         if self._closed is not None or self._transport is None:
             return
         self._wbuf.extend(msgs)
-        if self.busy is not None:
+        if self.busy is not None and type(msgs[0]) not in _CONTROL:
             self.busy.kick()
         if all(type(m) is Ack for m in msgs):
             if not self._write_scheduled:
@@ -253,5 +253,10 @@ class Connection(asyncio.Protocol):
                     return
             now = time.monotonic()
             if now >= next_ping:
-                self.send(Ping(now))
+                # Heard from the peer within half an interval (its ping, our ping's pong, traffic):
+                # it is alive and our answers keep it informed, so skip this ping. On an idle pair
+                # one side ends up pinging and the other answering: fewer wake-ups, which cost
+                # each process CPU even when idle.
+                if now - self._last_rx >= interval / 2:
+                    self.send(Ping(now))
                 next_ping = now + interval
