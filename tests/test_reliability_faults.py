@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import importlib.util
 import os
@@ -76,7 +77,7 @@ async def test_frozen_peer_detected_within_the_default_timeout(
         spawn_remotes: Callable[[int], list[Remote]]) -> None:
     """Default options: every pending operation on a frozen peer fails with PeerClosed about
     heartbeat_timeout (2 s) after the freeze, not heartbeat_timeout + heartbeat_interval."""
-    assert (DEFAULT.heartbeat_interval, DEFAULT.heartbeat_timeout) == (0.5, 2.0)
+    assert DEFAULT.heartbeat_timeout <= 2.0  # the issue's bound
     (r,) = spawn_remotes(1)
     async with r.scenario(steps=[do.emit("ready"), do.wait("never")]) as sc:
         await sc.event("ready")
@@ -138,6 +139,7 @@ async def test_receive_memory_is_quarantined_when_the_sender_dies(
     PeerClosed at once, but that memory (allocated by the library) stays allocated and registered
     for Peer.quarantine_s, so a late write can never land in memory handed out again."""
     monkeypatch.setattr(peer_mod.Peer, "quarantine_s", 3.0)
+    monkeypatch.setattr(peer_mod, "_quarantine", collections.deque())  # earlier tests' entries: later
     (r,) = spawn_remotes(1)
     big = spec(torch.uint8, (128 << 20,), fill=0x22)
     opts = {"chunk_bytes": 4096, "window": 1, "host_transport": "te"}
