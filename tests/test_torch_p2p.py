@@ -201,9 +201,13 @@ def four_rank_exchanges(ctx: Ctx) -> dict[str, Any]:
 def test_four_ranks_match_gloo() -> None:
     ours = run_ranks(four_rank_exchanges, 4, backend="aiomooncake", timeout=150).results
     ref = run_ranks(four_rank_exchanges, 4, backend="gloo", timeout=150).results
+    # gloo's answer to the any-source priority case depends on timing (both orders were seen), so
+    # ours is checked exactly against the MPI rule and everything else must equal gloo's.
+    ours_priority = ours[0].pop("priority")
+    ref[0].pop("priority")
     assert ours == ref
     assert ours[0]["any_three"] == [(1, [1.0] * 3), (2, [2.0] * 3), (3, [3.0] * 3)]
-    assert ours[0]["priority"] == [[1.0, 1.0], [2.0, 2.0], 1]
+    assert ours_priority == [[1.0, 1.0], [2.0, 2.0], 1]
     assert no_children_left()
 
 
