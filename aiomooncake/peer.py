@@ -655,7 +655,8 @@ def _unwritable(t: torch.Tensor) -> str | None:
     be written (``torch.frombuffer`` over ``bytes`` or a read-only ``mmap`` only warns), so look:
     elements that share memory (expanded tensors), pages the kernel maps read-only (writing there
     would crash the process), and the payload of an immutable Python ``bytes`` object (writing there
-    would silently change a value Python assumes constant). About 3 us per call on the CPU."""
+    would silently change a value Python assumes constant). Storage torch's allocator owns is
+    skipped; for outside memory about 3 us per call."""
     if t.numel() == 0:
         return None
     if torch._debug_has_internal_overlap(t) == 1:
@@ -663,6 +664,8 @@ def _unwritable(t: torch.Tensor) -> str | None:
     if t.device.type != "cpu":
         return None
     st = t.untyped_storage()
+    if st.resizable():  # torch's own allocator made it: writable, and never a bytes object
+        return None
     base, size = st.data_ptr(), st.nbytes()
     if size == 0 or base == 0:
         return None
@@ -721,7 +724,8 @@ def _inside_bytes_object(base: int, size: int) -> bool:
     kernel says it is readable). Stale memory can hold the type's address too, so the header must
     also look alive: 16-byte aligned (every CPython allocator aligns so), a plausible reference
     count (a freed object's first word is an allocator's free-list pointer) and a size that covers
-    the tensor. Not seen: views starting more than a page into a bytes object."""
+    the tensor, and the NUL byte CPython keeps after every payload. Not seen: views starting more
+    than a page into a bytes object."""
     if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
         return False
     start = (base & ~4095) - 4096
@@ -738,7 +742,8 @@ def _inside_bytes_object(base: int, size: int) -> bool:
             refcnt = int.from_bytes(page[i - 8:i], sys.byteorder)
             length = int.from_bytes(page[i + 8:i + 16], sys.byteorder, signed=True)
             if (0 < refcnt < 1 << 32 and 0 <= length < 1 << 48 and obj + 32 <= base
-                    and base + size <= obj + 32 + length):
+                    and base + size <= obj + 32 + length
+                    and ctypes.string_at(obj + 32 + length, 1) == b"\0"):  # bytes end in NUL
                 return True
         i = page.rfind(_BYTES_TYPE, 0, i)
     return False

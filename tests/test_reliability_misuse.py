@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import random
 import tempfile
 import warnings
 from collections.abc import AsyncIterator
@@ -109,6 +110,17 @@ def test_writable_tensors_pass_the_check() -> None:
     # many random small tensors: the bytes-header scan must never match torch's own memory
     keep = [torch.empty(int(n)) for n in torch.randint(1, 4096, (2000,))]
     assert all(_unwritable(t) is None for t in keep)
+    # nor memory from outside torch next to freed bytes objects (stale headers left behind)
+    rng = random.Random(7)
+    for _ in range(10):
+        junk = [bytes(rng.randint(100, 20000)) for _ in range(200)]
+        del junk[::2]
+        outside = [torch.from_numpy(np.zeros(rng.randint(1, 3000))) for _ in range(200)]
+        outside += [frombuffer(bytearray(rng.randint(1, 20000))) for _ in range(200)]
+        del junk
+        assert all(_unwritable(t) is None for t in outside)
+    for n in (1, 100, 5000, 100_000):  # while a live bytes object is still seen
+        assert _unwritable(frombuffer(bytes(n))) is not None, n
 
 
 # ------------------------------------------------------------------------ sizes and kinds
