@@ -121,6 +121,8 @@ class Peer:
         self._detached = False
         _prune_quarantine()
         self._busy = conn.busy = BusyPoller.for_loop(options.busy_poll)
+        remote_busy = agreement.remote.get("busy_poll")  # absent from older peers: assume sleeping
+        conn.ack_now = isinstance(remote_busy, (int, float)) and remote_busy > 0
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
 
     # ================================================================ public

@@ -69,7 +69,7 @@ def host_id() -> str:
 
 def _local_info(options: Options) -> dict[str, Any]:
     info = {"caps": capabilities(), "transport": options.transport, "host_id": host_id(),
-            "pid": os.getpid(), "max_frame": options.max_frame}
+            "pid": os.getpid(), "max_frame": options.max_frame, "busy_poll": options.busy_poll}
     shm.advertise(info, options.host_transport)  # the same-host CPU path, where possible
     return info
 
