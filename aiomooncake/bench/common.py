@@ -103,6 +103,10 @@ class Point:
         return human_bytes(self.size)
 
 
+SMALL_POINT = 256 * 1024  # bytes moved per iteration up to which a point counts as small
+SMALL_ITERS = 200
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     device: str = "cpu"
@@ -126,10 +130,14 @@ class BenchConfig:
                 "eplb": 2 * n}[p.mode]
 
     def counts(self, p: Point) -> tuple[int, int]:
-        """(warm-up, timed) iterations for ``p``: big points get fewer, never below 1 and 3."""
+        """(warm-up, timed) iterations for ``p``: big points get fewer, never below 1 and 3; small
+        ones (<= 256 KiB moved per iteration, a millisecond or less) at least 200 timed and 20
+        warm-up, since a median of ten round trips of tens of microseconds is mostly noise."""
         moved = max(1, self.moved(p))
         timed = min(self.iters, max(min(3, self.iters), self.max_bytes // moved))
         warm = min(self.warmup, max(1, self.max_bytes // (4 * moved)))
+        if moved <= SMALL_POINT:
+            timed, warm = max(timed, SMALL_ITERS), max(warm, SMALL_ITERS // 10)
         return max(0, warm), max(1, timed)
 
     def record(self, impl: str, p: Point, samples: Sequence[float]) -> dict[str, Any]:

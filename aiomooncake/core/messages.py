@@ -3,6 +3,10 @@
 A frame body is a msgpack array ``[kind, *fields]``; arrays are smaller and faster to pack than
 maps, which matters for the 8-byte ping-pong. ``decode`` validates every field's type so a hostile
 or buggy peer yields :class:`ProtocolError`, never a crash deep inside the state machine.
+
+Messages (and the session's events) are plain slotted dataclasses: treat them as immutable. They
+are not ``frozen=True`` because a frozen one costs 0.69 us to build against 0.15 us, and an 8-byte
+round trip builds about twenty of them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Code(IntEnum):
     FAILED = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Eager:
     op: int
     tag: int
@@ -54,7 +58,7 @@ class Eager:
     device: str = "cpu"  # where the sender's tensor lives (recv_tensor allocates alike)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Rts:
     op: int
     tag: int
@@ -64,7 +68,7 @@ class Rts:
     device: str  # where the sender's bytes live ("cpu" or "cuda"); the receiver picks the link
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Cts:
     op: int
     addr: int
@@ -74,51 +78,51 @@ class Cts:
     gen: int = 0  # the receiver engine's unregistration count: cached remote mappings may be stale
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Ack:
     op: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Nack:
     op: int
     code: Code
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Done:
     op: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Abort:
     op: int
     code: Code
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RCancel:
     op: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Ping:
     stamp: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Pong:
     stamp: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Bye:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Hello:
     """Client's opening: who it is and what it can do."""
 
@@ -126,18 +130,18 @@ class Hello:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Welcome:
     version: int
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Ready:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Refuse:
     reason: str
 

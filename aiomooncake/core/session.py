@@ -74,7 +74,7 @@ class RecvState(Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RecvSpec:
     """What a receive expects; ``None`` fields accept anything (recv_tensor)."""
 
@@ -117,57 +117,57 @@ class RecvOp:
         return self.msg.op
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SendComplete:
     op: SendOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SendFailed:
     op: SendOp
     error: AiomooncakeError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class WriteRequested:
     """The receiver is ready: write ``op.nbytes`` into ``[op.addr, op.addr + op.capacity)``."""
 
     op: SendOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StopWriting:
     """The receiver cancelled: stop submitting writes, then call ``write_finished``."""
 
     op: SendOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RecvMatched:
     """A receive matched a message; for eager ones ``op.msg.data`` holds the payload."""
 
     op: RecvOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RecvComplete:
     op: RecvOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RecvFailed:
     op: RecvOp
     error: AiomooncakeError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RecvReleased:
     """A cancelled receive's buffer is safe: the sender will write no more into it."""
 
     op: RecvOp
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MessageArrived:
     """An unexpected message is waiting (used for any-source receives)."""
 

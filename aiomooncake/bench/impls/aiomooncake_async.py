@@ -86,8 +86,9 @@ def _prepare(ctx: RankContext, peer: aiomooncake.Peer, p: Point, dev: torch.devi
 
     async def pingpong() -> float:
         t0 = time.perf_counter()
-        if first:
-            await asyncio.gather(peer.send(s, tag=1), peer.recv(r, tag=2))
+        if first:  # as the torch.distributed impls do: send, then recv
+            await peer.send(s, tag=1)
+            await peer.recv(r, tag=2)
         else:
             await peer.recv(r, tag=1)
             await peer.send(s, tag=2)
