@@ -56,7 +56,7 @@ def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
     """Copy an eager payload into a contiguous destination (CPU: one memcpy)."""
     if not data:
         return
-    if dest.device.type == "cpu":
+    if dest.is_cpu:
         if len(data) != dest.nbytes:
             raise ValueError("payload size differs from the destination's")
         ctypes.memmove(dest.data_ptr(), data, len(data))
