@@ -745,10 +745,16 @@ def _inside_bytes_object(base: int, size: int) -> bool:
             length = int.from_bytes(page[i + 8:i + 16], sys.byteorder, signed=True)
             if (0 < refcnt < 1 << 32 and 0 <= length < 1 << 48 and obj + 32 <= base
                     and base + size <= obj + 32 + length
-                    and ctypes.string_at(obj + 32 + length, 1) == b"\0"):  # bytes end in NUL
+                    and _nul_at(obj + 32 + length)):
                 return True
         i = page.rfind(_BYTES_TYPE, 0, i)
     return False
+
+
+def _nul_at(addr: int) -> bool:
+    """Whether ``addr`` holds the NUL CPython keeps after a bytes payload. A stale header's length
+    can point anywhere: ask the kernel before reading (a bad read would crash the process)."""
+    return _page_readable(addr) and ctypes.string_at(addr, 1) == b"\0"
 
 
 def _page_readable(addr: int) -> bool:
