@@ -52,6 +52,7 @@ from .errors import (
     TransferFailed,
 )
 from .options import Options
+from .shm import ShmEngine
 from .tensors import (
     dtype_from_name,
     dtype_name,
@@ -109,6 +110,10 @@ class Peer:
         if isinstance(remote_cap, int) and remote_cap > 1024:
             eager = min(eager, remote_cap - 1024)
         self._session = Session(eager_threshold=eager)
+        # Same-host CPU link: a rendezvous of up to pull_max bytes offers its source's address and
+        # the receiver pulls it in one syscall (RTS, ACK) instead of RTS, CTS, write, DONE.
+        cpu = self._links.get("cpu")
+        self._pull: Link | None = cpu if cpu is not None and isinstance(cpu.engine, ShmEngine) else None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
@@ -258,14 +263,17 @@ class Peer:
         # same tag could overtake it. The engine's write waits for that work instead, in order, and
         # moves the bytes device to device (no two pageable copies through the host).
         payload = None
+        pull_src = 0
         if nbytes <= s.eager_threshold and (ready is None or nbytes == 0):
             payload = to_bytes(src) if ready is None else b""
+        elif ready is None and self._pull is not None and nbytes <= _PULL_MAX:
+            pull_src = src.data_ptr()
         fut: asyncio.Future[None] = self._loop.create_future()
         if _trace.on:
             _trace.mark("send:post")
         if self._busy is not None:
             self._busy.kick()
-        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload)
+        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src)
         op.context = ctx = _SendCtx(fut, src, ready)
         self._flush()
         try:
@@ -450,6 +458,8 @@ class Peer:
                 self._session.delivered(op)
             else:
                 self._spawn(self._deliver_cuda(op, ctx, msg.data))
+        elif msg.src and self._pull is not None and ctx.work.is_cpu and msg.nbytes <= _PULL_MAX:
+            self._pull_from(op, ctx, msg.src)
         elif ctx.ready is None or ctx.ready.query():
             self._accept(op, ctx)
         else:
@@ -470,6 +480,20 @@ class Peer:
             if op.state.value == "matched":
                 self._accept(op, ctx)
             self._flush()
+
+    def _pull_from(self, op: RecvOp, ctx: _RecvCtx, src: int) -> None:
+        """Copy the offered source straight into the destination (sizes were checked on match);
+        if the kernel refuses, fall back to the usual CTS, so the sender writes instead."""
+        assert ctx.work is not None and self._pull is not None
+        link = self._pull
+        assert isinstance(link.engine, ShmEngine)
+        try:
+            link.engine.read_sync(link.remote_segment, src, ctx.work.data_ptr(), ctx.work.nbytes)
+        except AiomooncakeError as e:
+            log.debug("pull from %s failed (%s); asking the sender to write instead", self.address, e)
+            self._accept(op, ctx)
+            return
+        self._session.pulled(op)
 
     def _accept(self, op: RecvOp, ctx: _RecvCtx) -> None:
         assert ctx.work is not None and op.msg is not None
@@ -641,6 +665,10 @@ class Peer:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
+
+# Largest rendezvous pulled on the loop (a copy of 1 MiB takes a fraction of a millisecond);
+# larger ones keep the write path, whose copies run in the same-host engine's threads.
+_PULL_MAX = 1024 * 1024
 
 # Attempts after a failed engine write while the peer answers (one per pooled engine connection).
 _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))

@@ -110,6 +110,11 @@ def copy_to(pid: int, src: int, dst: int, n: int) -> None:
     _rw(_syscalls().writev, pid, src, dst, n)
 
 
+def copy_from(pid: int, src: int, dst: int, n: int) -> None:
+    """Copy ``n`` bytes from ``src`` in process ``pid`` to ``dst`` in this process (blocking)."""
+    _rw(_syscalls().readv, pid, dst, src, n)
+
+
 def unavailable() -> str | None:
     """Why this process cannot offer the same-host path, or None when it can.
 
@@ -180,6 +185,7 @@ class ShmEngine(Engine):
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0  # copies made (syscall batches), for statistics
+        self.pulls = 0  # of which receiver-side pulls (read_sync)
         self._count_lock = threading.Lock()
         self.peers = 0
         self._allowed: set[int] = set()
@@ -243,6 +249,17 @@ class ShmEngine(Engine):
         copy_to(self._pid_of(segment), src, dst, length)
         self._count(1)
         return 0
+
+    def read_sync(self, segment: str, src: int, dst: int, length: int) -> None:
+        """Pull ``length`` bytes from ``src`` in the peer behind ``segment`` into ``dst`` here (a
+        receive whose RTS offered its source: one syscall, and no remote process ever writes into
+        our memory). Raises TransferFailed."""
+        try:
+            copy_from(self._pid_of(segment), src, dst, length)
+        except OSError as e:
+            raise TransferFailed(f"same-host pull from {segment} failed: {e}") from None
+        self.pulls += 1
+        self._count(1)
 
     def _count(self, n: int) -> None:
         """Count ``n`` copies done (from pool threads too)."""

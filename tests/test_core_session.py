@@ -229,6 +229,65 @@ def test_op_ids_are_unique_and_increasing(pair: tuple[Session, Session]) -> None
 
 
 # =============================================================================== rendezvous
+def test_rendezvous_pulled_by_the_receiver(pair: tuple[Session, Session]) -> None:
+    """RTS offers the source; the receiver pulls it and ACKs: no CTS, no DONE."""
+    tx, rx = pair
+    s = tx.post_send(3, "float32", (BIG // 4,), BIG, "cpu", None, src=0x7F00_0000)
+    assert tx.outbox == [m.Rts(s.id, 3, "float32", (BIG // 4,), BIG, "cpu", 0x7F00_0000)]
+    deliver(tx, rx)
+    r = rx.post_recv(3, spec_for(BIG))
+    assert types(events(rx)) == ["MessageArrived", "RecvMatched"]
+    assert isinstance(r.msg, m.Rts) and r.msg.src == 0x7F00_0000
+    rx.pulled(r)
+    assert rx.outbox == [m.Ack(s.id)] and events(rx) == [RecvComplete(r)] and r.state is RecvState.DONE
+    deliver(rx, tx)
+    assert events(tx) == [SendComplete(s)] and s.state is SendState.DONE
+    assert tx.pending == rx.pending == 0
+
+
+def test_a_pull_offer_may_be_declined_for_the_usual_write(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    s = tx.post_send(0, "float32", (BIG // 4,), BIG, "cpu", None, src=0x1000)
+    r = rx.post_recv(0, spec_for(BIG))
+    deliver(tx, rx)
+    events(rx)
+    rx.accept(r, "cpu", 0xA000, BIG)
+    deliver(rx, tx)
+    assert events(tx) == [WriteRequested(s)] and s.state is SendState.WRITING
+    tx.write_finished(s)
+    deliver(tx, rx)
+    assert events(tx) == [SendComplete(s)] and events(rx) == [RecvComplete(r)]
+
+
+def test_an_ack_ends_a_rendezvous_only_if_it_offered_a_pull(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    s = send_rts(tx)  # no source offered
+    deliver(tx, rx)
+    tx.receive(wire(m.Ack(s.id)))
+    assert events(tx) == [] and s.state is SendState.RTS_SENT
+    r = rx.post_recv(0, spec_for(BIG))
+    events(rx)
+    with pytest.raises(RuntimeError, match="pull offer"):
+        rx.pulled(r)
+    eager = send_eager(tx, tag=1)
+    deliver(tx, rx)
+    r2 = rx.post_recv(1, ANY)
+    with pytest.raises(RuntimeError, match="pull offer"):
+        rx.pulled(r2)
+    assert eager.state is SendState.EAGER_SENT
+
+
+def test_a_mismatched_pull_offer_is_refused_before_any_copy(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    s = tx.post_send(0, "float32", (BIG // 4,), BIG, "cpu", None, src=0x1000)
+    r = rx.post_recv(0, spec_for(BIG // 2))
+    deliver(tx, rx)
+    assert types(events(rx)) == ["RecvFailed"] and r.state is RecvState.FAILED
+    deliver(rx, tx)
+    (ev,) = events(tx)
+    assert isinstance(ev, SendFailed) and ev.op is s and isinstance(ev.error, MessageMismatch)
+
+
 def test_rendezvous_full_path(pair: tuple[Session, Session]) -> None:
     tx, rx = pair
     s = send_rts(tx, tag=2, nbytes=BIG, device="cuda")

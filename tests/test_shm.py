@@ -40,6 +40,7 @@ import aiomooncake
 from aiomooncake import shm
 from aiomooncake.engine import Engine
 from aiomooncake.errors import HandshakeError, MessageMismatch, TransferFailed
+from aiomooncake.peer import _PULL_MAX as PULL_MAX
 from aiomooncake.peer import Peer
 from aiomooncake.shm import ShmEngine
 
@@ -55,19 +56,54 @@ SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes,
 
 # ------------------------------------------------------------------------- two processes
 async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
-    sp = u8(1 * MiB, seed=3)
+    sp = u8(2 * MiB, seed=3)  # above the pull limit: the sender writes
     async with remote.scenario(steps=[do.recv(1, sp), do.send(2, sp)], options=AUTO) as sc:
         assert sc.peer.transports == {"cpu": "shm", "cuda": "tcp"}
         w0, r0 = writes_submitted(), registrations()
         await sc.peer.send(make_tensor(sp), 1)
         assert writes_submitted() - w0 >= 1
-        back = torch.zeros(1 * MiB, dtype=torch.uint8)
+        back = torch.zeros(2 * MiB, dtype=torch.uint8)
         await sc.peer.recv(back, 2)
         assert registrations() == r0, "the same-host path registers nothing"
         got, sent = await sc.result()
     assert got["ok"] and got["match"] and got["registrations"] == 0
     assert sent["ok"] and sent["writes"] >= 1 and sent["registrations"] == 0
     assert same_bytes(back, make_tensor(sp))
+
+
+@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD, EAGER_THRESHOLD + 1, 300 * KiB + 5, PULL_MAX,
+                                    PULL_MAX + 1])
+async def test_rendezvous_up_to_the_pull_limit_is_pulled_by_the_receiver(remote: Remote, nbytes: int) -> None:
+    """RTS offers the source; the receiver copies it with one process_vm_readv and ACKs: no CTS,
+    no write into the receiver. Eager messages and larger ones are not pulled."""
+    sp = u8(nbytes, seed=nbytes % 253)
+    eng = ShmEngine.instance()
+    async with remote.scenario(steps=[do.send(2, sp), do.send(3, sp)], options=AUTO) as sc:
+        p0 = eng.pulls
+        got = await sc.peer.recv(torch.full((nbytes,), 0xA5, dtype=torch.uint8), 2)
+        pulled = eng.pulls - p0
+        # a non-contiguous destination: pulled into a contiguous temporary, then copied
+        strided = torch.full((nbytes, 2), 0xA5, dtype=torch.uint8)[:, 0]
+        got2 = await sc.peer.recv(strided, 3)
+        r1, r2 = await sc.result(60)
+    assert r1["ok"] and r2["ok"], (r1, r2)
+    assert same_bytes(got, make_tensor(sp)) and same_bytes(got2.contiguous(), make_tensor(sp))
+    assert pulled == (1 if EAGER_THRESHOLD < nbytes <= PULL_MAX else 0)
+
+
+async def test_a_pull_the_kernel_refuses_falls_back_to_the_senders_write(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(shm, "copy_from", refuse)
+    async with pair() as (a, b):
+        eng = ShmEngine.instance()
+        w0, p0 = eng.writes_submitted, eng.pulls
+        src = torch.arange(PULL_MAX // 8, dtype=torch.int64)
+        got = await asyncio.wait_for(asyncio.gather(a.send(src, 5), b.recv(torch.zeros_like(src), 5)), 30)
+        assert torch.equal(got[1], src)
+        assert eng.pulls == p0 and eng.writes_submitted > w0
 
 
 @pytest.mark.parametrize("nbytes", SIZES)
@@ -161,7 +197,7 @@ async def test_writes_outside_the_announced_destination_are_refused(
     assert not got["ok"] and got["untouched"], got
 
 
-@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD + 1, 8 * MiB])
+@pytest.mark.parametrize("nbytes", [PULL_MAX + 1, 8 * MiB])  # smaller ones are pulled by the receiver
 async def test_eperm_fails_the_send_with_advice(remote: Remote, monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture, nbytes: int) -> None:
     """If the kernel refuses the write at run time (an LSM, changed credentials), the send fails

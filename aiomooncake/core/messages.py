@@ -17,7 +17,8 @@ from typing import Any, Union
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: CTS carries the receiver's registration epoch and generation
+# 2: CTS carries the receiver's registration epoch and generation; 3: RTS may offer a pull source
+PROTOCOL_VERSION = 3
 
 
 class Kind(IntEnum):
@@ -66,6 +67,7 @@ class Rts:
     shape: tuple[int, ...]
     nbytes: int
     device: str  # where the sender's bytes live ("cpu" or "cuda"); the receiver picks the link
+    src: int = 0  # nonzero: the source's address, offered for a same-host pull (then ACK ends it)
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -164,7 +166,7 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, Eager):
         return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data, msg.device]
     if isinstance(msg, Rts):
-        return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device]
+        return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device, msg.src]
     if isinstance(msg, Cts):
         return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen]
     if isinstance(msg, Ack):
@@ -258,9 +260,9 @@ def _eager(f: list[Any]) -> Eager:
 
 _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.EAGER: (6, _eager),
-    Kind.RTS: (6, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
+    Kind.RTS: (7, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
-                                _str(f[6], "device"))),
+                                _str(f[6], "device"), _int(f[7], "src"))),
     Kind.CTS: (6, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
                                 _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"))),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),

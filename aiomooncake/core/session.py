@@ -99,6 +99,7 @@ class SendOp:
     gen: int = 0
     context: object = None  # the adapter's handle (future, tensor, ...)
     cancelled_by: str = ""  # "sender" or "receiver" once a cancellation stopped the writes
+    src: int = 0  # the source address offered for a pull (rendezvous on a same-host link)
 
 
 @dataclass(eq=False, slots=True)
@@ -203,8 +204,10 @@ class Session:
 
     # ------------------------------------------------------------------ sending
     def post_send(self, tag: int, dtype: str, shape: tuple[int, ...], nbytes: int, device: str,
-                  payload: bytes | None) -> SendOp:
-        """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous."""
+                  payload: bytes | None, src: int = 0) -> SendOp:
+        """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous.
+        A rendezvous may offer ``src``, the source's address, for the receiver to pull from (a
+        same-host link): it then answers with ACK (pulled) or, as usual, CTS or NACK."""
         self._check_open()
         _check_tag(tag)
         if len(shape) > MAX_SHAPE_DIMS:
@@ -214,13 +217,13 @@ class Session:
         if payload is not None and len(payload) != nbytes:
             raise ValueError("eager payload length differs from nbytes")
         op = SendOp(self._next_send, tag, dtype, shape, nbytes, device, eager,
-                    SendState.EAGER_SENT if eager else SendState.RTS_SENT)
+                    SendState.EAGER_SENT if eager else SendState.RTS_SENT, src=0 if eager else src)
         self._next_send += 1
         self._sends[op.id] = op
         if payload is not None:
             self.outbox.append(Eager(op.id, tag, dtype, shape, payload, device))
         else:
-            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device))
+            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src))
         return op
 
     def is_eager(self, nbytes: int) -> bool:
@@ -306,6 +309,16 @@ class Session:
         op.state = RecvState.DONE
         self.events.append(RecvComplete(op))
 
+    def pulled(self, op: RecvOp) -> None:
+        """The adapter copied a matched rendezvous message from the source its RTS offered."""
+        if op.state is not RecvState.MATCHED or not isinstance(op.msg, Rts) or not op.msg.src:
+            raise RuntimeError(f"pulled() on a receive in state {op.state.value} without a pull offer")
+        self._incoming.pop(op.remote_op, None)
+        if self.closed is None:
+            self.outbox.append(Ack(op.remote_op))
+        op.state = RecvState.DONE
+        self.events.append(RecvComplete(op))
+
     def refuse(self, op: RecvOp, error: AiomooncakeError) -> None:
         """The adapter could not prepare or fill the destination of a matched receive."""
         if op.state is not RecvState.MATCHED:
@@ -374,7 +387,8 @@ class Session:
             self._on_cts(msg)
         elif isinstance(msg, Ack):
             s = self._sends.get(msg.op)
-            if s is not None and s.state is SendState.EAGER_SENT:
+            if s is not None and (s.state is SendState.EAGER_SENT
+                                  or (s.state is SendState.RTS_SENT and s.src)):
                 self._finish_send(s, None)
         elif isinstance(msg, Nack):
             s = self._sends.get(msg.op)
