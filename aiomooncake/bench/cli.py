@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", type=_positive(float), default=None,
                     help="eplb: factor on the expert weights' size (default: 1 on cuda, 1/16 on cpu)")
     ap.add_argument("--iters", type=_positive(int), default=None,
-                    help="timed iterations per point (default 20, --quick 10; fewer for huge points)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 3, --quick 2)")
+                    help="timed iterations per point (default 20, --quick 10; fewer for huge points, "
+                         "at least 200 for points moving <= 256 KiB per iteration)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="warm-up iterations (default 3, --quick 2; at least 20 for small points)")
     ap.add_argument("--window", type=_positive(int), default=4,
                     help="stream/bidir: messages in flight per iteration (default 4)")
     ap.add_argument("--max-bytes", type=_sizes, default=None, metavar="SIZE",
