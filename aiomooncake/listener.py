@@ -25,6 +25,7 @@ class Listener:
         self._ready: asyncio.Queue[Peer | BaseException] = asyncio.Queue()
         self._pending: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._rejected = 0  # connections closed because max_handshakes were running
         self.host = ""
         self.port = 0
 
@@ -35,7 +36,13 @@ class Listener:
         self.host, self.port = sock[0], sock[1]
         log.info("listening on %s:%s", self.host, self.port)
 
-    def _make_connection(self) -> Connection:
+    def _make_connection(self) -> asyncio.Protocol:
+        if len(self._pending) >= self._opts.max_handshakes:
+            self._rejected += 1
+            if self._rejected == 1 or self._rejected % 1000 == 0:
+                log.warning("%d handshakes already running (max_handshakes): closing a new connection "
+                            "at once (%d so far)", len(self._pending), self._rejected)
+            return _Reject()
         conn = Connection(self._opts.max_frame)
         task = asyncio.get_running_loop().create_task(self._handshake(conn))
         self._pending.add(task)
@@ -85,6 +92,13 @@ class Listener:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _Reject(asyncio.Protocol):
+    """A connection over the handshake limit: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 async def listen(host: str = "127.0.0.1", port: int = 0, *, options: Options | None = None,

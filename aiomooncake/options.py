@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -31,11 +32,14 @@ class Options:
         before the connection is closed.
     busy_poll: seconds the event loop keeps polling without sleeping after traffic (lower latency
         on VMs where waking a sleeping process is slow); 0 disables it.
-    engine_host: the address the local Transfer Engine advertises (default: the control socket's).
+    engine_host: the address the local Transfer Engine advertises (default: the control socket's);
+        a host name or address only: the engine picks its own port.
     secret: shared secret for the authenticated handshake (default: $AIOMOONCAKE_SECRET).
     host_transport: CPU tensors between peers on one host under one uid: "shm" copies them with
         process_vm_writev (aiomooncake.shm), "te" uses the Transfer Engine, "auto" (default, or
         $AIOMOONCAKE_HOST_TRANSPORT) is "shm" where possible unless ``transport`` forces tcp/rdma.
+    max_handshakes: connections a listener lets handshake at once; further ones are closed at once
+        (a flood of connections that never finish the handshake cannot pile up without bound).
     """
 
     transport: str = "auto"
@@ -51,6 +55,7 @@ class Options:
     engine_host: str | None = None
     secret: str | None = None
     host_transport: str = "auto"
+    max_handshakes: int = 64
 
     def __post_init__(self) -> None:
         if self.transport not in _TRANSPORTS:
@@ -67,6 +72,10 @@ class Options:
             object.__setattr__(self, "secret", os.environ["AIOMOONCAKE_SECRET"])
         if self.host_transport == "auto" and os.environ.get("AIOMOONCAKE_HOST_TRANSPORT"):
             object.__setattr__(self, "host_transport", os.environ["AIOMOONCAKE_HOST_TRANSPORT"])
+        if self.max_handshakes <= 0:
+            raise ConfigurationError("max_handshakes must be > 0")
+        if self.engine_host is not None:
+            _check_engine_host(self.engine_host)
         if self.host_transport not in _HOST_TRANSPORTS:
             raise ConfigurationError(f"host_transport must be one of {_HOST_TRANSPORTS}, "
                                      f"got {self.host_transport!r}")
@@ -85,3 +94,16 @@ class Options:
         if unknown:
             raise ConfigurationError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         return replace(base, **overrides)
+
+
+def _check_engine_host(host: str) -> None:
+    """The engine's segment name is ``host:rpc_port``; a port given here would make it unreachable."""
+    if not host or host != host.strip() or "/" in host or host.startswith("["):
+        raise ConfigurationError(f"engine_host must be a host name or an address, got {host!r}")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigurationError(
+                f"engine_host must be a host name or an address without a port, got {host!r}: the "
+                "Transfer Engine picks its own RPC port") from None

@@ -334,6 +334,37 @@ async def test_flood_before_authentication_is_cut_off(caplog: pytest.LogCaptureF
             await roundtrip(client, server)
 
 
+async def test_connections_over_the_handshake_limit_are_closed_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Strangers holding handshakes open fill at most max_handshakes slots; the next connection
+    is closed at once (logged); once the silent ones time out, a real peer connects again."""
+    async with listening(secret=SECRET, max_handshakes=4, handshake_timeout=1.5) as lst:
+        silent = [await Raw.connect(lst.port) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        with caplog.at_level(logging.WARNING, logger="aiomooncake"):
+            extra = await Raw.connect(lst.port)
+            assert await extra.closed_by_peer(timeout=1.0)
+        assert any("max_handshakes" in r.getMessage() for r in caplog.records), caplog.text
+        assert extra.raw == b""  # closed before a byte of the handshake was sent
+        for raw in silent:
+            assert await raw.closed_by_peer(timeout=5.0)
+        await asyncio.sleep(0.1)
+        client, server = await pair(lst, secret=SECRET)
+        async with client, server:
+            await roundtrip(client, server)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:1234", "node1:80", "[::1]:5", "", " node1"])
+def test_engine_host_with_a_port_is_refused(host: str) -> None:
+    with pytest.raises(aiomooncake.ConfigurationError, match="engine_host"):
+        aiomooncake.Options(engine_host=host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "fe80::1", "node1.example.com"])
+def test_engine_host_addresses_are_accepted(host: str) -> None:
+    assert aiomooncake.Options(engine_host=host).engine_host == host
+
+
 # ---------------------------------------------------------------------------- binding
 async def test_listener_binds_exactly_the_given_address() -> None:
     async with listening() as lst:
