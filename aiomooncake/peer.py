@@ -33,6 +33,7 @@ from .core.session import (
     RecvOp,
     RecvReleased,
     RecvSpec,
+    RecvState,
     SendComplete,
     SendFailed,
     SendOp,
@@ -52,7 +53,7 @@ from .errors import (
     TransferFailed,
 )
 from .options import Options
-from .shm import ShmEngine
+from .shm import ShmEngine, ShmJob
 from .tensors import (
     dtype_from_name,
     dtype_name,
@@ -91,6 +92,7 @@ class _RecvCtx:
     region: tuple[Engine, Region] | None = None
     released: asyncio.Future[None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    pull: ShmJob | None = None  # a same-host pull into ``work`` still copying
 
 
 class Peer:
@@ -110,8 +112,8 @@ class Peer:
         if isinstance(remote_cap, int) and remote_cap > 1024:
             eager = min(eager, remote_cap - 1024)
         self._session = Session(eager_threshold=eager)
-        # Same-host CPU link: a rendezvous of up to pull_max bytes offers its source's address and
-        # the receiver pulls it in one syscall (RTS, ACK) instead of RTS, CTS, write, DONE.
+        # Same-host CPU link: a rendezvous offers its source's address and the receiver pulls it
+        # (RTS, ACK instead of RTS, CTS, write, DONE); no other process writes into our memory.
         cpu = self._links.get("cpu")
         self._pull: Link | None = cpu if cpu is not None and isinstance(cpu.engine, ShmEngine) else None
         self._loop = asyncio.get_running_loop()
@@ -266,7 +268,7 @@ class Peer:
         pull_src = 0
         if nbytes <= s.eager_threshold and (ready is None or nbytes == 0):
             payload = to_bytes(src) if ready is None else b""
-        elif ready is None and self._pull is not None and nbytes <= _PULL_MAX:
+        elif ready is None and self._pull is not None:
             pull_src = src.data_ptr()
         fut: asyncio.Future[None] = self._loop.create_future()
         if _trace.on:
@@ -412,6 +414,8 @@ class Peer:
         must_wait = self._session.cancel_recv(op)
         ctx.released = self._loop.create_future() if must_wait else None
         self._flush()
+        if ctx.pull is not None:  # our own pull: stop it and let the copies in flight land now
+            await self._after_pull(ctx)
         if ctx.released is None:
             self._release(ctx)
             return
@@ -458,7 +462,7 @@ class Peer:
                 self._session.delivered(op)
             else:
                 self._spawn(self._deliver_cuda(op, ctx, msg.data))
-        elif msg.src and self._pull is not None and ctx.work.is_cpu and msg.nbytes <= _PULL_MAX:
+        elif msg.src and self._pull is not None and ctx.work.is_cpu:
             self._pull_from(op, ctx, msg.src)
         elif ctx.ready is None or ctx.ready.query():
             self._accept(op, ctx)
@@ -482,18 +486,46 @@ class Peer:
             self._flush()
 
     def _pull_from(self, op: RecvOp, ctx: _RecvCtx, src: int) -> None:
-        """Copy the offered source straight into the destination (sizes were checked on match);
-        if the kernel refuses, fall back to the usual CTS, so the sender writes instead."""
+        """Copy the offered source straight into the destination (sizes were checked on match):
+        on the loop up to the engine's inline size, else by its threads. If the kernel refuses,
+        fall back to the usual CTS, so the sender writes instead."""
         assert ctx.work is not None and self._pull is not None
         link = self._pull
-        assert isinstance(link.engine, ShmEngine)
-        try:
-            link.engine.read_sync(link.remote_segment, src, ctx.work.data_ptr(), ctx.work.nbytes)
-        except AiomooncakeError as e:
-            log.debug("pull from %s failed (%s); asking the sender to write instead", self.address, e)
-            self._accept(op, ctx)
+        eng = link.engine
+        assert isinstance(eng, ShmEngine)
+        n = ctx.work.nbytes
+        if n <= eng.inline_bytes:
+            try:
+                eng.read_sync(link.remote_segment, src, ctx.work.data_ptr(), n)
+            except AiomooncakeError as e:
+                log.debug("pull from %s failed (%s); asking the sender to write", self.address, e)
+                self._accept(op, ctx)
+                return
+            self._session.pulled(op)
             return
-        self._session.pulled(op)
+        job = ctx.pull = eng.read(link.remote_segment, src, ctx.work.data_ptr(), n)
+        job.future.add_done_callback(lambda f: self._pulled(op, ctx, f))
+
+    def _pulled(self, op: RecvOp, ctx: _RecvCtx, fut: asyncio.Future[None]) -> None:
+        """A threaded pull settled. If the receive failed or was cancelled meanwhile, whoever
+        stopped the pull reports that (once it settled: nothing lands after the failure)."""
+        ctx.pull = None
+        error = fut.exception() if not fut.cancelled() else TransferFailed("the pull was cancelled")
+        if op.state is not RecvState.MATCHED:
+            return
+        if error is None:
+            self._session.pulled(op)
+        else:
+            log.debug("pull from %s failed (%s); asking the sender to write", self.address, error)
+            self._accept(op, ctx)
+        self._flush()
+
+    async def _after_pull(self, ctx: _RecvCtx) -> None:
+        """Stop a pull still copying into a receive that just failed, and wait until it settled."""
+        job = ctx.pull
+        if job is not None:
+            job.stop()
+            await asyncio.wait([job.future])
 
     def _accept(self, op: RecvOp, ctx: _RecvCtx) -> None:
         assert ctx.work is not None and op.msg is not None
@@ -613,6 +645,9 @@ class Peer:
                 ctx.job.stop()
         elif isinstance(ev, RecvFailed):
             rctx: _RecvCtx = ev.op.context  # type: ignore[assignment]
+            if rctx.pull is not None:  # our own threads still copy into it: fail once they stopped
+                self._spawn(self._fail_after_pull(rctx, ev.error))
+                return
             self._release_or_quarantine(rctx)
             _set_exc(rctx.fut, ev.error)
         elif isinstance(ev, RecvReleased):
@@ -624,6 +659,11 @@ class Peer:
             for f in self._arrivals.pop(ev.tag, []):
                 if not f.done():
                     f.set_result(None)
+
+    async def _fail_after_pull(self, ctx: _RecvCtx, error: AiomooncakeError) -> None:
+        await self._after_pull(ctx)
+        self._release_or_quarantine(ctx)
+        _set_exc(ctx.fut, error)
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
@@ -665,10 +705,6 @@ class Peer:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
-
-# Largest rendezvous pulled on the loop (a copy of 1 MiB takes a fraction of a millisecond);
-# larger ones keep the write path, whose copies run in the same-host engine's threads.
-_PULL_MAX = 1024 * 1024
 
 # Attempts after a failed engine write while the peer answers (one per pooled engine connection).
 _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))

@@ -185,7 +185,7 @@ class ShmEngine(Engine):
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0  # copies made (syscall batches), for statistics
-        self.pulls = 0  # of which receiver-side pulls (read_sync)
+        self.pulls = 0  # receives completed by pulling from the sender (read, read_sync)
         self._count_lock = threading.Lock()
         self.peers = 0
         self._allowed: set[int] = set()
@@ -269,9 +269,19 @@ class ShmEngine(Engine):
     def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> ShmJob:
         """Copy ``pieces`` of ``(src_addr, dst_addr, length)`` into the peer behind ``segment``.
         ``window`` is ignored: the pool decides how many copies run at once."""
-        job = ShmJob(self, segment, list(pieces), max(1, window))
+        return self._start(ShmJob(self, segment, list(pieces), max(1, window)))
+
+    def read(self, segment: str, src: int, dst: int, length: int) -> ShmJob:
+        """Pull ``length`` bytes from ``src`` in the peer behind ``segment`` into ``dst`` here, like
+        :meth:`write` (inline up to ``inline_bytes``, else by the pool), for a receive whose RTS
+        offered its source: no remote process ever writes into our memory, and stopping the job
+        and awaiting it is all it takes to be sure nothing more lands."""
+        return self._start(ShmJob(self, segment, [(src, dst, length)], 1, pull=True))
+
+    def _start(self, job: ShmJob) -> ShmJob:
+        copy = copy_from if job.pull else copy_to
         try:
-            job.pid = self._pid_of(segment)
+            job.pid = self._pid_of(job.segment)
         except TransferFailed as e:
             job.error = str(e)
             job.settle()
@@ -280,7 +290,7 @@ class ShmEngine(Engine):
         if total <= self.inline_bytes:
             try:
                 for src, dst, n in job.pieces:
-                    copy_to(job.pid, src, dst, n)
+                    copy(job.pid, src, dst, n)
                     job.copies += 1
             except OSError as e:
                 job.error = _explain(e, job.pid)
@@ -312,6 +322,7 @@ class ShmEngine(Engine):
 class ShmJob(WriteJob):
     """One write: resolves ``future`` on the loop once every piece landed, failed or stopped."""
 
+    pull: bool = False  # pieces are (remote src, local dst, n): copy from the peer, not to it
     pid: int = -1
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     cursor: int = 0  # next chunk to claim
@@ -323,6 +334,7 @@ class ShmJob(WriteJob):
 
     def drain(self) -> None:
         """Pool thread: copy chunks until none is left, the job stopped, or one failed."""
+        copy = copy_from if self.pull else copy_to
         try:
             while not self.stopped and self.error is None:
                 with self.lock:
@@ -331,7 +343,7 @@ class ShmJob(WriteJob):
                         break
                     self.cursor = i + 1
                 src, dst, n = self.chunks[i]
-                copy_to(self.pid, src, dst, n)
+                copy(self.pid, src, dst, n)
                 with self.lock:
                     self.copies += 1
                 cast(ShmEngine, self.engine)._count(1)
@@ -358,6 +370,8 @@ class ShmJob(WriteJob):
         if self.error is not None:
             self.future.set_exception(TransferFailed(self.error))
         else:
+            if self.pull and self.next:
+                cast(ShmEngine, self.engine).pulls += 1
             self.future.set_result(None)
 
     def step(self) -> bool:  # the TE poller's hook; shm jobs never go to the poller

@@ -62,15 +62,25 @@ def test_stress_kill_small(tmp_path: Any, host_transport: str, trials: int) -> N
         assert s["failed_trials"] == 0, (kind, [t["problems"] for t in result["trials"] if t["problems"]])
         assert s["hangs"] == 0
         assert s["missed"] < s["trials"], f"{kind}: no kill landed mid-transfer"
-        assert set(s["errors"]) == {"PeerClosed"}, (kind, s["errors"])
+        # "none": the receive finished with every byte right (the same-host path pulls the bytes
+        # itself, which works from a stopped sender and can beat a dying one)
+        assert set(s["errors"]) <= {"PeerClosed", "none"}, (kind, s["errors"])
+        assert s["errors"].get("none", 0) == s["completed"], s
+        if host_transport == "te" or kind == "receiver":
+            assert s["completed"] == 0, s
         assert s["bystander_corrupted_or_lost"] == 0 and s["restart_corrupted_or_lost"] == 0
         assert s["bystander_roundtrips"] > 0 and s["restart_roundtrips"] > 0
     assert summary["receiver"]["detect_s"]["max"] < 1.0
     assert summary["sender"]["detect_s"]["max"] < 1.0
     assert summary["sender"]["late_bytes"] == 0
-    # a frozen peer: within the 2 s heartbeat timeout of its last byte (+ scheduling on a busy box)
-    assert summary["hang"]["detect_s"]["min"] >= 1.0
-    assert summary["hang"]["detect_s"]["max"] <= DEFAULT.heartbeat_timeout + 0.5
+    # a frozen peer: within the 2 s heartbeat timeout of its last byte (+ scheduling on a busy box);
+    # on the same-host path the receiver pulls from the frozen sender and needs no detection
+    hang = summary["hang"]
+    if hang["completed"] < hang["trials"] - hang["missed"]:
+        assert hang["detect_s"]["min"] >= 1.0
+        assert hang["detect_s"]["max"] <= DEFAULT.heartbeat_timeout + 0.5
+    else:
+        assert host_transport == "auto"
 
 
 async def test_frozen_peer_detected_within_the_default_timeout(

@@ -38,9 +38,9 @@ from harness import (
 
 import aiomooncake
 from aiomooncake import shm
+from aiomooncake.core.session import Session
 from aiomooncake.engine import Engine
 from aiomooncake.errors import HandshakeError, MessageMismatch, TransferFailed
-from aiomooncake.peer import _PULL_MAX as PULL_MAX
 from aiomooncake.peer import Peer
 from aiomooncake.shm import ShmEngine
 
@@ -49,6 +49,8 @@ pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"shm: {sh
 # The harness keeps CPU tensors on the Transfer Engine unless told otherwise (TE_OPTIONS).
 AUTO = {"host_transport": "auto"}
 
+INLINE = ShmEngine.inline_bytes
+
 # around the boundaries: eager, inline on the loop, one pool chunk, several chunks
 SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes, ShmEngine.inline_bytes + 1,
          3 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
@@ -56,26 +58,28 @@ SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes,
 
 # ------------------------------------------------------------------------- two processes
 async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
-    sp = u8(2 * MiB, seed=3)  # above the pull limit: the sender writes
+    sp = u8(2 * MiB, seed=3)  # rendezvous: the receiver pulls it (its copies count as the engine's)
     async with remote.scenario(steps=[do.recv(1, sp), do.send(2, sp)], options=AUTO) as sc:
         assert sc.peer.transports == {"cpu": "shm", "cuda": "tcp"}
         w0, r0 = writes_submitted(), registrations()
         await sc.peer.send(make_tensor(sp), 1)
-        assert writes_submitted() - w0 >= 1
+        assert writes_submitted() == w0, "we did not copy: the receiver pulled"
         back = torch.zeros(2 * MiB, dtype=torch.uint8)
         await sc.peer.recv(back, 2)
+        assert writes_submitted() - w0 >= 1, "we pulled"
         assert registrations() == r0, "the same-host path registers nothing"
         got, sent = await sc.result()
     assert got["ok"] and got["match"] and got["registrations"] == 0
-    assert sent["ok"] and sent["writes"] >= 1 and sent["registrations"] == 0
+    assert sent["ok"] and sent["registrations"] == 0
     assert same_bytes(back, make_tensor(sp))
 
 
-@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD, EAGER_THRESHOLD + 1, 300 * KiB + 5, PULL_MAX,
-                                    PULL_MAX + 1])
-async def test_rendezvous_up_to_the_pull_limit_is_pulled_by_the_receiver(remote: Remote, nbytes: int) -> None:
-    """RTS offers the source; the receiver copies it with one process_vm_readv and ACKs: no CTS,
-    no write into the receiver. Eager messages and larger ones are not pulled."""
+@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD, EAGER_THRESHOLD + 1, 300 * KiB + 5, INLINE, INLINE + 1,
+                                    3 * ShmEngine.chunk_bytes + 5])
+async def test_every_rendezvous_is_pulled_by_the_receiver(remote: Remote, nbytes: int) -> None:
+    """RTS offers the source; the receiver copies it with process_vm_readv (on the loop up to the
+    inline size, by its threads beyond) and ACKs: no CTS, no write into the receiver. Eager
+    messages are not pulled."""
     sp = u8(nbytes, seed=nbytes % 253)
     eng = ShmEngine.instance()
     async with remote.scenario(steps=[do.send(2, sp), do.send(3, sp)], options=AUTO) as sc:
@@ -88,11 +92,12 @@ async def test_rendezvous_up_to_the_pull_limit_is_pulled_by_the_receiver(remote:
         r1, r2 = await sc.result(60)
     assert r1["ok"] and r2["ok"], (r1, r2)
     assert same_bytes(got, make_tensor(sp)) and same_bytes(got2.contiguous(), make_tensor(sp))
-    assert pulled == (1 if EAGER_THRESHOLD < nbytes <= PULL_MAX else 0)
+    assert pulled == (1 if nbytes > EAGER_THRESHOLD else 0)
 
 
+@pytest.mark.parametrize("nbytes", [INLINE, 3 * INLINE])
 async def test_a_pull_the_kernel_refuses_falls_back_to_the_senders_write(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
     def refuse(*args: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
@@ -100,7 +105,7 @@ async def test_a_pull_the_kernel_refuses_falls_back_to_the_senders_write(
     async with pair() as (a, b):
         eng = ShmEngine.instance()
         w0, p0 = eng.writes_submitted, eng.pulls
-        src = torch.arange(PULL_MAX // 8, dtype=torch.int64)
+        src = torch.arange(nbytes // 8, dtype=torch.int64)
         got = await asyncio.wait_for(asyncio.gather(a.send(src, 5), b.recv(torch.zeros_like(src), 5)), 30)
         assert torch.equal(got[1], src)
         assert eng.pulls == p0 and eng.writes_submitted > w0
@@ -186,6 +191,8 @@ async def test_writes_outside_the_announced_destination_are_refused(
         orig(self, op)
 
     monkeypatch.setattr(Peer, "_start_write", shrink)
+    no_pull = Session.post_send  # offer no source, so the receiver asks us to write (CTS)
+    monkeypatch.setattr(Session, "post_send", lambda self, *a, **k: no_pull(self, *a[:6]))
     sp = u8(2 * MiB, seed=1)
     async with remote.scenario(steps=[do.recv(1, sp)], options=AUTO) as sc:
         assert sc.peer.transports["cpu"] == "shm"
@@ -197,24 +204,74 @@ async def test_writes_outside_the_announced_destination_are_refused(
     assert not got["ok"] and got["untouched"], got
 
 
-@pytest.mark.parametrize("nbytes", [PULL_MAX + 1, 8 * MiB])  # smaller ones are pulled by the receiver
-async def test_eperm_fails_the_send_with_advice(remote: Remote, monkeypatch: pytest.MonkeyPatch,
+def slow_pulls(monkeypatch: pytest.MonkeyPatch, delay: float) -> list[float]:
+    """Make every pulled piece take ``delay`` seconds (in the pool's threads); returns the times
+    at which pieces landed."""
+    landed: list[float] = []
+    real = shm.copy_from
+
+    def slow(pid: int, src: int, dst: int, n: int) -> None:
+        time.sleep(delay)
+        real(pid, src, dst, n)
+        landed.append(time.monotonic())
+
+    monkeypatch.setattr(shm, "copy_from", slow)
+    return landed
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout", "peer-closed"])
+async def test_no_byte_lands_after_a_pull_failed_or_was_cancelled(monkeypatch: pytest.MonkeyPatch,
+                                                                   how: str) -> None:
+    """A threaded pull (pieces copied by our own pool) is stopped and waited for before the receive
+    raises, so nothing lands in the buffer once the caller has its error back."""
+    landed = slow_pulls(monkeypatch, 0.05)
+    n = 32 * MiB  # several pieces
+    async with pair() as (a, b):
+        dest = torch.full((n,), 0xA5, dtype=torch.uint8)
+        sending = asyncio.ensure_future(a.send(torch.ones(n, dtype=torch.uint8), 3))
+        receiving = asyncio.ensure_future(b.recv(dest, 3, timeout=0.08 if how == "timeout" else None))
+        await asyncio.sleep(0.08)
+        if how == "cancel":
+            receiving.cancel()
+        elif how == "peer-closed":
+            await a.close()
+        with pytest.raises((asyncio.CancelledError, aiomooncake.AiomooncakeError)):
+            await receiving
+        raised_at = time.monotonic()
+        snapshot = dest.clone()
+        await asyncio.sleep(0.3)
+        assert torch.equal(dest, snapshot), "bytes landed after the receive raised"
+        assert all(t <= raised_at for t in landed)
+        with pytest.raises(aiomooncake.AiomooncakeError):
+            await asyncio.wait_for(sending, 10)
+        if how != "peer-closed":  # the pair still works
+            back = torch.zeros(1000, dtype=torch.int64)
+            await asyncio.gather(a.send(torch.arange(1000), 4), b.recv(back, 4))
+            assert torch.equal(back, torch.arange(1000))
+
+
+@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD + 1, 8 * MiB])
+async def test_eperm_fails_the_send_with_advice(monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture, nbytes: int) -> None:
-    """If the kernel refuses the write at run time (an LSM, changed credentials), the send fails
-    with TransferFailed that names the way out, and a warning is logged; the receiver is untouched."""
+    """If the kernel refuses the copies at run time (an LSM, changed credentials), the receiver's
+    pull falls back to the sender's write, which fails with TransferFailed naming the way out (and a
+    logged warning); the receive fails, its destination untouched."""
     def refuse(pid: int, src: int, dst: int, n: int) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(shm, "copy_to", refuse)
+    monkeypatch.setattr(shm, "copy_from", refuse)
     monkeypatch.setattr(shm, "_warned_perm", False)
-    sp = u8(nbytes, seed=2)
+    dest = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
     with caplog.at_level(logging.WARNING, logger="aiomooncake.shm"):
-        async with remote.scenario(steps=[do.recv(1, sp)], options=AUTO) as sc:
-            assert sc.peer.transports["cpu"] == "shm"
-            with pytest.raises(TransferFailed, match="host_transport='te'"):
-                await sc.peer.send(make_tensor(sp), 1)
-            (got,) = await sc.result()
-    assert not got["ok"] and got["untouched"], got
+        async with pair() as (a, b):
+            assert a.transports["cpu"] == "shm"
+            sent, got = await asyncio.wait_for(asyncio.gather(
+                a.send(torch.ones(nbytes, dtype=torch.uint8), 1), b.recv(dest, 1),
+                return_exceptions=True), 30)
+    assert isinstance(sent, TransferFailed) and "host_transport='te'" in str(sent), sent
+    assert isinstance(got, aiomooncake.AiomooncakeError), got
+    assert bool((dest == 0xA5).all()), "a refused copy changed the destination"
     assert any("host_transport='te'" in r.getMessage() for r in caplog.records)
 
 
