@@ -8,8 +8,10 @@ engine's writes, copying eager payloads, resolving the callers' futures).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -711,6 +713,7 @@ _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))
 
 _probe_lock = threading.Lock()
 _probe_pipe: tuple[int, int] | None = None
+_probe_pid = 0  # the process that made _probe_pipe (a forked child must not share its parent's)
 _libc_read: Any = None
 _libc_write: Any = None
 _BYTES_TYPE = id(bytes).to_bytes(8, sys.byteorder)
@@ -760,15 +763,24 @@ _writable_seen: dict[int, int] = {}  # storage address -> weak reference of a st
 
 def _probe_setup() -> tuple[int, int]:
     """The pipe and libc calls the probes use (call with _probe_lock held)."""
-    global _probe_pipe, _libc_read, _libc_write
-    if _probe_pipe is None:
+    global _probe_pipe, _probe_pid, _libc_read, _libc_write
+    if _probe_pipe is None or _probe_pid != os.getpid():
         lib = ctypes.CDLL(None, use_errno=True)
         _libc_read, _libc_write = lib.read, lib.write
         for fn in (_libc_read, _libc_write):
             fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
             fn.restype = ctypes.c_ssize_t
-        _probe_pipe = os.pipe()
+        r, w = os.pipe()
+        os.set_blocking(r, False)  # a probe never waits, even if the pipe were somehow empty
+        _probe_pipe, _probe_pid = (r, w), os.getpid()
     return _probe_pipe
+
+
+def _drain(r: int) -> None:
+    """Empty the probe pipe: a byte left behind would be read into the next probed memory."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(r, 64):
+            pass
 
 
 def _page_writable(addr: int) -> bool:
@@ -776,11 +788,14 @@ def _page_writable(addr: int) -> bool:
     into it (the byte it already holds, so nothing changes); a read-only page gives EFAULT."""
     with _probe_lock:
         r, w = _probe_setup()
+        _drain(r)
         os.write(w, ctypes.string_at(addr, 1))
-        if _libc_read(r, addr, 1) == 1:
-            return True
-        os.read(r, 1)  # EFAULT: the byte is still in the pipe
-        return False
+        while _libc_read(r, addr, 1) != 1:
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                _drain(r)  # the byte is still in the pipe
+                return err != errno.EFAULT  # only EFAULT says the page refuses writes
+        return True
 
 
 def _inside_bytes_object(base: int, size: int) -> bool:
@@ -827,7 +842,7 @@ def _page_readable(addr: int) -> bool:
         r, w = _probe_setup()
         if _libc_write(w, addr, 1) != 1:
             return False
-        os.read(r, 1)
+        _drain(r)
         return True
 
 

@@ -13,11 +13,13 @@ import random
 import tempfile
 import warnings
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import torch
 
 import aiomooncake
+from aiomooncake import peer as peer_mod
 from aiomooncake.peer import _unwritable
 
 HOST = "127.0.0.1"
@@ -109,7 +111,8 @@ def test_writable_tensors_pass_the_check() -> None:
         assert _unwritable(t) is None, t.shape
     # many random small tensors: the bytes-header scan must never match torch's own memory
     keep = [torch.empty(int(n)) for n in torch.randint(1, 4096, (2000,))]
-    assert all(_unwritable(t) is None for t in keep)
+    alarms = [(t.shape, why) for t in keep if (why := _unwritable(t)) is not None]
+    assert not alarms, alarms
     # nor memory from outside torch next to freed bytes objects (stale headers left behind)
     rng = random.Random(7)
     for _ in range(10):
@@ -118,9 +121,32 @@ def test_writable_tensors_pass_the_check() -> None:
         outside = [torch.from_numpy(np.zeros(rng.randint(1, 3000))) for _ in range(200)]
         outside += [frombuffer(bytearray(rng.randint(1, 20000))) for _ in range(200)]
         del junk
-        assert all(_unwritable(t) is None for t in outside)
+        alarms = [(t.shape, t.data_ptr(), why) for t in outside if (why := _unwritable(t)) is not None]
+        assert not alarms, alarms
     for n in (1, 100, 5000, 100_000):  # while a live bytes object is still seen
         assert _unwritable(frombuffer(bytes(n))) is not None, n
+
+
+def _child_probe_pipe(q: Any) -> None:
+    q.put(peer_mod._probe_setup())
+
+
+def test_a_forked_child_gets_its_own_probe_pipe() -> None:
+    """The writability probe reads a byte from a pipe into the probed memory; a forked child that
+    shared its parent's pipe could take the parent's byte and write a stray one into a tensor."""
+    import multiprocessing as mp
+
+    parent = peer_mod._probe_setup()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_probe_pipe, args=(q,))
+    p.start()
+    child = q.get(timeout=30)
+    p.join(30)
+    assert child != parent and peer_mod._probe_setup() == parent
+    buf = bytearray(b"x" * 4096)
+    t = frombuffer(buf)
+    assert _unwritable(t) is None and bytes(buf) == b"x" * 4096  # the probe changed nothing
 
 
 # ------------------------------------------------------------------------ sizes and kinds
