@@ -303,16 +303,16 @@ class Session:
         """The eager payload of ``op`` was copied into the destination."""
         if op.state is not RecvState.MATCHED or not isinstance(op.msg, Eager):
             raise RuntimeError(f"delivered() on a receive in state {op.state.value}")
-        self._incoming.pop(op.remote_op, None)
-        if self.closed is None:
-            self.outbox.append(Ack(op.remote_op))
-        op.state = RecvState.DONE
-        self.events.append(RecvComplete(op))
+        self._acked(op)
 
     def pulled(self, op: RecvOp) -> None:
         """The adapter copied a matched rendezvous message from the source its RTS offered."""
         if op.state is not RecvState.MATCHED or not isinstance(op.msg, Rts) or not op.msg.src:
             raise RuntimeError(f"pulled() on a receive in state {op.state.value} without a pull offer")
+        self._acked(op)
+
+    def _acked(self, op: RecvOp) -> None:
+        """The bytes are in: ACK completes the sender's op, and the receive is done."""
         self._incoming.pop(op.remote_op, None)
         if self.closed is None:
             self.outbox.append(Ack(op.remote_op))
