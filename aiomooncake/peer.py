@@ -113,11 +113,14 @@ class Peer:
         eager = options.eager_threshold
         if isinstance(remote_cap, int) and remote_cap > 1024:
             eager = min(eager, remote_cap - 1024)
-        self._session = Session(eager_threshold=eager)
         # Same-host CPU link: a rendezvous offers its source's address and the receiver pulls it
         # (RTS, ACK instead of RTS, CTS, write, DONE); no other process writes into our memory.
+        # Above shm_eager_threshold that one copy beats the eager frame's several.
         cpu = self._links.get("cpu")
         self._pull: Link | None = cpu if cpu is not None and isinstance(cpu.engine, ShmEngine) else None
+        if self._pull is not None:
+            eager = min(eager, options.shm_eager_threshold)
+        self._session = Session(eager_threshold=eager)
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}

@@ -50,9 +50,10 @@ pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"shm: {sh
 AUTO = {"host_transport": "auto"}
 
 INLINE = ShmEngine.inline_bytes
+SHM_EAGER = aiomooncake.Options().shm_eager_threshold  # the eager limit towards a same-host peer
 
 # around the boundaries: eager, inline on the loop, one pool chunk, several chunks
-SIZES = [0, 1, 4097, EAGER_THRESHOLD + 1, 256 * KiB + 3, ShmEngine.inline_bytes, ShmEngine.inline_bytes + 1,
+SIZES = [0, 1, 4097, SHM_EAGER, SHM_EAGER + 1, EAGER_THRESHOLD + 1, 256 * KiB + 3, INLINE, INLINE + 1,
          3 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
 
 
@@ -74,8 +75,8 @@ async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
     assert same_bytes(back, make_tensor(sp))
 
 
-@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD, EAGER_THRESHOLD + 1, 300 * KiB + 5, INLINE, INLINE + 1,
-                                    3 * ShmEngine.chunk_bytes + 5])
+@pytest.mark.parametrize("nbytes", [SHM_EAGER, SHM_EAGER + 1, EAGER_THRESHOLD, 300 * KiB + 5, INLINE,
+                                    INLINE + 1, 3 * ShmEngine.chunk_bytes + 5])
 async def test_every_rendezvous_is_pulled_by_the_receiver(remote: Remote, nbytes: int) -> None:
     """RTS offers the source; the receiver copies it with process_vm_readv (on the loop up to the
     inline size, by its threads beyond) and ACKs: no CTS, no write into the receiver. Eager
@@ -92,7 +93,7 @@ async def test_every_rendezvous_is_pulled_by_the_receiver(remote: Remote, nbytes
         r1, r2 = await sc.result(60)
     assert r1["ok"] and r2["ok"], (r1, r2)
     assert same_bytes(got, make_tensor(sp)) and same_bytes(got2.contiguous(), make_tensor(sp))
-    assert pulled == (1 if nbytes > EAGER_THRESHOLD else 0)
+    assert pulled == (1 if nbytes > SHM_EAGER else 0)
 
 
 @pytest.mark.parametrize("nbytes", [INLINE, 3 * INLINE])
@@ -250,7 +251,7 @@ async def test_no_byte_lands_after_a_pull_failed_or_was_cancelled(monkeypatch: p
             assert torch.equal(back, torch.arange(1000))
 
 
-@pytest.mark.parametrize("nbytes", [EAGER_THRESHOLD + 1, 8 * MiB])
+@pytest.mark.parametrize("nbytes", [SHM_EAGER + 1, 8 * MiB])
 async def test_eperm_fails_the_send_with_advice(monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture, nbytes: int) -> None:
     """If the kernel refuses the copies at run time (an LSM, changed credentials), the receiver's
