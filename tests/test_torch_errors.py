@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from test_torch_harness import Ctx, no_children_left, run_ranks
@@ -57,9 +58,22 @@ def bad_arguments(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def gloo_reference(scenario: Callable[[Ctx], Any], attempts: int = 3) -> list[Any]:
+    """gloo's results for ``scenario``. gloo itself sometimes dies on bad arguments (a segfault
+    was seen in CI, besides the double free on sparse tensors avoided above): it is only the
+    yardstick here, so a crashed reference run is retried."""
+    for attempt in range(attempts):
+        try:
+            return run_ranks(scenario, 2, backend="gloo", group_timeout=3.0, timeout=120).results
+        except pytest.fail.Exception:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_bad_arguments_raise_like_gloo() -> None:
     ours = run_ranks(bad_arguments, 2, group_timeout=3.0).results
-    ref = run_ranks(bad_arguments, 2, backend="gloo", group_timeout=3.0, timeout=120).results
+    ref = gloo_reference(bad_arguments)
     assert ours[1]["after"] == ref[1]["after"] == [0.0, 1.0, 2.0, 3.0]
     for case, theirs in ref[0].items():
         mine = ours[0][case]
