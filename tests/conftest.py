@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from harness import Remote, start_remotes, stop_remotes
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so CI's verdict on a commit does not depend
+# on luck; HYPOTHESIS_PROFILE=explore draws fresh ones (run it to hunt, then pin what it finds
+# with @example).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="module")
