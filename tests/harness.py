@@ -197,6 +197,20 @@ def stranded_regions() -> list[tuple[int, int]]:
     return [(r.base, r.size) for e in Engine.existing() for r in e._regions if r.inflight and not r.alive()]
 
 
+def load_script(name: str) -> Any:
+    """Import ``scripts/<name>.py`` as module ``name`` (the stress, soak and fuzz scripts the tests
+    drive in a small configuration)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec_ = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    assert spec_ is not None and spec_.loader is not None
+    mod = importlib.util.module_from_spec(spec_)
+    sys.modules[name] = mod
+    spec_.loader.exec_module(mod)
+    return mod
+
+
 def regions_in_flight() -> int:
     """Engine registrations this process still counts as used by a transfer in flight (white-box:
     the engine's region cache; 0 whenever nothing is moving)."""

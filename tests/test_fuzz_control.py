@@ -12,14 +12,12 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
-import os
 import struct
-import sys
 from typing import Any
 
 import msgpack
+from harness import load_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,20 +27,7 @@ from aiomooncake.errors import PeerClosed, ProtocolError
 from aiomooncake.transport.connection import Connection
 from aiomooncake.transport.framing import FrameDecoder, pack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("fuzz_control", os.path.join(ROOT, "scripts",
-                                                                                "fuzz_control.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_control"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fz = _load_script()
+fz = load_script("fuzz_control")
 CAP = fz.MAX_FRAME
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import importlib.util
-import os
 import signal
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -24,30 +21,25 @@ from typing import Any
 
 import pytest
 import torch
-from harness import Remote, do, make_tensor, spec, wait_until, writes_submitted
+from harness import (
+    Remote,
+    do,
+    load_script,
+    make_tensor,
+    regions_in_flight,
+    spec,
+    wait_until,
+    writes_submitted,
+)
 
 import aiomooncake
 from aiomooncake import peer as peer_mod
 from aiomooncake.engine import Engine
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = aiomooncake.Options()
 
 
-def _load(name: str) -> Any:
-    spec_ = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    assert spec_ is not None and spec_.loader is not None
-    mod = importlib.util.module_from_spec(spec_)
-    sys.modules[name] = mod
-    spec_.loader.exec_module(mod)
-    return mod
-
-
-stress = _load("stress_kill")
-
-
-def regions_in_flight() -> int:
-    return sum(r.inflight for e in Engine.existing() for r in e._regions)
+stress = load_script("stress_kill")
 
 
 @pytest.mark.parametrize(("host_transport", "trials"), [("auto", 2), ("te", 1)])

@@ -5,28 +5,14 @@ figures is in docs/reliability.md."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Any
 
 import pytest
+from harness import load_script
 
 import aiomooncake
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-soak = _load("soak")
+soak = load_script("soak")
 
 
 @pytest.mark.parametrize("host_transport", ["auto", "te"])

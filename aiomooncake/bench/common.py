@@ -288,3 +288,13 @@ class Spinner:
                     raise TimeoutError(f"timed out after {self.timeout:g} s waiting for {what}")
                 sleep = min(self.max_sleep, sleep * 2 if sleep else 0.00001)
                 time.sleep(sleep)
+
+
+def describe_exit(code: int) -> str:
+    """A child process's exit status in words (negative: the signal that ended it)."""
+    if code < 0:
+        try:
+            return f"crashed with {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"

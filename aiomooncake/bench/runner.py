@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
-from .common import BenchConfig, Message, Point, RankContext
+from .common import BenchConfig, Message, Point, RankContext, describe_exit
 from .impls import load
 
 log = logging.getLogger(__name__)
@@ -40,15 +39,6 @@ class Events(Protocol):
     def record(self, impl: str, p: Point, rec: dict[str, Any]) -> None: ...
 
     def failed(self, impl: str, p: Point, reason: str) -> None: ...
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"crashed with {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def under_torchrun() -> bool:

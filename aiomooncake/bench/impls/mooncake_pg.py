@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 
 from ..common import MODES as ALL_MODES
-from ..common import RankContext
+from ..common import RankContext, describe_exit
 from ._torchdist import run_backend
 
 NAME = "mooncake-pg"
@@ -32,15 +31,6 @@ def child_env(device: str) -> dict[str, str]:
         pre = os.environ.get("LD_PRELOAD", "")
         return {"LD_PRELOAD": f"{LIBSTDCXX}:{pre}" if pre else LIBSTDCXX}
     return {}
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"crashed with {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def available(device: str) -> str | None:
