@@ -63,8 +63,14 @@ def test_stress_kill_small(tmp_path: Any, host_transport: str, trials: int) -> N
         assert s["bystander_corrupted_or_lost"] == 0 and s["restart_corrupted_or_lost"] == 0
         assert s["bystander_roundtrips"] > 0 and s["restart_roundtrips"] > 0
     assert summary["receiver"]["detect_s"]["max"] < 1.0
-    assert summary["sender"]["detect_s"]["max"] < 1.0
-    assert summary["sender"]["late_bytes"] == 0
+    sender = summary["sender"]
+    # On the same-host path every sender trial may end with the receiver having pulled every byte
+    # before the kill took (asserted whole above): then there is no detection to time.
+    if sender["completed"] < sender["trials"] - sender["missed"]:
+        assert sender["detect_s"]["max"] < 1.0
+    else:
+        assert host_transport == "auto"
+    assert sender["late_bytes"] == 0
     # a frozen peer: within the 2 s heartbeat timeout of its last byte (+ scheduling on a busy box);
     # on the same-host path the receiver pulls from the frozen sender and needs no detection
     hang = summary["hang"]
