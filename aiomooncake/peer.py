@@ -492,38 +492,40 @@ class Peer:
 
     def _pull_from(self, op: RecvOp, ctx: _RecvCtx, src: int) -> None:
         """Copy the offered source straight into the destination (sizes were checked on match):
-        on the loop up to the engine's inline size, else by its threads. If the kernel refuses,
-        fall back to the usual CTS, so the sender writes instead."""
+        on the loop up to the engine's inline size, else by its threads."""
         assert ctx.work is not None and self._pull is not None
         link = self._pull
         eng = link.engine
         assert isinstance(eng, ShmEngine)
         n = ctx.work.nbytes
         if n <= eng.inline_bytes:
+            error: BaseException | None = None
             try:
                 eng.read_sync(link.remote_segment, src, ctx.work.data_ptr(), n)
             except AiomooncakeError as e:
-                log.debug("pull from %s failed (%s); asking the sender to write", self.address, e)
-                self._accept(op, ctx)
-                return
-            self._session.pulled(op)
+                error = e
+            self._pulled(op, ctx, error)
             return
         job = ctx.pull = eng.read(link.remote_segment, src, ctx.work.data_ptr(), n)
-        job.future.add_done_callback(lambda f: self._pulled(op, ctx, f))
+        job.future.add_done_callback(lambda f: self._pull_settled(op, ctx, f))
 
-    def _pulled(self, op: RecvOp, ctx: _RecvCtx, fut: asyncio.Future[None]) -> None:
+    def _pull_settled(self, op: RecvOp, ctx: _RecvCtx, fut: asyncio.Future[None]) -> None:
         """A threaded pull settled. If the receive failed or was cancelled meanwhile, whoever
         stopped the pull reports that (once it settled: nothing lands after the failure)."""
         ctx.pull = None
         error = fut.exception() if not fut.cancelled() else TransferFailed("the pull was cancelled")
-        if op.state is not RecvState.MATCHED:
-            return
+        if op.state is RecvState.MATCHED:
+            self._pulled(op, ctx, error)
+            self._flush()
+
+    def _pulled(self, op: RecvOp, ctx: _RecvCtx, error: BaseException | None) -> None:
+        """Complete a matched receive whose pull ended; if the kernel refused the copy, fall back
+        to the CTS, so the sender writes instead."""
         if error is None:
             self._session.pulled(op)
         else:
             log.debug("pull from %s failed (%s); asking the sender to write", self.address, error)
             self._accept(op, ctx)
-        self._flush()
 
     async def _after_pull(self, ctx: _RecvCtx) -> None:
         """Stop a pull still copying into a receive that just failed, and wait until it settled."""

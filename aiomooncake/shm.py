@@ -1,19 +1,21 @@
-"""The same-host CPU data path: one kernel copy with ``process_vm_writev``.
+"""The same-host CPU data path: one kernel copy with ``process_vm_readv`` (or ``_writev``).
 
-When both peers run on one host under one uid, a rendezvous write on the "cpu" link needs no
-network stack: ``process_vm_writev(2)`` copies straight from the sender's tensor into the
-receiver's tensor, once, with no socket, no staging buffer and no registration (the receiver's
-"registration" is a no-op; the sender still checks every write against the ``[addr, addr +
-capacity)`` the receiver announced). Loopback TCP, which the Transfer Engine uses otherwise, copies
-twice through socket buffers and measured at about half of gloo on a 2-core host.
+When both peers run on one host under one uid, a rendezvous on the "cpu" link needs no network
+stack: the receiver pulls the sender's tensor straight into its own with ``process_vm_readv(2)``
+(:meth:`ShmEngine.read`, the source offered in the RTS), once, with no socket, no staging buffer
+and no registration. Where the kernel refuses that read, the sender writes instead with
+``process_vm_writev(2)`` (:meth:`ShmEngine.write`; the receiver's "registration" is a no-op and the
+sender still checks every write against the ``[addr, addr + capacity)`` the receiver announced).
+Loopback TCP, which the Transfer Engine uses otherwise, copies twice through socket buffers and
+measured at about half of gloo on a 2-core host.
 
 :class:`ShmEngine` offers the :class:`~aiomooncake.engine.Engine` interface the peer uses
 (``acquire``/``release``/``target``/``write``/``epoch``/``gen``/``segment``/``kind``), so a link
 carried by it needs nothing special in the peer. Copies of up to :attr:`ShmEngine.inline_bytes`
 (1 MiB, a fraction of a millisecond) run on the event loop, cheaper than a thread hand-off; larger
-writes are cut into pieces of at most :attr:`ShmEngine.chunk_bytes` copied by a small thread pool
+copies are cut into pieces of at most :attr:`ShmEngine.chunk_bytes` copied by a small thread pool
 (the syscall releases the GIL), several at once, and the job's future resolves on the loop when the
-last piece landed. Memory per write is constant (a list of piece addresses): nothing is staged.
+last piece landed. Memory per copy is constant (a list of piece addresses): nothing is staged.
 
 Who may be written: the kernel lets a process write into another only where it may ptrace it (same
 uid, not raised privileges, Yama ``ptrace_scope`` <= 1). The handshake enables the path only after
@@ -320,7 +322,8 @@ class ShmEngine(Engine):
 
 @dataclass(eq=False)
 class ShmJob(WriteJob):
-    """One write: resolves ``future`` on the loop once every piece landed, failed or stopped."""
+    """One copy job (a write, or a pull when ``pull``): resolves ``future`` on the loop once every
+    piece landed, failed or stopped."""
 
     pull: bool = False  # pieces are (remote src, local dst, n): copy from the peer, not to it
     pid: int = -1

@@ -127,16 +127,15 @@ class Connection(asyncio.Protocol):
         """Send frames in order. Without busy-polling, ACKs alone are held back two loop turns, so
         an ACK produced while handling input leaves in the same syscall and segment as the reply
         the woken caller sends next: a sleeping remote then wakes once per round trip instead of
-        twice. A busy-polling remote (``ack_now``) pays nothing to wake, so ACKs leave at once and its sender
-        completes (and posts its next receive) while we still work on our reply: 8 B ping-pong
-        79 -> 69 us (medians of 5 runs, scripts/bench_core.py). Anything else goes out at once,
-        with whatever was held."""
+        twice. A busy-polling remote (``ack_now``) pays nothing to wake, so ACKs leave at once and
+        its sender completes (and posts its next receive) while we still work on our reply: 8 B
+        ping-pong 79 -> 69 us (medians of 5 runs, scripts/bench_core.py). Anything else goes out
+        at once, with whatever was held."""
         if self._closed is not None or self._transport is None:
             return
         self._wbuf.extend(msgs)
-        busy = self.busy
-        if busy is not None and type(msgs[0]) not in _CONTROL:
-            busy.kick()
+        if self.busy is not None and type(msgs[0]) not in _CONTROL:
+            self.busy.kick()
         if not self.ack_now and all(type(m) is Ack for m in msgs):
             if not self._write_scheduled:
                 self._write_scheduled = True
