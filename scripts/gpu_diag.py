@@ -1,0 +1,263 @@
+"""GPU diagnostics (two processes on GPU 0): stream order on the core, a traced 100 MiB stream,
+micro-costs. Exploratory, for the lent device; prints what it finds.
+
+    source .device/env.sh && python3 scripts/gpu_diag.py [--parts order,stream,micro,latency]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import aiomooncake as am
+from aiomooncake import _trace
+from aiomooncake.peer import Peer
+
+SPIN = 200_000_000
+MiB = 1 << 20
+
+
+def _cts_logger(log: list[Any]) -> None:
+    orig = Peer._start_write
+
+    def start_write(self: Peer, op: Any) -> None:
+        ctx = op.context
+        log.append(("cts", None if ctx.ready is None else bool(ctx.ready.query()), time.perf_counter()))
+        orig(self, op)
+    Peer._start_write = start_write  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------ receiver (server)
+def server(portq: Any, rq: Any, parts: list[str]) -> None:
+    torch.cuda.set_device(0)
+
+    async def main() -> None:
+        lst = await am.listen("127.0.0.1", 0)
+        portq.put(lst.port)
+        peer = await lst.accept()
+        rq.put(("transports", peer.transports))
+        if "order" in parts:
+            for variant in ("fresh", "reuse"):
+                means = []
+                side0 = torch.cuda.Stream()
+                for i in range(6):
+                    side = torch.cuda.Stream() if variant == "fresh" else side0
+                    buf = torch.empty(8 * MiB // 4, device="cuda")
+                    with torch.cuda.stream(side):
+                        buf.fill_(-7.0)
+                        await peer.recv(buf, tag=99)
+                        total = buf.sum()
+                    means.append(round(float(total.item()) / buf.numel(), 3))
+                rq.put((f"order[{variant}] receiver means (want 1..6)", means))
+            # eager-size cuda and a no-sleep control
+            means = []
+            for i in range(4):
+                buf = torch.empty(8 * MiB // 4, device="cuda")
+                await peer.recv(buf, tag=98)
+                means.append(round(float(buf.mean().item()), 3))
+            rq.put(("order[control, sender synchronizes] means (want 1..4)", means))
+        if "stream" in parts:
+            n, win = 100_000_000, 16
+            bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(win)]
+            for variant in ("gather", "preposted", "w1"):
+                _trace.take()
+                iters = 8
+                for it in range(iters):
+                    if variant == "w1":
+                        for b in bufs[:4]:
+                            await peer.recv(b, tag=7)
+                    else:
+                        await asyncio.gather(*(peer.recv(b, tag=7) for b in bufs))
+                    if variant == "preposted":
+                        await peer.send(torch.zeros(1, device="cuda"), tag=8)
+                rq.put((f"TRACE-S-{variant}", _trace.take()))
+            ok = all(int(b[:16].sum()) == 16 * 3 for b in bufs)
+            rq.put(("stream bytes ok", ok))
+        if "latency" in parts:
+            s = torch.empty(1024, dtype=torch.float32, device="cuda")
+            for _ in range(300):
+                await peer.recv(s, tag=3)
+                await peer.send(s, tag=4)
+        await asyncio.sleep(0.5)
+        await peer.close()
+        await lst.close()
+    am.run(main())
+
+
+# -------------------------------------------------------------------- sender (client)
+def client(port: int, rq: Any, parts: list[str]) -> None:
+    torch.cuda.set_device(0)
+    ctslog: list[Any] = []
+    _cts_logger(ctslog)
+
+    async def main() -> None:
+        peer = await am.connect("127.0.0.1", port)
+        if "order" in parts:
+            for variant in ("fresh", "reuse"):
+                side0 = torch.cuda.Stream()
+                for i in range(6):
+                    side = torch.cuda.Stream() if variant == "fresh" else side0
+                    src = torch.zeros(8 * MiB // 4, device="cuda")
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        torch.cuda._sleep(SPIN)
+                        src.fill_(float(i + 1))
+                        t = time.perf_counter()
+                        await peer.send(src, tag=99)
+                        dt = time.perf_counter() - t
+                    rq.put((f"order[{variant}] send {i}", f"{dt * 1e3:.1f} ms", "ready at CTS:",
+                            [c[1] for c in ctslog]))
+                    ctslog.clear()
+            for i in range(4):
+                src = torch.full((8 * MiB // 4,), float(i + 1), device="cuda")
+                torch.cuda.synchronize()
+                await peer.send(src, tag=98)
+        if "stream" in parts:
+            n, win = 100_000_000, 16
+            srcs = [torch.full((n,), 3, dtype=torch.uint8, device="cuda") for _ in range(win)]
+            link = peer._links["cuda"]
+            torch.cuda.synchronize()
+            for variant in ("gather", "preposted", "w1"):
+                _trace.take()
+                times = []
+                for it in range(8):
+                    if variant == "preposted":
+                        await asyncio.sleep(0.005)  # the receiver's 16 recvs are posted by now
+                    t = time.perf_counter()
+                    if variant == "w1":
+                        for s in srcs[:4]:
+                            await peer.send(s, tag=7)
+                        nb = 4 * n
+                    else:
+                        await asyncio.gather(*(peer.send(s, tag=7) for s in srcs))
+                        nb = win * n
+                    times.append(time.perf_counter() - t)
+                    if variant == "preposted":
+                        await peer.recv(torch.zeros(1, device="cuda"), tag=8)
+                rq.put((f"TRACE-C-{variant}", _trace.take()))
+                med = statistics.median(times[1:])
+                rq.put((f"stream[{variant}] GB/s", round(nb / med / 1e9, 1), "ms/iter", round(med * 1e3, 3)))
+            # te-raw in the same process: sequential sync writes of 100 MB into a pre-registered
+            # remote buffer is not available here (needs the receiver's address); time one write
+            # through our engine's submit/poll path with the peer's own rendezvous instead.
+            eng = link.engine
+            rq.put(("engine stats", eng.stats()))
+        if "latency" in parts:
+            s = torch.ones(1024, dtype=torch.float32, device="cuda")
+            ts = []
+            for i in range(300):
+                _trace.take()
+                t = time.perf_counter()
+                await peer.send(s, tag=3)
+                await peer.recv(s, tag=4)
+                ts.append(time.perf_counter() - t)
+                if i == 200:
+                    rq.put(("4K rtt trace", [(nm, round((x - t) * 1e6)) for nm, x in _trace.take()]))
+            rq.put(("4KiB cuda rtt us", round(statistics.median(ts[50:]) * 1e6, 1)))
+        await peer.close()
+    am.run(main())
+
+
+def micro(rq: Any) -> None:
+    torch.cuda.set_device(0)
+
+    def per_call(fn: Any, n: int = 3000) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return round((time.perf_counter() - t) / n * 1e6, 2)
+
+    x = torch.empty(4, device="cuda")
+    ev = torch.cuda.Event()
+    ev.record()
+    st = torch.cuda.current_stream()
+    out = {
+        "Event()": per_call(torch.cuda.Event),
+        "Event()+record()": per_call(lambda: torch.cuda.Event().record()),
+        "ev.record(st)": per_call(lambda: ev.record(st)),
+        "ev.query": per_call(ev.query),
+        "current_stream()": per_call(torch.cuda.current_stream),
+        "current_stream(dev)": per_call(lambda: torch.cuda.current_stream(torch.device("cuda", 0))),
+        "_cuda_getCurrentRawStream(0)": per_call(lambda: torch._C._cuda_getCurrentRawStream(0)),
+        "_cuda_getCurrentStream(0)": per_call(lambda: torch._C._cuda_getCurrentStream(0)),
+        "t.device": per_call(lambda: x.device),
+        "t.is_cuda": per_call(lambda: x.is_cuda),
+        "t.get_device()": per_call(lambda: x.get_device()),
+    }
+    try:
+        from cuda.bindings import runtime as rt
+        err, e2 = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
+        raw = torch._C._cuda_getCurrentRawStream(0)
+        out["cudart.cudaEventRecord"] = per_call(lambda: rt.cudaEventRecord(e2, raw))
+        out["cudart.cudaEventQuery"] = per_call(lambda: rt.cudaEventQuery(e2))
+        out["cudart.cudaEventCreate+Destroy"] = per_call(
+            lambda: rt.cudaEventDestroy(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)[1]))
+    except Exception as e:  # noqa: BLE001
+        out["cudart"] = repr(e)
+    rq.put(("micro us/call", out))
+
+
+def timeline(rq_items: dict[str, Any], variant: str) -> None:
+    c = rq_items.get(f"TRACE-C-{variant}")
+    s = rq_items.get(f"TRACE-S-{variant}")
+    if not c or not s:
+        return
+    allm = sorted([("C " + n, t) for n, t in c[0]] + [("S " + n, t) for n, t in s[0]], key=lambda m: m[1])
+    # split into iterations at each first send:post after a gap
+    posts = [t for n, t in allm if n == "C send:post"]
+    starts = [posts[0]] + [b for a, b in zip(posts, posts[1:]) if b - a > 0.0005]
+    for k, t0 in enumerate(starts[1:4], 1):
+        t1 = starts[k + 1] if k + 1 < len(starts) else float("inf")
+        seg = [(n, t) for n, t in allm if t0 - 0.002 <= t < t1]
+        kinds: dict[str, list[float]] = {}
+        for n, t in seg:
+            kinds.setdefault(n, []).append((t - t0) * 1e6)
+        print(f"  [{variant}] iteration {k}:")
+        for n, ts in sorted(kinds.items(), key=lambda kv: kv[1][0]):
+            print(f"    {n:18s} n={len(ts):2d} first {ts[0]:8.0f} us  last {ts[-1]:8.0f} us")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="order,stream,micro,latency")
+    a = ap.parse_args()
+    parts = a.parts.split(",")
+    os.environ["AIOMOONCAKE_TRACE"] = "1"
+    mp.set_start_method("spawn")
+    portq, rq = mp.Queue(), mp.Queue()
+    if "micro" in parts:
+        m = mp.Process(target=micro, args=(rq,))
+        m.start()
+        m.join(120)
+    if set(parts) & {"order", "stream", "latency"}:
+        s = mp.Process(target=server, args=(portq, rq, parts))
+        s.start()
+        port = portq.get(timeout=120)
+        c = mp.Process(target=client, args=(port, rq, parts))
+        c.start()
+        c.join(400)
+        s.join(30)
+        for p in (s, c):
+            if p.is_alive():
+                p.kill()
+        print("exit codes", s.exitcode, c.exitcode)
+    items: dict[str, Any] = {}
+    while True:
+        try:
+            item = rq.get(timeout=2)
+        except queue.Empty:
+            break
+        if str(item[0]).startswith("TRACE"):
+            items[item[0]] = item[1:]
+            continue
+        print(*item, flush=True)
+    for v in ("gather", "preposted", "w1"):
+        timeline(items, v)
