@@ -21,6 +21,7 @@ from aiomooncake import _trace
 from aiomooncake.peer import Peer
 
 SPIN = 200_000_000
+ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
 
@@ -63,6 +64,23 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                 await peer.recv(buf, tag=98)
                 means.append(round(float(buf.mean().item()), 3))
             rq.put(("order[control, sender synchronizes] means (want 1..4)", means))
+        if "order2" in parts:
+            for variant in ORDER2:
+                rows = []
+                for i in range(6):
+                    side = torch.cuda.Stream()
+                    buf = torch.empty(8 * MiB // 4, device="cuda")
+                    if variant == "recv-default":
+                        buf.fill_(-7.0)
+                        await peer.recv(buf, tag=97)
+                        torch.cuda.synchronize()
+                    else:
+                        with torch.cuda.stream(side):
+                            buf.fill_(-7.0)
+                            await peer.recv(buf, tag=97)
+                        torch.cuda.synchronize()
+                    rows.append((round(float(buf.min())), round(float(buf.max())), hex(buf.data_ptr())[-7:]))
+                rq.put((f"order2[{variant}] recv (min,max,ptr), want 1..6", rows))
         if "stream" in parts:
             n, win = 100_000_000, 16
             bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(win)]
@@ -119,6 +137,29 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                 src = torch.full((8 * MiB // 4,), float(i + 1), device="cuda")
                 torch.cuda.synchronize()
                 await peer.send(src, tag=98)
+        if "order2" in parts:
+            for variant in ORDER2:
+                info = []
+                once = torch.zeros(8 * MiB // 4, device="cuda")
+                for i in range(6):
+                    side = torch.cuda.Stream()
+                    src = once if variant == "alloc-once" else torch.zeros(8 * MiB // 4, device="cuda")
+                    if variant == "alloc-once":
+                        src.zero_()
+                    if variant == "sync-zeros":
+                        torch.cuda.synchronize()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        torch.cuda._sleep(SPIN)
+                        src.fill_(float(i + 1))
+                        if variant == "sender-sync":
+                            side.synchronize()
+                        ev = torch.cuda.Event()
+                        ev.record()
+                        await peer.send(src, tag=97)
+                        info.append((hex(src.data_ptr())[-7:], ev.query(), [c[1] for c in ctslog]))
+                    ctslog.clear()
+                rq.put((f"order2[{variant}] send (ptr, ev done after send, ready at CTS)", info))
         if "stream" in parts:
             n, win = 100_000_000, 16
             srcs = [torch.full((n,), 3, dtype=torch.uint8, device="cuda") for _ in range(win)]
@@ -237,7 +278,7 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
-    if set(parts) & {"order", "stream", "latency"}:
+    if set(parts) & {"order", "order2", "stream", "latency"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()
         port = portq.get(timeout=120)

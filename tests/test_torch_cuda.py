@@ -47,7 +47,9 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
                 w = dist.irecv(buf, peer, tag=tag)
                 w.wait()  # makes `side` wait for the data
                 total = buf.sum()  # queued on `side` after the wait
-            out[f"sum{tag}"] = total.item() / n
+                # read on `side` too: .item() outside would copy on the default stream, which does
+                # not wait for the sum (a stale read that once passed for a missing dependency)
+                out[f"sum{tag}"] = total.item() / n
     # cross-device: a CUDA tensor into a CPU buffer and back, in one batch
     if ctx.rank == 0:
         host = torch.zeros(1000)
@@ -93,7 +95,7 @@ def core_stream_order(ctx: Ctx) -> float:
             buf.fill_(-7.0)
             await peer.recv(buf, 99)
             total = buf.sum()
-        return float(total.item()) / n
+            return float(total.item()) / n  # on `side`: the default stream would not wait for the sum
 
     means = []
     for _ in range(4):
@@ -103,18 +105,13 @@ def core_stream_order(ctx: Ctx) -> float:
 
 
 def test_core_stream_order() -> None:
-    # Seen failing on an H100 (two processes on GPU 0, intra-node NVLink): the receiver got the
-    # sender's bytes from before the fill (zeros), so the core's rendezvous write does not wait for
-    # the work queued on the sender's stream. A core problem; the torch layer cannot fix it.
+    # Repeated sends through the group's own Peer, each fill behind a long kernel on a side stream.
     res = run_ranks(core_stream_order, 2, timeout=180).results
     assert res[1] == [2.0] * 4
 
 
 def test_cuda_stream_order() -> None:
     res = run_ranks(cuda_stream_order, 2, timeout=180).results
-    if res[1]["sum2"] != 2.0:
-        pytest.xfail("the rendezvous send read the tensor before the caller's stream finished writing it; "
-                     "test_core_stream_order shows the same on the core alone")
     assert res[1]["sum1"] == 1.0 and res[1]["sum2"] == 2.0
     assert res[0]["to_cpu"] == 9.0 and res[1]["to_cuda"] == 4.0
     assert no_children_left()
