@@ -273,10 +273,21 @@ class Engine:
         return Stats(self.registrations, self.unregistrations, len(self._regions), self.writes_submitted)
 
     # ------------------------------------------------------------- transfers
-    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> WriteJob:
+    @property
+    def in_order(self) -> bool:
+        """Whether this engine's writes from one thread complete in submission order per source
+        device: the NVLink transport queues them on one CUDA stream per thread and device, and
+        reports a request done only once that whole stream is idle. Pollers then need to check
+        only the oldest pending request of each lane (one cudaStreamQuery, not one per request:
+        with 16 messages in flight that was ~50 us of every polling round)."""
+        return self.kind == "nvlink"
+
+    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
+              lane: int = -1) -> WriteJob:
         """Write ``pieces`` of ``(src_addr, dst_addr, length)`` into ``segment``, at most ``window``
-        requests in flight. Await the job (or :meth:`WriteJob.stop` it)."""
-        job = WriteJob(self, segment, list(pieces), max(1, window))
+        requests in flight; ``lane`` is the source's CUDA device (-1 for host memory). Await the
+        job (or :meth:`WriteJob.stop` it)."""
+        job = WriteJob(self, segment, list(pieces), max(1, window), lane)
         _Poller.for_loop().add(job)
         return job
 
@@ -336,6 +347,7 @@ class WriteJob:
     segment: str
     pieces: list[tuple[int, int, int]]
     window: int
+    lane: int = -1
     future: asyncio.Future[None] = field(init=False)
     inflight: list[int] = field(default_factory=list)
     next: int = 0
@@ -357,9 +369,13 @@ class WriteJob:
         eng = self.engine
         if self.inflight:
             still = []
-            for b in self.inflight:
+            ordered = eng.in_order
+            for i, b in enumerate(self.inflight):
                 st = eng._check(b)
                 if st == 0:
+                    if ordered:  # the later ones queue behind it
+                        still.extend(self.inflight[i:])
+                        break
                     still.append(b)
                 elif st != 1:
                     self.error = self.error or f"the engine reported status {st} for a write"
@@ -424,7 +440,7 @@ class _Poller:
         while self.jobs:
             before = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
             n_before = len(self.jobs)
-            self.jobs = [j for j in self.jobs if not _safe_step(j)]
+            self.jobs = self._round()
             after = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
             now = time.perf_counter()
             if len(self.jobs) != n_before or after != before:
@@ -438,6 +454,23 @@ class _Poller:
             else:
                 delay = min(self.max_sleep, delay * 2 if delay else 0.00005)
                 await asyncio.sleep(delay)
+
+
+    def _round(self) -> list[WriteJob]:
+        """Step every job (oldest first); return those not finished. On an in-order engine a lane
+        whose oldest job is still pending holds only younger, also pending work: skip it."""
+        left: list[WriteJob] = []
+        blocked: set[tuple[int, int]] = set()
+        for j in self.jobs:
+            key = (id(j.engine), j.lane)
+            if key in blocked:
+                left.append(j)
+                continue
+            if not _safe_step(j):
+                left.append(j)
+                if j.engine.in_order and j.inflight:
+                    blocked.add(key)
+        return left
 
 
 def _safe_step(job: WriteJob) -> bool:

@@ -57,10 +57,12 @@ from .errors import (
 from .options import Options
 from .shm import ShmEngine, ShmJob
 from .tensors import (
+    current_stream,
     dtype_from_name,
     dtype_name,
     fill_from_bytes,
     record_ready,
+    recycle,
     to_bytes,
     wait_event,
 )
@@ -303,13 +305,17 @@ class Peer:
         if link is not None and link.name == "cpu" and ctx.src.device.type == "cuda":
             self._spawn(self._stage_then_write(op, ctx, link))
             return
-        if ctx.ready is not None and not ctx.ready.query():
-            self._spawn(self._wait_then_write(op, ctx))
-            return
+        if ctx.ready is not None:
+            if not ctx.ready.query():
+                self._spawn(self._wait_then_write(op, ctx))
+                return
+            recycle(ctx.ready)
+            ctx.ready = None
         self._submit(op, ctx, link)
 
     async def _wait_then_write(self, op: SendOp, ctx: _SendCtx) -> None:
         await wait_event(ctx.ready)
+        recycle(ctx.ready)
         ctx.ready = None
         self._submit(op, ctx, self._links.get(op.link))
 
@@ -317,6 +323,7 @@ class Peer:
         await wait_event(ctx.ready)
         with torch.cuda.stream(self._side_stream(ctx.src.device)):
             ctx.src = ctx.src.cpu()  # the host link cannot read device memory: stage once
+        recycle(ctx.ready)
         ctx.ready = None
         self._submit(op, ctx, link)
 
@@ -336,7 +343,7 @@ class Peer:
             target = link.engine.target(link.remote_segment, op.epoch, op.gen)
             if _trace.on:
                 _trace.mark("send:submit")
-            job = ctx.job = link.engine.write(target, pieces, self._opts.window)
+            job = ctx.job = link.engine.write(target, pieces, self._opts.window, src.get_device())
             self._jobs.add(job)
         except Exception as e:
             if region is not None and link is not None:
@@ -394,7 +401,7 @@ class Peer:
         else:
             spec = RecvSpec(dtype_name(dest.dtype), dest.numel())
             ready = record_ready(dest)
-            stream = torch.cuda.current_stream(dest.device)
+            stream = current_stream(dest.get_device())
         ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
         if self._busy is not None:
             self._busy.kick()
@@ -445,7 +452,10 @@ class Peer:
                     dev = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
                 ctx.work = torch.empty(msg.shape, dtype=dtype_from_name(msg.dtype), device=dev)
                 if dev.type == "cuda":
-                    ctx.stream = torch.cuda.current_stream(dev)
+                    ctx.stream = current_stream(ctx.work.get_device())
+                    # the allocator may hand out a block whose last user's kernels are still queued
+                    # on this stream (safe for stream work, not for a remote writer): wait for them
+                    ctx.ready = record_ready(ctx.work)
             else:
                 ctx.work = ctx.dest if ctx.dest.is_contiguous() else torch.empty(
                     ctx.dest.shape, dtype=ctx.dest.dtype, device=ctx.dest.device)
@@ -470,6 +480,8 @@ class Peer:
         elif msg.src and self._pull is not None and ctx.work.is_cpu:
             self._pull_from(op, ctx, msg.src)
         elif ctx.ready is None or ctx.ready.query():
+            recycle(ctx.ready)
+            ctx.ready = None
             self._accept(op, ctx)
         else:
             self._spawn(self._accept_cuda(op, ctx))
@@ -485,6 +497,8 @@ class Peer:
     async def _accept_cuda(self, op: RecvOp, ctx: _RecvCtx) -> None:
         try:
             await wait_event(ctx.ready)  # earlier work on the caller's stream may still use the buffer
+            recycle(ctx.ready)
+            ctx.ready = None
         finally:
             if op.state.value == "matched":
                 self._accept(op, ctx)

@@ -268,9 +268,15 @@ class ShmEngine(Engine):
         with self._count_lock:
             self.writes_submitted += n
 
-    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int) -> ShmJob:
+    @property
+    def in_order(self) -> bool:
+        """Pool threads finish copies in any order."""
+        return False
+
+    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
+              lane: int = -1) -> ShmJob:
         """Copy ``pieces`` of ``(src_addr, dst_addr, length)`` into the peer behind ``segment``.
-        ``window`` is ignored: the pool decides how many copies run at once."""
+        ``window`` and ``lane`` are ignored: the pool decides how many copies run at once."""
         return self._start(ShmJob(self, segment, list(pieces), max(1, window)))
 
     def read(self, segment: str, src: int, dst: int, length: int) -> ShmJob:

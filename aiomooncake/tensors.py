@@ -146,14 +146,38 @@ def _cuda_allocation(ptr: int) -> Allocation:
     return Allocation(int(base), int(size), ("cuda", int(buf_id)))
 
 
+_streams: dict[tuple[int, int, int], Any] = {}
+_free_events: list[torch.cuda.Event] = []
+
+
+def current_stream(device_index: int) -> Any:
+    """``torch.cuda.current_stream(device_index)`` without its ~8 us of Python per call (measured
+    on an H100 host): the Stream wrapper is cached by the current stream's identity (0.3 us)."""
+    key = torch._C._cuda_getCurrentStream(device_index)
+    st = _streams.get(key)
+    if st is None:
+        if len(_streams) > 4096:  # external streams come and go; the wrappers are cheap to rebuild
+            _streams.clear()
+        st = _streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+    return st
+
+
 def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
     """Mark the point on the caller's current stream after which ``t`` may be read or overwritten
-    by the engine (None for CPU tensors)."""
-    if t.device.type != "cuda":
+    by the engine (None for CPU tensors). The event comes from a pool (creating one costs ~13 us on
+    its first record); hand it back with :func:`recycle` once it is complete and unused."""
+    idx = t.get_device()
+    if idx < 0:
         return None
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(t.device))
+    ev = _free_events.pop() if _free_events else torch.cuda.Event()
+    ev.record(current_stream(idx))
     return ev
+
+
+def recycle(ev: torch.cuda.Event | None) -> None:
+    """Return a completed event from :func:`record_ready` that nothing will wait on any more."""
+    if ev is not None and len(_free_events) < 256:
+        _free_events.append(ev)
 
 
 async def wait_event(ev: torch.cuda.Event | None) -> None:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
 from aiomooncake import Options
+from aiomooncake.tensors import current_stream
 from aiomooncake.transport.handshake import host_id
 
 from . import rendezvous
@@ -259,9 +260,10 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
     def _op(self, kind: str, t: torch.Tensor, peer: int, tag: int) -> Op:
         self._check_open()
         ready = None
-        if t.device.type == "cuda":
+        idx = t.get_device()
+        if idx >= 0:
             ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(t.device))
+            ready.record(current_stream(idx))
         wire = t.reshape(-1).view(torch.uint8)  # bytes, as gloo: dtypes may differ, sizes may not
         return Op(kind, tag, peer, tensor=t, wire=wire, timeout=self._seconds(self._timeout),
                   ready_event=ready)

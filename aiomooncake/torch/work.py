@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from ..tensors import current_stream
 from .errors import BackendError, OpTimeout
 from .ops import RECV, RECV_ANY, Op
 
@@ -92,7 +93,8 @@ class Work(dist.Work):
             if ev is not None and op.future.done():
                 dev = op.device
                 assert dev is not None
-                torch.cuda.current_stream(dev).wait_event(ev)
+                idx = dev.index if dev.index is not None else torch.cuda.current_device()
+                current_stream(idx).wait_event(ev)
 
     def block_current_stream(self) -> None:
         """The host must learn of completion before a stream can wait on it: same as ``wait()``."""

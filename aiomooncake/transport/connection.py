@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from .. import _trace
-from ..core.messages import Ack, Bye, Message, Ping, Pong
+from ..core.messages import Ack, Bye, Done, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
 from .busypoll import BusyPoller
 from .framing import FrameDecoder, pack_into
@@ -140,6 +140,12 @@ class Connection(asyncio.Protocol):
             if not self._write_scheduled:
                 self._write_scheduled = True
                 self._loop.call_soon(self._loop.call_soon, self._write_out)
+        elif all(type(m) is Done for m in msgs):
+            # Writes finish in bursts (the NVLink transport reports a whole stream at once): the
+            # DONEs of one polling round leave together after this loop turn, in one syscall.
+            if not self._write_scheduled:
+                self._write_scheduled = True
+                self._loop.call_soon(self._write_out)
         else:
             self._write_out()
 
