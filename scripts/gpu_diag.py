@@ -98,6 +98,11 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                 rq.put((f"TRACE-S-{variant}", _trace.take()))
             ok = all(int(b[:16].sum()) == 16 * 3 for b in bufs)
             rq.put(("stream bytes ok", ok))
+        if "submit" in parts:
+            target = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
+            peer._links["cuda"].engine.acquire(target)
+            await peer.send(torch.tensor([target.data_ptr()], dtype=torch.int64), tag=50)
+            await peer.recv(torch.zeros(1, dtype=torch.int64), tag=51)
         if "latency" in parts:
             s = torch.empty(1024, dtype=torch.float32, device="cuda")
             for _ in range(300):
@@ -190,6 +195,46 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             # through our engine's submit/poll path with the peer's own rendezvous instead.
             eng = link.engine
             rq.put(("engine stats", eng.stats()))
+        if "submit" in parts:
+            addr = torch.zeros(1, dtype=torch.int64)
+            await peer.recv(addr, tag=50)
+            link = peer._links["cuda"]
+            eng = link.engine
+            src = torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
+            eng.acquire(src)
+            torch.cuda.synchronize()
+            seg = eng.target(link.remote_segment, 10**9, 0)
+            res = {}
+            for n in (64, 4096, 1 << 20):
+                ts = []
+                for _ in range(300):
+                    t = time.perf_counter()
+                    eng.write_sync(seg, src.data_ptr(), int(addr[0]), n)
+                    ts.append(time.perf_counter() - t)
+                res[f"write_sync {n} B"] = round(statistics.median(ts[50:]) * 1e6, 1)
+                ts, sub, polls = [], [], []
+                for _ in range(300):
+                    t = time.perf_counter()
+                    b = eng._submit(seg, src.data_ptr(), int(addr[0]), n)
+                    t1 = time.perf_counter()
+                    k = 0
+                    while eng._check(b) == 0:
+                        k += 1
+                    ts.append(time.perf_counter() - t)
+                    sub.append(t1 - t)
+                    polls.append(k)
+                res[f"submit+spin {n} B"] = round(statistics.median(ts[50:]) * 1e6, 1)
+                res[f"  of which submit {n} B"] = round(statistics.median(sub[50:]) * 1e6, 1)
+                res[f"  polls {n} B"] = statistics.median(polls[50:])
+                # through the asyncio poller
+                ts = []
+                for _ in range(300):
+                    t = time.perf_counter()
+                    await eng.write(seg, [(src.data_ptr(), int(addr[0]), n)], 4, 0)
+                    ts.append(time.perf_counter() - t)
+                res[f"engine.write (poller) {n} B"] = round(statistics.median(ts[50:]) * 1e6, 1)
+            rq.put(("submit probe us", res))
+            await peer.send(torch.zeros(1, dtype=torch.int64), tag=51)
         if "latency" in parts:
             s = torch.ones(1024, dtype=torch.float32, device="cuda")
             ts = []
@@ -278,7 +323,7 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
-    if set(parts) & {"order", "order2", "stream", "latency"}:
+    if set(parts) & {"order", "order2", "stream", "latency", "submit"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()
         port = portq.get(timeout=120)

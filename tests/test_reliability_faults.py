@@ -181,13 +181,13 @@ async def test_failed_engine_write_to_a_live_peer_is_retried(monkeypatch: pytest
     real = Engine.write
     failures = [1]
 
-    def flaky(self: Engine, segment: str, pieces: Any, window: int) -> WriteJob:
+    def flaky(self: Engine, segment: str, pieces: Any, window: int, lane: int = -1) -> WriteJob:
         if failures[0] > 0:
             failures[0] -= 1
-            job = WriteJob(self, segment, list(pieces), window)
+            job = WriteJob(self, segment, list(pieces), window, lane)
             job.future.set_exception(TransferFailed("simulated: the engine reported status -1"))
             return job
-        return real(self, segment, pieces, window)
+        return real(self, segment, pieces, window, lane)
 
     monkeypatch.setattr(Engine, "write", flaky)
     lst = await aiomooncake.listen("127.0.0.1", 0, host_transport="te")
