@@ -20,7 +20,14 @@ import aiomooncake as am
 from aiomooncake import _trace
 from aiomooncake.peer import Peer
 
+from aiomooncake.transport.connection import Connection
+
 SPIN = 200_000_000
+CONFIGS = {"cork+defer": (True, True), "cork": (True, False), "none": (False, False)}
+
+
+def _configure(name: str) -> None:
+    Connection.batch_replies, Connection.defer_rts = CONFIGS[name]
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
@@ -98,6 +105,18 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                 rq.put((f"TRACE-S-{variant}", _trace.take()))
             ok = all(int(b[:16].sum()) == 16 * 3 for b in bufs)
             rq.put(("stream bytes ok", ok))
+        if "ab" in parts:
+            n, win = 100_000_000, 16
+            bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(win)]
+            small = torch.empty(1024, dtype=torch.float32, device="cuda")
+            for rnd in range(3):
+                for name in CONFIGS:
+                    _configure(name)
+                    for it in range(6):
+                        await asyncio.gather(*(peer.recv(b, tag=60) for b in bufs))
+                    for _ in range(120):
+                        await peer.recv(small, tag=61)
+                        await peer.send(small, tag=62)
         if "submit" in parts:
             target = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
             peer._links["cuda"].engine.acquire(target)
@@ -195,6 +214,29 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             # through our engine's submit/poll path with the peer's own rendezvous instead.
             eng = link.engine
             rq.put(("engine stats", eng.stats()))
+        if "ab" in parts:
+            n, win = 100_000_000, 16
+            srcs = [torch.full((n,), 3, dtype=torch.uint8, device="cuda") for _ in range(win)]
+            small = torch.ones(1024, dtype=torch.float32, device="cuda")
+            torch.cuda.synchronize()
+            res: dict[str, list[float]] = {}
+            for rnd in range(3):
+                for name in CONFIGS:
+                    _configure(name)
+                    ts = []
+                    for it in range(6):
+                        t = time.perf_counter()
+                        await asyncio.gather(*(peer.send(s, tag=60) for s in srcs))
+                        ts.append(time.perf_counter() - t)
+                    rts = []
+                    for _ in range(120):
+                        t = time.perf_counter()
+                        await peer.send(small, tag=61)
+                        await peer.recv(small, tag=62)
+                        rts.append(time.perf_counter() - t)
+                    res.setdefault(name + " GB/s", []).append(round(win * n / statistics.median(ts[1:]) / 1e9))
+                    res.setdefault(name + " 4K rtt us", []).append(round(statistics.median(rts[20:]) * 1e6))
+            rq.put(("A/B (3 rounds each)", res))
         if "submit" in parts:
             addr = torch.zeros(1, dtype=torch.int64)
             await peer.recv(addr, tag=50)
@@ -323,7 +365,7 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
-    if set(parts) & {"order", "order2", "stream", "latency", "submit"}:
+    if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()
         port = portq.get(timeout=120)

@@ -27,6 +27,10 @@ LostHandler = Callable[[AiomooncakeError], None]
 
 
 class Connection(asyncio.Protocol):
+    # Write coalescing (see _policy); class-level switches for A/B measurements (scripts/gpu_diag.py).
+    batch_replies = True
+    defer_rts = True
+
     def __init__(self, max_frame: int) -> None:
         self._decoder = FrameDecoder(max_frame)
         self._transport: asyncio.Transport | None = None
@@ -68,7 +72,7 @@ class Connection(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
-        if len(msgs) > 1:  # replies to one read leave together, in one syscall
+        if len(msgs) > 1 and self.batch_replies:  # replies to one read leave together, in one syscall
             self._corked = True
             try:
                 self._dispatch(msgs)
@@ -162,7 +166,8 @@ class Connection(asyncio.Protocol):
             if not self._write_scheduled:
                 self._write_scheduled = True
                 self._loop.call_soon(self._loop.call_soon, self._write_out)
-        elif all(type(m) is Done or (type(m) is Rts and m.device == "cuda") for m in msgs):
+        elif all(type(m) is Done or (type(m) is Rts and m.device == "cuda" and self.defer_rts)
+                 for m in msgs):
             if not self._write_scheduled:
                 self._write_scheduled = True
                 self._loop.call_soon(self._write_out)
