@@ -23,11 +23,11 @@ from aiomooncake.peer import Peer
 from aiomooncake.transport.connection import Connection
 
 SPIN = 200_000_000
-CONFIGS = {"cork+defer": (True, True), "cork": (True, False), "none": (False, False)}
+CONFIGS = {"batched replies": True, "none": False}
 
 
 def _configure(name: str) -> None:
-    Connection.batch_replies, Connection.defer_rts = CONFIGS[name]
+    Connection.batch_replies = CONFIGS[name]
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
