@@ -570,6 +570,10 @@ class Peer:
         if _trace.on:
             _trace.mark("recv:cts")
         self._session.accept(op, link_name, work.data_ptr(), work.nbytes, link.engine.epoch, link.engine.gen)
+        if both_gpu and self._busy is not None:
+            # The DONE follows the sender's device write (~90 us per 100 MB, queued behind its other
+            # writes): stay awake for it. Not on host links, whose engines need the CPU we would spin.
+            self._busy.expect(0.001 + work.nbytes / 50e9)
 
     def _completed(self, op: RecvOp) -> None:
         if _trace.on:

@@ -20,14 +20,14 @@ import aiomooncake as am
 from aiomooncake import _trace
 from aiomooncake.peer import Peer
 
-from aiomooncake.transport.connection import Connection
+from aiomooncake.transport.busypoll import BusyPoller
 
 SPIN = 200_000_000
-CONFIGS = {"batched replies": True, "none": False}
+CONFIGS = {"expect DONE": 0.02, "no expect": 0.0}
 
 
 def _configure(name: str) -> None:
-    Connection.batch_replies = CONFIGS[name]
+    BusyPoller.max_hold = CONFIGS[name]
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
