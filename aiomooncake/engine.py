@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import _trace
 from .core.regions import Region, RegionCache
 from .errors import ConfigurationError, TransferFailed
 from .tensors import Allocation, allocation_of, release_allocation
@@ -385,12 +386,16 @@ class WriteJob:
             src, dst, n = self.pieces[self.next]
             self.next += 1
             b = eng._submit(self.segment, src, dst, n)
+            if _trace.on:
+                _trace.mark("engine:submitted")
             if b == 0:
                 self.error = f"the engine could not submit a write of {n} B to {self.segment}"
                 break
             self.inflight.append(b)
         if self.inflight:
             return False
+        if _trace.on:
+            _trace.mark("engine:done")
         if not self.future.done():
             if self.error is not None:
                 self.future.set_exception(TransferFailed(self.error))
@@ -440,6 +445,8 @@ class _Poller:
         while self.jobs:
             before = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
             n_before = len(self.jobs)
+            if _trace.on:
+                _trace.mark("poll:round")
             self.jobs = self._round()
             after = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
             now = time.perf_counter()
