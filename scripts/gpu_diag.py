@@ -286,8 +286,15 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                 await peer.send(s, tag=3)
                 await peer.recv(s, tag=4)
                 ts.append(time.perf_counter() - t)
-                if i == 200:
-                    rq.put(("4K rtt trace", [(nm, round((x - t) * 1e6)) for nm, x in _trace.take()]))
+                if i in (200, 201, 202):
+                    out: list[Any] = []
+                    for nm, x in _trace.take():
+                        us = round((x - t) * 1e6)
+                        if out and out[-1][0] == nm:
+                            out[-1] = (nm, out[-1][1], us, out[-1][3] + 1)
+                        else:
+                            out.append((nm, us, us, 1))
+                    rq.put(("4K rtt trace (name, first us, last us, count)", out))
             rq.put(("4KiB cuda rtt us", round(statistics.median(ts[50:]) * 1e6, 1)))
         await peer.close()
     am.run(main())
