@@ -292,9 +292,21 @@ class Engine:
         _Poller.for_loop().add(job)
         return job
 
+    def pull(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
+             lane: int = -1) -> WriteJob:
+        """Like :meth:`write`, the other way: copy ``pieces`` of ``(local_dst, remote_src, length)``
+        from ``segment`` into local memory (a receiver pulling the source its sender offered)."""
+        job = WriteJob(self, segment, list(pieces), max(1, window), lane, read=True)
+        _Poller.for_loop().add(job)
+        return job
+
     def _submit(self, segment: str, src: int, dst: int, length: int) -> int:
         self.writes_submitted += 1
         return int(self._te.transfer_submit_write(segment, src, dst, length))
+
+    def _submit_read(self, segment: str, dst: int, src: int, length: int) -> int:
+        self.writes_submitted += 1
+        return int(self._te.batch_transfer_async_read(segment, [dst], [src], [length]))
 
     def _check(self, batch: int) -> int:
         return int(self._te.transfer_check_status(batch))
@@ -349,6 +361,7 @@ class WriteJob:
     pieces: list[tuple[int, int, int]]
     window: int
     lane: int = -1
+    read: bool = False  # pieces are (local_dst, remote_src, length), pulled from the segment
     future: asyncio.Future[None] = field(init=False)
     inflight: list[int] = field(default_factory=list)
     next: int = 0
@@ -385,11 +398,15 @@ class WriteJob:
                and len(self.inflight) < self.window):
             src, dst, n = self.pieces[self.next]
             self.next += 1
-            b = eng._submit(self.segment, src, dst, n)
+            if self.read:
+                b = eng._submit_read(self.segment, src, dst, n)
+            else:
+                b = eng._submit(self.segment, src, dst, n)
             if _trace.on:
                 _trace.mark("engine:submitted")
             if b == 0:
-                self.error = f"the engine could not submit a write of {n} B to {self.segment}"
+                what = "read" if self.read else "write"
+                self.error = f"the engine could not submit a {what} of {n} B to {self.segment}"
                 break
             self.inflight.append(b)
         if self.inflight:

@@ -286,6 +286,14 @@ class ShmEngine(Engine):
         and awaiting it is all it takes to be sure nothing more lands."""
         return self._start(ShmJob(self, segment, [(src, dst, length)], 1, pull=True))
 
+    def pull(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
+             lane: int = -1) -> ShmJob:
+        """:meth:`read` in the engine's form: ``pieces`` of ``(local_dst, remote_src, length)``."""
+        if len(pieces) != 1:
+            raise ValueError("a same-host pull copies one piece")
+        dst, src, n = pieces[0]
+        return self.read(segment, src, dst, n)
+
     def _start(self, job: ShmJob) -> ShmJob:
         copy = copy_from if job.pull else copy_to
         try:

@@ -19,6 +19,7 @@ SAMPLES: list[m.Message] = [
     m.Eager(1, 0, "float32", (2, 3), b"\x00" * 24),
     m.Eager(2**64 - 1, -(2**63), "uint8", (), b""),  # largest op, smallest tag, scalar, no bytes
     m.Rts(7, 2**63 - 1, "bfloat16", (1024, 1024), 2 * 1024 * 1024, "cuda"),
+    m.Rts(9, 1, "uint8", (64,), 64, "cuda", 0x7F00_0000_2000, 5, 2),  # a pull offer over the engine
     m.Cts(7, 0x7F00_0000_1000, 2 * 1024 * 1024, "cpu", 12, 3),  # registration epoch and gen
     m.Ack(3),
     m.Nack(4, Code.MISMATCH, "dtype differs"),

@@ -18,7 +18,7 @@ from typing import Any, Union
 from ..errors import ProtocolError
 
 # 2: CTS carries the receiver's registration epoch and generation; 3: RTS may offer a pull source
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class Kind(IntEnum):
@@ -68,6 +68,8 @@ class Rts:
     nbytes: int
     device: str  # where the sender's bytes live ("cpu" or "cuda"); the receiver picks the link
     src: int = 0  # nonzero: the source's address, offered for a same-host pull (then ACK ends it)
+    epoch: int = 0  # with src over the engine: the sender's registration state (see Cts)
+    gen: int = 0
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -166,7 +168,8 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, Eager):
         return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data, msg.device]
     if isinstance(msg, Rts):
-        return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device, msg.src]
+        return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device, msg.src,
+                msg.epoch, msg.gen]
     if isinstance(msg, Cts):
         return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen]
     if isinstance(msg, Ack):
@@ -260,9 +263,10 @@ def _eager(f: list[Any]) -> Eager:
 
 _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.EAGER: (6, _eager),
-    Kind.RTS: (7, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
+    Kind.RTS: (9, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
-                                _str(f[6], "device"), _int(f[7], "src"))),
+                                _str(f[6], "device"), _int(f[7], "src"), _int(f[8], "epoch"),
+                                _int(f[9], "gen"))),
     Kind.CTS: (6, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
                                 _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"))),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),

@@ -204,10 +204,11 @@ class Session:
 
     # ------------------------------------------------------------------ sending
     def post_send(self, tag: int, dtype: str, shape: tuple[int, ...], nbytes: int, device: str,
-                  payload: bytes | None, src: int = 0) -> SendOp:
+                  payload: bytes | None, src: int = 0, epoch: int = 0, gen: int = 0) -> SendOp:
         """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous.
         A rendezvous may offer ``src``, the source's address, for the receiver to pull from (a
-        same-host link): it then answers with ACK (pulled) or, as usual, CTS or NACK."""
+        same-host link; over the engine with the sender's registration ``epoch`` and ``gen``): it
+        then answers with ACK (pulled) or, as usual, CTS or NACK."""
         self._check_open()
         _check_tag(tag)
         if len(shape) > MAX_SHAPE_DIMS:
@@ -223,7 +224,7 @@ class Session:
         if payload is not None:
             self.outbox.append(Eager(op.id, tag, dtype, shape, payload, device))
         else:
-            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src))
+            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src, epoch, gen))
         return op
 
     def is_eager(self, nbytes: int) -> bool:

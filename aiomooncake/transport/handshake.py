@@ -32,6 +32,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .. import shm
 from ..core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
 from ..core.negotiation import plan_links
@@ -67,9 +69,24 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def gpu_uuid() -> str | None:
+    """The UUID of this thread's current CUDA device (None without CUDA). Two peers that share a
+    GPU let one of them run every copy between them (see Peer)."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    except Exception:  # an old torch without .uuid, a broken driver: just no election
+        return None
+
+
 def _local_info(options: Options) -> dict[str, Any]:
-    info = {"caps": capabilities(), "transport": options.transport, "host_id": host_id(),
-            "pid": os.getpid(), "max_frame": options.max_frame, "busy_poll": options.busy_poll}
+    caps = capabilities()
+    info: dict[str, Any] = {"caps": caps, "transport": options.transport, "host_id": host_id(),
+                            "pid": os.getpid(), "max_frame": options.max_frame,
+                            "busy_poll": options.busy_poll}
+    if "nvlink" in caps:
+        info["gpu"] = gpu_uuid()
     shm.advertise(info, options.host_transport)  # the same-host CPU path, where possible
     return info
 
