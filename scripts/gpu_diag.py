@@ -20,14 +20,16 @@ import aiomooncake as am
 from aiomooncake import _trace
 from aiomooncake.peer import Peer
 
-from aiomooncake.transport.busypoll import BusyPoller
 
 SPIN = 200_000_000
-CONFIGS = {"expect DONE": 0.02, "no expect": 0.0}
+CONFIGS = {"one copier": True, "both copy": False}
+_ELECTED: dict[int, tuple[bool, bool]] = {}
 
 
-def _configure(name: str) -> None:
-    BusyPoller.max_hold = CONFIGS[name]
+def _configure(name: str, peer: Peer) -> None:
+    """Switch the one-copier election of ``peer`` on (as elected at connect) or off."""
+    saved = _ELECTED.setdefault(id(peer), (peer._copier, peer._offer_gpu))
+    peer._copier, peer._offer_gpu = saved if CONFIGS[name] else (False, False)
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
@@ -109,14 +111,21 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
             n, win = 100_000_000, 16
             bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(win)]
             small = torch.empty(1024, dtype=torch.float32, device="cuda")
+            ex_out = [torch.full((44_000_000,), 5, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            ex_in = [torch.empty(44_000_000, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            rq.put(("receiver elected", peer._copier, peer._offer_gpu))
             for rnd in range(3):
                 for name in CONFIGS:
-                    _configure(name)
+                    _configure(name, peer)
                     for it in range(6):
                         await asyncio.gather(*(peer.recv(b, tag=60) for b in bufs))
                     for _ in range(120):
                         await peer.recv(small, tag=61)
                         await peer.send(small, tag=62)
+                    for it in range(6):
+                        await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
+                                             *(peer.recv(x, tag=63) for x in ex_in))
+            rq.put(("receiver exchange bytes ok", all(int(x[:8].sum()) == 8 * 6 for x in ex_in)))
         if "submit" in parts:
             target = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
             peer._links["cuda"].engine.acquire(target)
@@ -219,10 +228,13 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             srcs = [torch.full((n,), 3, dtype=torch.uint8, device="cuda") for _ in range(win)]
             small = torch.ones(1024, dtype=torch.float32, device="cuda")
             torch.cuda.synchronize()
+            ex_out = [torch.full((44_000_000,), 6, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            ex_in = [torch.empty(44_000_000, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            rq.put(("sender elected", peer._copier, peer._offer_gpu))
             res: dict[str, list[float]] = {}
             for rnd in range(3):
                 for name in CONFIGS:
-                    _configure(name)
+                    _configure(name, peer)
                     ts = []
                     for it in range(6):
                         t = time.perf_counter()
@@ -234,8 +246,17 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         await peer.send(small, tag=61)
                         await peer.recv(small, tag=62)
                         rts.append(time.perf_counter() - t)
+                    xs = []
+                    for it in range(6):
+                        t = time.perf_counter()
+                        await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
+                                             *(peer.recv(x, tag=63) for x in ex_in))
+                        xs.append(time.perf_counter() - t)
                     res.setdefault(name + " GB/s", []).append(round(win * n / statistics.median(ts[1:]) / 1e9))
                     res.setdefault(name + " 4K rtt us", []).append(round(statistics.median(rts[20:]) * 1e6))
+                    res.setdefault(name + " exchange 8x44MB each way GB/s", []).append(
+                        round(2 * 8 * 44e6 / statistics.median(xs[1:]) / 1e9))
+            rq.put(("sender exchange bytes ok", all(int(x[:8].sum()) == 8 * 5 for x in ex_in)))
             rq.put(("A/B (3 rounds each)", res))
         if "submit" in parts:
             addr = torch.zeros(1, dtype=torch.int64)
