@@ -586,7 +586,7 @@ class Peer:
         error = fut.exception() if not fut.cancelled() else TransferFailed("the pull was cancelled")
         if op.state is RecvState.MATCHED:
             self._pulled(op, ctx, error)
-            self._flush(soon=True)  # pulls finish in bursts: their ACKs leave together
+            self._flush()
 
     def _pulled(self, op: RecvOp, ctx: _RecvCtx, error: BaseException | None) -> None:
         """Complete a matched receive whose pull ended; if the kernel refused the copy, fall back
@@ -695,14 +695,12 @@ class Peer:
                 if not f.done():
                     f.set_result(None)
 
-    def _flush(self, soon: bool = False) -> None:
-        """Send what the session produced and act on its events; ``soon``: the frames may wait a
-        loop turn to leave with others (see Connection.send_many)."""
+    def _flush(self) -> None:
         s = self._session
         while s.outbox or s.events:
             if s.outbox:
                 out, s.outbox = s.outbox, []
-                self._conn.send_many(out, soon)
+                self._conn.send_many(out)
             if s.events:
                 events, s.events = s.events, []
                 for ev in events:

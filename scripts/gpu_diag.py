@@ -19,19 +19,17 @@ import torch
 import aiomooncake as am
 from aiomooncake import _trace
 from aiomooncake.peer import Peer
-from aiomooncake.transport.connection import Connection
 
 
 SPIN = 200_000_000
-CONFIGS = {"pull ACKs batched": True, "pull ACKs at once": False}
-_send_many = Connection.send_many
+CONFIGS = {"one copier": True, "both copy": False}
+_ELECTED: dict[int, tuple[bool, bool]] = {}
 
 
 def _configure(name: str, peer: Peer) -> None:
-    """The switch under test (this time: a pull's ACK held one loop turn to leave with others)."""
-    def at_once(self: Connection, msgs: Any, soon: bool = False) -> None:
-        _send_many(self, msgs, False)
-    Connection.send_many = _send_many if CONFIGS[name] else at_once  # type: ignore[method-assign]
+    """Switch the one-copier election of ``peer`` on (as elected at connect) or off."""
+    saved = _ELECTED.setdefault(id(peer), (peer._copier, peer._offer_gpu))
+    peer._copier, peer._offer_gpu = saved if CONFIGS[name] else (False, False)
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 

@@ -140,7 +140,7 @@ class Connection(asyncio.Protocol):
     def send(self, msg: Message) -> None:
         self.send_many([msg])
 
-    def send_many(self, msgs: list[Message], soon: bool = False) -> None:
+    def send_many(self, msgs: list[Message]) -> None:
         """Send frames in order. Without busy-polling, ACKs alone are held back two loop turns, so
         an ACK produced while handling input leaves in the same syscall and segment as the reply
         the woken caller sends next: a sleeping remote then wakes once per round trip instead of
@@ -154,22 +154,19 @@ class Connection(asyncio.Protocol):
         if self.busy is not None and type(msgs[0]) not in _CONTROL:
             self.busy.kick()
         if not self._corked:
-            self._policy(msgs, soon)
+            self._policy(msgs)
 
-    def _policy(self, msgs: list[Message], soon: bool = False) -> None:
+    def _policy(self, msgs: list[Message]) -> None:
         """Write the buffer now, or after a loop turn or two if ``msgs`` (the frames just added)
-        can wait: ACKs as said above; DONEs, and ACKs sent ``soon`` (those ending a pull), for
-        one loop turn: transfers finish in bursts (the NVLink transport reports a whole stream at
-        once), and one polling round's DONEs or ACKs then leave in one syscall. (Other ACKs to a
-        busy-polling remote stay immediate: an eager message's ACK held a turn made the 8 B round
-        trip ~25 us slower.)
+        can wait: ACKs as said above; DONEs, since writes finish in bursts (the NVLink transport
+        reports a whole stream at once) and one polling round's DONEs then leave in one syscall.
         (Holding a CUDA send's RTS for a turn, to send a gathered batch in one syscall, measured
         slower: 16 x 100 MB streamed at 699-728 GB/s against 752-794 on the H100.)"""
         if not self.ack_now and all(type(m) is Ack for m in msgs):
             if not self._write_scheduled:
                 self._write_scheduled = True
                 self._loop.call_soon(self._loop.call_soon, self._write_out)
-        elif all(type(m) is Done or (soon and type(m) is Ack) for m in msgs):
+        elif all(type(m) is Done for m in msgs):
             if not self._write_scheduled:
                 self._write_scheduled = True
                 self._loop.call_soon(self._write_out)
