@@ -170,3 +170,38 @@ def test_random_bytes_never_crash(body: bytes) -> None:
     except ProtocolError:
         return
     assert len(out) == 1  # one whole frame: exactly one message, or an error
+
+
+class _Recorder:
+    """A stand-in asyncio transport that records each write call (the syscalls we would make)."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.calls.append(b"".join(parts))
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+async def test_replies_to_one_read_leave_in_one_write() -> None:
+    from aiomooncake.transport.connection import Connection
+
+    conn = Connection(CAP)
+    rec = _Recorder()
+    conn.connection_made(rec)  # type: ignore[arg-type]
+    conn.data_received(pack(m.Ping(1.0)) + pack(m.Ping(2.0)) + pack(m.Ping(3.0)))
+    assert len(rec.calls) == 1, rec.calls
+    assert FrameDecoder(CAP).feed(rec.calls[0]) == [m.Pong(1.0), m.Pong(2.0), m.Pong(3.0)]
+    conn.data_received(pack(m.Ping(4.0)))  # a single frame is answered at once, as before
+    assert len(rec.calls) == 2
+    Connection.batch_replies = False
+    try:
+        conn.data_received(pack(m.Ping(5.0)) + pack(m.Ping(6.0)))
+        assert len(rec.calls) == 4  # one write per reply without the batching
+    finally:
+        Connection.batch_replies = True
