@@ -56,13 +56,6 @@ def resolve_options(backend_options: Any) -> tuple[Options, str | None]:
     """``pg_options`` of ``init_process_group``: None, an :class:`aiomooncake.Options`, or a dict of
     its fields plus ``host`` (the address to listen on)."""
     if backend_options is None:
-        env = os.environ.get("AIOMOONCAKE_BUSY_POLL")
-        if env:  # a launcher-wide override of the one default that trades CPU for latency
-            try:
-                return Options.build(DEFAULT_OPTIONS, busy_poll=float(env)), None
-            except ValueError:
-                raise InvalidArgument("AIOMOONCAKE_BUSY_POLL must be seconds (e.g. 0.0005), "
-                                      f"got {env!r}") from None
         return DEFAULT_OPTIONS, None
     if isinstance(backend_options, Options):
         return backend_options, None
