@@ -361,6 +361,47 @@ def micro(rq: Any) -> None:
     rq.put(("micro us/call", out))
 
 
+def torch_rank(rank: int, port: int, rq: Any) -> None:
+    """The torch backend: 16 x 100 MB isends per iteration (batch_isend_irecv), traced."""
+    import torch.distributed as dist
+
+    import aiomooncake.torch  # noqa: F401
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("cpu:gloo,cuda:aiomooncake", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=2)
+    n, win = 100_000_000, 16
+    bufs = [torch.full((n,), 3 if rank == 0 else 0, dtype=torch.uint8, device="cuda") for _ in range(win)]
+    torch.cuda.synchronize()
+    times = []
+    for it in range(10):
+        dist.barrier()
+        _trace.take()
+        t = time.perf_counter()
+        kind = dist.isend if rank == 0 else dist.irecv
+        works = dist.batch_isend_irecv([dist.P2POp(kind, b, 1 - rank, tag=7) for b in bufs])
+        for w in works:
+            w.wait()
+        if rank == 1:
+            torch.cuda.current_stream().synchronize()
+        times.append(time.perf_counter() - t)
+        marks = _trace.take()
+        if it == 6:
+            out: list[Any] = []
+            for nm, x in marks:
+                us = round((x - t) * 1e6)
+                if out and out[-1][0] == nm:
+                    out[-1] = (nm, out[-1][1], us, out[-1][3] + 1)
+                else:
+                    out.append((nm, us, us, 1))
+            rq.put((f"torch rank {rank} trace (name, first us, last us, count)", out))
+    rq.put((f"torch rank {rank} 16x100MB GB/s", round(win * n / statistics.median(times[2:]) / 1e9),
+            "ms/iter", round(statistics.median(times[2:]) * 1e3, 2)))
+    if rank == 1:
+        rq.put(("torch bytes ok", all(int(b[:16].sum()) == 48 for b in bufs)))
+    dist.destroy_process_group()
+
+
 def timeline(rq_items: dict[str, Any], variant: str) -> None:
     c = rq_items.get(f"TRACE-C-{variant}")
     s = rq_items.get(f"TRACE-S-{variant}")
@@ -393,6 +434,18 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
+    if "torch" in parts:
+        import socket
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            free = so.getsockname()[1]
+        ranks = [mp.Process(target=torch_rank, args=(r, free, rq)) for r in (0, 1)]
+        for p in ranks:
+            p.start()
+        for p in ranks:
+            p.join(200)
+            if p.is_alive():
+                p.kill()
     if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
-from aiomooncake import Options
+from aiomooncake import Options, _trace
 from aiomooncake.tensors import current_stream
 from aiomooncake.transport.handshake import host_id
 
@@ -258,6 +258,8 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
 
     # ============================================================ internals
     def _op(self, kind: str, t: torch.Tensor, peer: int, tag: int) -> Op:
+        if _trace.on:
+            _trace.mark("torch:op")
         self._check_open()
         ready = None
         idx = t.get_device()

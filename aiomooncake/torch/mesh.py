@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import aiomooncake
-from aiomooncake import MessageMismatch, Options, Peer, PeerClosed
+from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
 
 from .errors import BackendError, InvalidArgument, OpTimeout
 from .ops import BARRIER, RECV, RECV_ANY, SEND, Op
@@ -231,6 +231,8 @@ class Mesh:
     # ============================================================ operations
     def submit(self, op: Op) -> None:
         """Start ``op`` (loop thread; called in submission order)."""
+        if _trace.on:
+            _trace.mark("mesh:submit")
         op.finished = self.loop.create_future()
         if self._closed is not None:
             self._finish(op, error=self._closed)
@@ -271,6 +273,8 @@ class Mesh:
     async def _transfer(self, op: Op, peer: Peer) -> int:
         assert op.wire is not None
         self._order_after_caller(op)
+        if _trace.on:
+            _trace.mark("mesh:transfer")
         if op.kind == SEND:
             await peer.send(op.wire, op.tag)
         else:
@@ -400,6 +404,8 @@ class Mesh:
             except Exception as e:  # pragma: no cover - CUDA runtime failure
                 self._finish(op, error=e)
                 return
+        if _trace.on:
+            _trace.mark("mesh:finish")
         fin.set_result(result)
         if not op.future.done():
             op.future.set_result(result)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .. import _trace
 from ..tensors import current_stream
 from .errors import BackendError, OpTimeout
 from .ops import RECV, RECV_ANY, Op
@@ -81,6 +82,8 @@ class Work(dist.Work):
             except concurrent.futures.CancelledError:
                 raise BackendError(f"{op.describe()} was cancelled") from None
         self.synchronize()
+        if _trace.on:
+            _trace.mark("torch:waited")
         return True
 
     def synchronize(self) -> None:
