@@ -439,11 +439,10 @@ class _Poller:
         self.loop = loop
         self.jobs: list[WriteJob] = []
         self.task: asyncio.Task[None] | None = None
-        self.nap_s = 0.0  # see share_gil()
 
     @classmethod
-    def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> _Poller:
-        loop = loop or asyncio.get_running_loop()
+    def for_loop(cls) -> _Poller:
+        loop = asyncio.get_running_loop()
         p = cls._by_loop.get(loop)
         if p is None:
             p = cls._by_loop[loop] = cls(loop)
@@ -474,10 +473,7 @@ class _Poller:
             if not self.jobs:
                 break
             if now - last_progress < self.spin_s:
-                if self.nap_s:
-                    time.sleep(self.nap_s)  # the GIL is free meanwhile (see share_gil)
-                else:
-                    os.sched_yield()  # let the engine's own threads run if they share our core
+                os.sched_yield()  # let the engine's own threads run if they share our core
                 await asyncio.sleep(0)
             else:
                 delay = min(self.max_sleep, delay * 2 if delay else 0.00005)
@@ -499,16 +495,6 @@ class _Poller:
                 if j.engine.in_order and j.inflight:
                     blocked.add(key)
         return left
-
-
-def share_gil(loop: asyncio.AbstractEventLoop, nap_s: float) -> None:
-    """Let the engine poller of ``loop`` sleep ``nap_s`` seconds, with the GIL released, in each
-    round it spins while transfers are in flight (instead of only yielding the core). For a loop on
-    a thread that shares its process with Python threads posting work (the torch backend's): a
-    spinning poller gives the GIL back only for moments, and a thread waiting for it then waits
-    for the interpreter's switch interval (measured on the H100: 16 ``isend`` calls took 3 ms
-    between them, interleaved with polling rounds)."""
-    _Poller.for_loop(loop).nap_s = nap_s
 
 
 def _safe_step(job: WriteJob) -> bool:

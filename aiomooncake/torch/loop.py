@@ -25,14 +25,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import aiomooncake
-from aiomooncake.engine import share_gil
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _STOP_TIMEOUT = 10.0
-LOOP_NAP_S = 20e-6  # engine polling naps on the loop thread (aiomooncake.engine.share_gil)
 
 
 class Closable(Protocol):
@@ -86,7 +84,6 @@ class LoopThread:
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
-        share_gil(self.loop, LOOP_NAP_S)  # the threads calling isend/irecv need the GIL too
         self.loop.call_soon(self._started.set)
         try:
             self.loop.run_forever()
