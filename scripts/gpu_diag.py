@@ -362,16 +362,27 @@ def micro(rq: Any) -> None:
 
 
 def torch_rank(rank: int, port: int, rq: Any) -> None:
-    """The torch backend: 16 x 100 MB isends per iteration (batch_isend_irecv), traced."""
+    for rnd in range(2):
+        for k, gap in enumerate((30e-6, 0.0)):
+            torch_run(rank, port + 1 + rnd * 2 + k, rq, gap, rnd == 0 and gap > 0)
+
+
+def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
+    """The torch backend: 16 x 100 MB isends per iteration (batch_isend_irecv), traced; then an
+    EPLB-like exchange of 2 x 32 tensors; ``gap``: the loop thread's burst wait (0: off)."""
     import torch.distributed as dist
 
     import aiomooncake.torch  # noqa: F401
+    import aiomooncake.torch.loop as tl
 
+    tl.BURST_GAP_S = gap
     torch.cuda.set_device(0)
     dist.init_process_group("cpu:gloo,cuda:aiomooncake", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=2)
     n, win = 100_000_000, 16
     bufs = [torch.full((n,), 3 if rank == 0 else 0, dtype=torch.uint8, device="cuda") for _ in range(win)]
+    small_out = [torch.ones(2_000_000 if i % 2 else 7168, dtype=torch.uint8, device="cuda") for i in range(32)]
+    small_in = [torch.empty(2_000_000 if i % 2 else 7168, dtype=torch.uint8, device="cuda") for i in range(32)]
     torch.cuda.synchronize()
     times = []
     for it in range(10):
@@ -386,7 +397,7 @@ def torch_rank(rank: int, port: int, rq: Any) -> None:
             torch.cuda.current_stream().synchronize()
         times.append(time.perf_counter() - t)
         marks = _trace.take()
-        if it == 6:
+        if it == 6 and trace:
             out: list[Any] = []
             for nm, x in marks:
                 us = round((x - t) * 1e6)
@@ -395,8 +406,30 @@ def torch_rank(rank: int, port: int, rq: Any) -> None:
                 else:
                     out.append((nm, us, us, 1))
             rq.put((f"torch rank {rank} trace (name, first us, last us, count)", out))
-    rq.put((f"torch rank {rank} 16x100MB GB/s", round(win * n / statistics.median(times[2:]) / 1e9),
-            "ms/iter", round(statistics.median(times[2:]) * 1e3, 2)))
+    ops = []
+    for it in range(8):
+        dist.barrier()
+        t = time.perf_counter()
+        p2p = [dist.P2POp(dist.isend, x, 1 - rank, tag=8) for x in small_out]
+        p2p += [dist.P2POp(dist.irecv, x, 1 - rank, tag=8) for x in small_in]
+        for w in dist.batch_isend_irecv(p2p):
+            w.wait()
+        ops.append(time.perf_counter() - t)
+    rts = []
+    one = torch.ones(1024, device="cuda")
+    for it in range(60):
+        t = time.perf_counter()
+        if rank == 0:
+            dist.send(one, 1)
+            dist.recv(one, 1)
+        else:
+            dist.recv(one, 0)
+            dist.send(one, 0)
+        rts.append(time.perf_counter() - t)
+    if rank == 0:
+        rq.put((f"burst gap {gap * 1e6:.0f} us: 16x100MB GB/s", round(win * n / statistics.median(times[2:]) / 1e9),
+                "exchange 2x32 tensors ms", round(statistics.median(ops[2:]) * 1e3, 2),
+                "4K send+recv rtt us", round(statistics.median(rts[10:]) * 1e6)))
     if rank == 1:
         rq.put(("torch bytes ok", all(int(b[:16].sum()) == 48 for b in bufs)))
     dist.destroy_process_group()
