@@ -381,6 +381,7 @@ class WriteJob:
     def step(self) -> bool:
         """Check in-flight requests, top up the window; True when the job is finished."""
         eng = self.engine
+        what = "read" if self.read else "write"
         if self.inflight:
             still = []
             ordered = eng.in_order
@@ -392,7 +393,7 @@ class WriteJob:
                         break
                     still.append(b)
                 elif st != 1:
-                    self.error = self.error or f"the engine reported status {st} for a write"
+                    self.error = self.error or f"the engine reported status {st} for a {what}"
             self.inflight = still
         while (not self.stopped and self.error is None and self.next < len(self.pieces)
                and len(self.inflight) < self.window):
@@ -405,7 +406,6 @@ class WriteJob:
             if _trace.on:
                 _trace.mark("engine:submitted")
             if b == 0:
-                what = "read" if self.read else "write"
                 self.error = f"the engine could not submit a {what} of {n} B to {self.segment}"
                 break
             self.inflight.append(b)
@@ -478,7 +478,6 @@ class _Poller:
             else:
                 delay = min(self.max_sleep, delay * 2 if delay else 0.00005)
                 await asyncio.sleep(delay)
-
 
     def _round(self) -> list[WriteJob]:
         """Step every job (oldest first); return those not finished. On an in-order engine a lane

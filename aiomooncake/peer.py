@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,26 +328,19 @@ class Peer:
         if link is not None and link.name == "cpu" and ctx.src.device.type == "cuda":
             self._spawn(self._stage_then_write(op, ctx, link))
             return
-        if ctx.ready is not None:
-            if not ctx.ready.query():
-                self._spawn(self._wait_then_write(op, ctx))
-                return
-            recycle(ctx.ready)
-            ctx.ready = None
+        if not _ready_now(ctx):
+            self._spawn(self._wait_then_write(op, ctx))
+            return
         self._submit(op, ctx, link)
 
     async def _wait_then_write(self, op: SendOp, ctx: _SendCtx) -> None:
-        await wait_event(ctx.ready)
-        recycle(ctx.ready)
-        ctx.ready = None
+        await _ready(ctx)
         self._submit(op, ctx, self._links.get(op.link))
 
     async def _stage_then_write(self, op: SendOp, ctx: _SendCtx, link: Link) -> None:
-        await wait_event(ctx.ready)
+        await _ready(ctx)
         with torch.cuda.stream(self._side_stream(ctx.src.device)):
             ctx.src = ctx.src.cpu()  # the host link cannot read device memory: stage once
-        recycle(ctx.ready)
-        ctx.ready = None
         self._submit(op, ctx, link)
 
     def _submit(self, op: SendOp, ctx: _SendCtx, link: Link | None) -> None:
@@ -502,18 +496,14 @@ class Peer:
         elif msg.src and self._pull is not None and ctx.work.is_cpu and msg.device == "cpu":
             self._pull_from(op, ctx, msg.src)
         elif msg.src and self._copier and msg.device == "cuda" and not ctx.work.is_cpu:
-            if ctx.ready is None or ctx.ready.query():
-                recycle(ctx.ready)
-                ctx.ready = None
+            if _ready_now(ctx):
                 self._pull_gpu(op, ctx, msg)
             else:
-                self._spawn(self._pull_gpu_when_ready(op, ctx, msg))
-        elif ctx.ready is None or ctx.ready.query():
-            recycle(ctx.ready)
-            ctx.ready = None
+                self._spawn(self._when_ready(op, ctx, lambda: self._pull_gpu(op, ctx, msg)))
+        elif _ready_now(ctx):
             self._accept(op, ctx)
         else:
-            self._spawn(self._accept_cuda(op, ctx))
+            self._spawn(self._when_ready(op, ctx, lambda: self._accept(op, ctx)))
 
     async def _deliver_cuda(self, op: RecvOp, ctx: _RecvCtx, data: bytes) -> None:
         assert ctx.work is not None
@@ -523,14 +513,14 @@ class Peer:
             self._session.delivered(op)
         self._flush()
 
-    async def _accept_cuda(self, op: RecvOp, ctx: _RecvCtx) -> None:
+    async def _when_ready(self, op: RecvOp, ctx: _RecvCtx, then: Callable[[], None]) -> None:
+        """Run ``then`` (accept or pull) once earlier work on the caller's stream, which may still
+        use the buffer, is done, if the receive is still matched."""
         try:
-            await wait_event(ctx.ready)  # earlier work on the caller's stream may still use the buffer
-            recycle(ctx.ready)
-            ctx.ready = None
+            await _ready(ctx)
         finally:
-            if op.state.value == "matched":
-                self._accept(op, ctx)
+            if op.state is RecvState.MATCHED:
+                then()
             self._flush()
 
     def _pull_from(self, op: RecvOp, ctx: _RecvCtx, src: int) -> None:
@@ -551,14 +541,6 @@ class Peer:
             return
         job = ctx.pull = eng.read(link.remote_segment, src, ctx.work.data_ptr(), n)
         job.future.add_done_callback(lambda f: self._pull_settled(op, ctx, f))
-
-    async def _pull_gpu_when_ready(self, op: RecvOp, ctx: _RecvCtx, msg: Rts) -> None:
-        await wait_event(ctx.ready)  # earlier work on the caller's stream may still use the buffer
-        recycle(ctx.ready)
-        ctx.ready = None
-        if op.state is RecvState.MATCHED:
-            self._pull_gpu(op, ctx, msg)
-            self._flush()
 
     def _pull_gpu(self, op: RecvOp, ctx: _RecvCtx, msg: Rts) -> None:
         """We run the copies for a peer on our GPU: read the offered source into the destination
@@ -710,8 +692,7 @@ class Peer:
         t = type(ev)
         if t is SendComplete:
             sctx: _SendCtx = ev.op.context  # type: ignore[attr-defined]
-            if sctx.held is not None:
-                _drop_held(sctx)
+            _drop_held(sctx)
             if not sctx.fut.done():
                 sctx.fut.set_result(None)
         elif t is RecvMatched:
@@ -720,8 +701,7 @@ class Peer:
             self._completed(ev.op)  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
             fctx: _SendCtx = ev.op.context  # type: ignore[assignment]
-            if fctx.held is not None:
-                _drop_held(fctx)
+            _drop_held(fctx)
             _set_exc(fctx.fut, ev.error)
         elif isinstance(ev, WriteRequested):
             self._start_write(ev.op)
@@ -950,6 +930,26 @@ def _prune_quarantine() -> None:
 def quarantined_bytes() -> int:
     """Bytes of receive memory currently held because a dead peer may still write into it."""
     return sum(t[0].nbytes for _, _, t in _quarantine if t[0] is not None)
+
+
+def _ready_now(ctx: _SendCtx | _RecvCtx) -> bool:
+    """Whether the work queued on the caller's stream before the operation is done; if so the
+    event goes back to the pool (once: ``ctx.ready`` is cleared)."""
+    ev = ctx.ready
+    if ev is not None:
+        if not ev.query():
+            return False
+        ctx.ready = None
+        recycle(ev)
+    return True
+
+
+async def _ready(ctx: _SendCtx | _RecvCtx) -> None:
+    """Wait (without blocking the loop) until :func:`_ready_now` holds."""
+    ev = ctx.ready
+    await wait_event(ev)
+    ctx.ready = None
+    recycle(ev)
 
 
 def _drop_held(ctx: _SendCtx) -> None:

@@ -169,7 +169,10 @@ def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
     idx = t.get_device()
     if idx < 0:
         return None
-    ev = _free_events.pop() if _free_events else torch.cuda.Event()
+    try:
+        ev = _free_events.pop()  # one atomic step: the torch backend calls this from user threads
+    except IndexError:
+        ev = torch.cuda.Event()
     ev.record(current_stream(idx))
     return ev
 

@@ -42,21 +42,17 @@ class BusyPoller:
 
     def kick(self) -> None:
         """Activity happened: keep the loop hot for another window."""
-        deadline = time.perf_counter() + self.window
-        if deadline > self._deadline:  # never cut short what expect() asked for
-            self._deadline = deadline
-        if self._task is None:
-            self._task = self._loop.create_task(self._spin())
+        self._hold(self.window)
 
     def expect(self, seconds: float) -> None:
         """A frame is due within about ``seconds`` (a DONE after the remote's GPU write): keep the
         loop hot until then, at most ``max_hold``, so it need not wake from sleep when it comes
         (waking costs 100-200 us on the lent H100's VM, on every such round trip)."""
-        hold = min(seconds, self.max_hold)
-        if hold <= self.window:
-            self.kick()
-            return
-        deadline = time.perf_counter() + hold
+        self._hold(max(self.window, min(seconds, self.max_hold)))
+
+    def _hold(self, seconds: float) -> None:
+        """Spin for at least ``seconds`` from now (never cutting short a longer hold)."""
+        deadline = time.perf_counter() + seconds
         if deadline > self._deadline:
             self._deadline = deadline
         if self._task is None:

@@ -27,8 +27,8 @@ LostHandler = Callable[[AiomooncakeError], None]
 
 
 class Connection(asyncio.Protocol):
-    # Replies to one read leave in one syscall; a class-level switch for A/B measurements
-    # (scripts/gpu_diag.py --parts ab).
+    # Replies to one read leave in one syscall; a class-level switch for measurements (and
+    # tests/test_framing.py, which checks both ways).
     batch_replies = True
 
     def __init__(self, max_frame: int) -> None:
