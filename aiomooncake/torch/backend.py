@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
 from aiomooncake import Options, _trace
-from aiomooncake.tensors import record_ready
+from aiomooncake.tensors import current_stream
 from aiomooncake.transport.handshake import host_id
 
 from . import rendezvous
@@ -261,7 +261,13 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         if _trace.on:
             _trace.mark("torch:op")
         self._check_open()
-        ready = record_ready(t)  # CUDA: the point on the caller's stream the op must wait for
+        ready = None
+        idx = t.get_device()
+        if idx >= 0:
+            # A fresh event, not tensors.record_ready's pooled one: the loop thread hands this one
+            # to a stream's wait_event and never returns it to the pool (it would only drain it).
+            ready = torch.cuda.Event()
+            ready.record(current_stream(idx))
         wire = t.reshape(-1).view(torch.uint8)  # bytes, as gloo: dtypes may differ, sizes may not
         return Op(kind, tag, peer, tensor=t, wire=wire, timeout=self._seconds(self._timeout),
                   ready_event=ready)
