@@ -35,9 +35,10 @@ _STOP_TIMEOUT = 10.0
 # Woken with a batch already arriving (3+ ops queued), the loop thread waits (GIL released) while
 # the caller still adds to it, up to BURST_MAX_S: the ops of one batch_isend_irecv then cross in
 # one go instead of the two threads taking turns at the GIL per op. A lone op or a send/recv pair
-# is handled at once. Measured on the H100 host (16 cores), A/B in the same processes, two rounds:
-# 16 x 100 MB through batch_isend_irecv 425-461 against 337-402 GB/s, a 2 x 32-tensor exchange
-# 11.2-12.4 against 13.1-15.1 ms. On a 2-core machine the four threads of two ranks compete for
+# is handled at once. Measured on the H100 host (16 cores), on against off in the same processes,
+# seven paired rounds in five launches through batch_isend_irecv: 16 x 100 MB ahead in 6 of 7
+# (medians 425 against 337 GB/s), a 2 x 32-tensor exchange ahead in 6 of 7 (medians 16.9 against
+# 17.5 ms). On a 2-core machine the four threads of two ranks compete for
 # cores instead (64 x 7 KB batches 4.0-4.3 against 3.6-3.75 ms), so it is off there.
 # BURST_GAP_S = 0 disables it.
 BURST_GAP_S = 30e-6 if (os.cpu_count() or 1) > 2 else 0.0
