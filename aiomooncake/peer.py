@@ -545,6 +545,8 @@ class Peer:
     def _pull_gpu(self, op: RecvOp, ctx: _RecvCtx, msg: Rts) -> None:
         """We run the copies for a peer on our GPU: read the offered source into the destination
         (sizes were checked on match) through the engine; if that fails, fall back to the CTS."""
+        if _trace.on:
+            _trace.mark("pull:start")
         work = ctx.work
         assert work is not None
         link = self._links["cuda"]

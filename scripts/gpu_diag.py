@@ -1,15 +1,19 @@
 """GPU diagnostics (two processes on GPU 0): stream order on the core, a traced 100 MiB stream,
-micro-costs. Exploratory, for the lent device; prints what it finds.
+micro-costs, engine submit/completion probes, a traced 4 KiB round trip on one clock, the floor of
+a control message between two processes. Exploratory, for the lent device; prints what it finds.
 
     source .device/env.sh && python3 scripts/gpu_diag.py [--parts order,stream,micro,latency]
+    parts: order order2 stream ab submit latency micro torch ipc (ipc needs no GPU)
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import mmap
 import multiprocessing as mp
 import os
 import queue
+import socket
 import statistics
 import time
 from typing import Any
@@ -19,7 +23,6 @@ import torch
 import aiomooncake as am
 from aiomooncake import _trace
 from aiomooncake.peer import Peer
-
 
 SPIN = 200_000_000
 CONFIGS = {"one copier": True, "both copy": False}
@@ -127,15 +130,19 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                                              *(peer.recv(x, tag=63) for x in ex_in))
             rq.put(("receiver exchange bytes ok", all(int(x[:8].sum()) == 8 * 6 for x in ex_in)))
         if "submit" in parts:
-            target = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
+            target = torch.zeros(100_000_000, dtype=torch.uint8, device="cuda")
             peer._links["cuda"].engine.acquire(target)
             await peer.send(torch.tensor([target.data_ptr()], dtype=torch.int64), tag=50)
             await peer.recv(torch.zeros(1, dtype=torch.int64), tag=51)
         if "latency" in parts:
             s = torch.empty(1024, dtype=torch.float32, device="cuda")
-            for _ in range(300):
+            for i in range(300):
                 await peer.recv(s, tag=3)
                 await peer.send(s, tag=4)
+                if i in (200, 201, 202):
+                    rq.put(("LAT srv", i, _trace.take()))
+                else:
+                    _trace.take()
         await asyncio.sleep(0.5)
         await peer.close()
         await lst.close()
@@ -263,12 +270,29 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             await peer.recv(addr, tag=50)
             link = peer._links["cuda"]
             eng = link.engine
-            src = torch.ones(1 << 20, dtype=torch.uint8, device="cuda")
+            src = torch.ones(100_000_000, dtype=torch.uint8, device="cuda")
             eng.acquire(src)
             torch.cuda.synchronize()
             seg = eng.target(link.remote_segment, 10**9, 0)
             res = {}
-            for n in (64, 4096, 1 << 20):
+            for rd in (False, True):  # a burst of 16 x 100 MB: when does each report done?
+                for rep in range(3):
+                    t = time.perf_counter()
+                    subs, ids = [], []
+                    for _ in range(16):
+                        if rd:
+                            ids.append(eng._submit_read(seg, src.data_ptr(), int(addr[0]), 100_000_000))
+                        else:
+                            ids.append(eng._submit(seg, src.data_ptr(), int(addr[0]), 100_000_000))
+                        subs.append(time.perf_counter() - t)
+                    seen = []
+                    for b in ids:
+                        while eng._check(b) == 0:
+                            pass
+                        seen.append(time.perf_counter() - t)
+                    res[f"burst {'read' if rd else 'write'} #{rep} submits us"] = [round(x * 1e6) for x in subs]
+                    res[f"burst {'read' if rd else 'write'} #{rep} done us"] = [round(x * 1e6) for x in seen]
+            for n in (64, 4096, 1 << 20, 100_000_000):
                 ts = []
                 for _ in range(300):
                     t = time.perf_counter()
@@ -308,14 +332,7 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                 await peer.recv(s, tag=4)
                 ts.append(time.perf_counter() - t)
                 if i in (200, 201, 202):
-                    out: list[Any] = []
-                    for nm, x in _trace.take():
-                        us = round((x - t) * 1e6)
-                        if out and out[-1][0] == nm:
-                            out[-1] = (nm, out[-1][1], us, out[-1][3] + 1)
-                        else:
-                            out.append((nm, us, us, 1))
-                    rq.put(("4K rtt trace (name, first us, last us, count)", out))
+                    rq.put(("LAT cli", i, t, _trace.take()))
             rq.put(("4KiB cuda rtt us", round(statistics.median(ts[50:]) * 1e6, 1)))
         await peer.close()
     am.run(main())
@@ -453,7 +470,147 @@ def timeline(rq_items: dict[str, Any], variant: str) -> None:
         print(f"  [{variant}] iteration {k}:")
         for n, ts in sorted(kinds.items(), key=lambda kv: kv[1][0]):
             print(f"    {n:18s} n={len(ts):2d} first {ts[0]:8.0f} us  last {ts[-1]:8.0f} us")
+        if variant == "preposted" and k == 2:  # every mark of one iteration, runs collapsed
+            rows: list[list[Any]] = []
+            for n, t in seg:
+                if t < t0:
+                    continue
+                if rows and rows[-1][0] == n:
+                    rows[-1][2] += 1
+                else:
+                    rows.append([n, (t - t0) * 1e6, 1])
+            for n, us, cnt in rows:
+                print(f"      {us:8.1f} us {n}" + (f" x{cnt}" if cnt > 1 else ""))
 
+
+# ------------------------------------------------------------ control-message floor ("ipc")
+# What one 8-byte control message costs one way (half a round trip) between two processes of this
+# host without aiomooncake: TCP sockets blocking or spinning, uvloop sleeping or spinning, and a
+# flag in shared memory. The floor under every frame of the protocol.
+IPC_N = 2000
+
+
+def _one_way_us(ts: list[float]) -> float:
+    return round(statistics.median(ts[200:]) / 2 * 1e6, 1)
+
+
+def _sock_side(port_q: Any, role: str, mode: str, rq: Any) -> None:
+    if role == "srv":
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        port_q.put(ls.getsockname()[1])
+        so, _ = ls.accept()
+    else:
+        so = socket.create_connection(("127.0.0.1", port_q.get()))
+    so.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    so.setblocking(mode != "spin")
+
+    def recv() -> bytes:
+        while True:
+            try:
+                return so.recv(64)
+            except BlockingIOError:
+                pass
+
+    ts = []
+    for _ in range(IPC_N):
+        t = time.perf_counter()
+        if role == "cli":
+            so.send(b"x" * 8)
+            recv()
+        else:
+            recv()
+            so.send(b"x" * 8)
+        ts.append(time.perf_counter() - t)
+    if role == "cli":
+        rq.put((f"ipc: tcp socket, {mode}, one way us", _one_way_us(ts)))
+
+
+def _uvloop_side(port_q: Any, role: str, mode: str, rq: Any) -> None:
+    async def main() -> None:
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        made: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.set_result(transport)  # type: ignore[arg-type]
+
+            def data_received(self, data: bytes) -> None:
+                inbox.put_nowait(data)
+
+        loop = asyncio.get_running_loop()
+        if role == "srv":
+            srv = await loop.create_server(Proto, "127.0.0.1", 0)
+            port_q.put(srv.sockets[0].getsockname()[1])
+        else:
+            await loop.create_connection(Proto, "127.0.0.1", port_q.get())
+        tr = await made
+        spinning = mode == "spin"
+
+        async def spin() -> None:
+            while spinning:
+                await asyncio.sleep(0)
+
+        spinner = asyncio.ensure_future(spin())
+        ts = []
+        for _ in range(IPC_N):
+            t = time.perf_counter()
+            if role == "cli":
+                tr.write(b"x" * 8)
+                await inbox.get()
+            else:
+                await inbox.get()
+                tr.write(b"x" * 8)
+            ts.append(time.perf_counter() - t)
+        spinning = False
+        await spinner
+        if role == "cli":
+            rq.put((f"ipc: uvloop, {mode}, one way us", _one_way_us(ts)))
+        await asyncio.sleep(0.05)
+
+    am.run(main())
+
+
+def _shm_side(path: str, role: str, rq: Any) -> None:
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, 4096)
+    os.close(fd)
+    flags = memoryview(m).cast("q")
+    mine, theirs = (0, 8) if role == "cli" else (8, 0)
+    ts = []
+    for i in range(1, IPC_N + 1):
+        t = time.perf_counter()
+        if role == "cli":
+            flags[mine] = i
+        while flags[theirs] < i:
+            pass
+        if role == "srv":
+            flags[mine] = i
+        ts.append(time.perf_counter() - t)
+    if role == "cli":
+        rq.put(("ipc: shared-memory flag, spin, one way us", _one_way_us(ts)))
+    flags.release()
+    m.close()
+
+
+def ipc_floor(rq: Any) -> None:
+    path = "/dev/shm/aiomooncake-ipc-probe"
+    for _ in range(2):
+        for target, mode in ((_sock_side, "block"), (_sock_side, "spin"),
+                             (_uvloop_side, "sleep"), (_uvloop_side, "spin"), (_shm_side, "")):
+            if target is _shm_side:
+                with open(path, "wb") as f:
+                    f.write(bytes(4096))
+                sides = [mp.Process(target=_shm_side, args=(path, r, rq)) for r in ("srv", "cli")]
+            else:
+                q = mp.Queue()
+                sides = [mp.Process(target=target, args=(q, r, mode, rq)) for r in ("srv", "cli")]
+            for p in sides:
+                p.start()
+            for p in sides[::-1]:
+                p.join(60)
+    os.unlink(path)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -463,6 +620,8 @@ if __name__ == "__main__":
     os.environ["AIOMOONCAKE_TRACE"] = "1"
     mp.set_start_method("spawn")
     portq, rq = mp.Queue(), mp.Queue()
+    if "ipc" in parts:
+        ipc_floor(rq)
     if "micro" in parts:
         m = mp.Process(target=micro, args=(rq,))
         m.start()
@@ -492,14 +651,30 @@ if __name__ == "__main__":
                 p.kill()
         print("exit codes", s.exitcode, c.exitcode)
     items: dict[str, Any] = {}
+    lat: dict[int, dict[str, Any]] = {}
     while True:
         try:
             item = rq.get(timeout=2)
         except queue.Empty:
             break
+        if str(item[0]).startswith("LAT"):
+            lat.setdefault(item[1], {})[item[0]] = item[2:]
+            continue
         if str(item[0]).startswith("TRACE"):
             items[item[0]] = item[1:]
             continue
         print(*item, flush=True)
+    for i, sides in sorted(lat.items()):  # one 4 KiB round trip, both processes on one clock
+        t0, cmarks = sides["LAT cli"]
+        merged = [(x, "cli", nm) for nm, x in cmarks] + [(x, "   srv", nm) for nm, x in sides["LAT srv"][0]]
+        print(f"4 KiB round trip #{i}:")
+        rows: list[list[Any]] = []
+        for x, who, nm in sorted(merged):
+            if rows and rows[-1][1:3] == [who, nm]:
+                rows[-1][3] += 1  # a run of the same mark: first time, count
+            else:
+                rows.append([x, who, nm, 1])
+        for x, who, nm, n in rows:
+            print(f"  {(x - t0) * 1e6:8.1f} us  {who} {nm}" + (f" x{n}" if n > 1 else ""))
     for v in ("gather", "preposted", "w1"):
         timeline(items, v)
