@@ -22,6 +22,7 @@ import torch
 
 import aiomooncake as am
 from aiomooncake import _trace
+from aiomooncake.bench.common import eplb_tensors
 from aiomooncake.peer import Peer
 
 SPIN = 200_000_000
@@ -33,6 +34,7 @@ def _configure(name: str, peer: Peer) -> None:
     """Switch the one-copier election of ``peer`` on (as elected at connect) or off."""
     saved = _ELECTED.setdefault(id(peer), (peer._copier, peer._offer_gpu))
     peer._copier, peer._offer_gpu = saved if CONFIGS[name] else (False, False)
+EP_EXPERTS = 16
 ORDER2 = ("base", "sender-sync", "alloc-once", "sync-zeros", "recv-default")
 MiB = 1 << 20
 
@@ -116,6 +118,8 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
             small = torch.empty(1024, dtype=torch.float32, device="cuda")
             ex_out = [torch.full((44_000_000,), 5, dtype=torch.uint8, device="cuda") for _ in range(8)]
             ex_in = [torch.empty(44_000_000, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            ep_out = eplb_tensors(EP_EXPERTS, 1.0, torch.device("cuda"))
+            ep_in = [torch.empty_like(x) for x in ep_out]
             rq.put(("receiver elected", peer._copier, peer._offer_gpu))
             for rnd in range(3):
                 for name in CONFIGS:
@@ -128,6 +132,9 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                     for it in range(6):
                         await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
                                              *(peer.recv(x, tag=63) for x in ex_in))
+                    for _ in range(5):
+                        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(ep_out)),
+                                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(ep_in)))
             rq.put(("receiver exchange bytes ok", all(int(x[:8].sum()) == 8 * 6 for x in ex_in)))
         if "submit" in parts:
             target = torch.zeros(100_000_000, dtype=torch.uint8, device="cuda")
@@ -237,6 +244,9 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             torch.cuda.synchronize()
             ex_out = [torch.full((44_000_000,), 6, dtype=torch.uint8, device="cuda") for _ in range(8)]
             ex_in = [torch.empty(44_000_000, dtype=torch.uint8, device="cuda") for _ in range(8)]
+            ep_out = eplb_tensors(EP_EXPERTS, 1.0, torch.device("cuda"))
+            ep_in = [torch.empty_like(x) for x in ep_out]
+            torch.cuda.synchronize()
             rq.put(("sender elected", peer._copier, peer._offer_gpu))
             res: dict[str, list[float]] = {}
             for rnd in range(3):
@@ -259,6 +269,14 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
                                              *(peer.recv(x, tag=63) for x in ex_in))
                         xs.append(time.perf_counter() - t)
+                    eps = []
+                    for _ in range(5):
+                        t = time.perf_counter()
+                        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(ep_out)),
+                                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(ep_in)))
+                        eps.append(time.perf_counter() - t)
+                    res.setdefault(f"{name} eplb {EP_EXPERTS} experts both ways GB/s", []).append(
+                        round(2 * sum(x.nbytes for x in ep_out) / statistics.median(eps[1:]) / 1e9))
                     res.setdefault(name + " GB/s", []).append(round(win * n / statistics.median(ts[1:]) / 1e9))
                     res.setdefault(name + " 4K rtt us", []).append(round(statistics.median(rts[20:]) * 1e6))
                     res.setdefault(name + " exchange 8x44MB each way GB/s", []).append(
