@@ -69,7 +69,7 @@ from .tensors import (
 )
 from .transport.busypoll import BusyPoller
 from .transport.connection import Connection
-from .transport.handshake import Agreement, Link, gpu_uuid
+from .transport.handshake import Agreement, Link
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Peer:
         remote_gpu = agreement.remote.get("gpu")
         self._copier = self._offer_gpu = False
         if (self.one_copier and cuda is not None and cuda.transport == "nvlink"
-                and isinstance(remote_gpu, str) and remote_gpu == gpu_uuid()):
+                and isinstance(remote_gpu, str) and remote_gpu == agreement.local.get("gpu")):
             self._copier = cuda.engine.segment < cuda.remote_segment
             self._offer_gpu = not self._copier
         self._loop = asyncio.get_running_loop()

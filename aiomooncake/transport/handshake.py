@@ -58,6 +58,7 @@ class Link:
 class Agreement:
     links: dict[str, Link]
     remote: dict[str, Any]
+    local: dict[str, Any]  # what this side advertised (its GPU's UUID, ...), as the peer saw it
 
 
 def host_id() -> str:
@@ -239,7 +240,7 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
     conn.send(Ready({"segments": {t: e.segment for t, e in engines.items()}}))
     links = _links(plan, engines, msg.info.get("segments"))
     await _forget_stale_segments(links, remote)
-    return Agreement(links, remote)
+    return Agreement(links, remote, mine)
 
 
 async def server_handshake(conn: Connection, options: Options) -> Agreement:
@@ -296,4 +297,4 @@ async def server_handshake(conn: Connection, options: Options) -> Agreement:
     final: Ready = await _expect(conn, options, Ready, "READY")
     links = _links(plan, engines, final.info.get("segments"))
     await _forget_stale_segments(links, remote)
-    return Agreement(links, remote)
+    return Agreement(links, remote, mine)
