@@ -74,6 +74,7 @@ class Stats:
     unregistrations: int
     cached_regions: int
     writes_submitted: int
+    batches_submitted: int = 0  # engine calls that carried several requests at once
 
 
 class Engine:
@@ -113,6 +114,7 @@ class Engine:
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0
+        self.batches_submitted = 0
         self._views: dict[str, _RemoteView] = {}
         self.peers = 0  # open peers using this engine; when the last closes, cached registrations go
         log.info("transfer engine up: transport=%s segment=%s", kind, self.segment)
@@ -271,7 +273,8 @@ class Engine:
         return n
 
     def stats(self) -> Stats:
-        return Stats(self.registrations, self.unregistrations, len(self._regions), self.writes_submitted)
+        return Stats(self.registrations, self.unregistrations, len(self._regions), self.writes_submitted,
+                     self.batches_submitted)
 
     # ------------------------------------------------------------- transfers
     @property
@@ -307,6 +310,16 @@ class Engine:
     def _submit_read(self, segment: str, dst: int, src: int, length: int) -> int:
         self.writes_submitted += 1
         return int(self._te.batch_transfer_async_read(segment, [dst], [src], [length]))
+
+    def _submit_batch(self, segment: str, local: list[int], remote: list[int], lengths: list[int],
+                      read: bool) -> int:
+        """Several requests in one engine call (one batch id): on the NVLink transport about half
+        the cost per request of single submits (64 requests: 437 against 803 us, H100)."""
+        self.writes_submitted += len(lengths)
+        self.batches_submitted += 1
+        if read:
+            return int(self._te.batch_transfer_async_read(segment, local, remote, lengths))
+        return int(self._te.batch_transfer_async_write(segment, local, remote, lengths))
 
     def _check(self, batch: int) -> int:
         return int(self._te.transfer_check_status(batch))
@@ -354,6 +367,20 @@ def _sync_segment_cache(te: Any) -> bool:
     return int(fn(te.get_engine_ptr(), ctypes.addressof(buf))) == 0
 
 
+@dataclass(eq=False, slots=True)
+class _Batch:
+    """One submitted engine batch; the requests of several jobs may share it. Its status is read
+    once, because the engine frees a batch when it reports it finished."""
+
+    id: int
+    state: int = 0  # 0 pending, 1 done, < 0 failed
+
+    def poll(self, eng: Engine) -> int:
+        if self.state == 0:
+            self.state = eng._check(self.id)
+        return self.state
+
+
 @dataclass(eq=False)
 class WriteJob:
     engine: Engine
@@ -363,7 +390,7 @@ class WriteJob:
     lane: int = -1
     read: bool = False  # pieces are (local_dst, remote_src, length), pulled from the segment
     future: asyncio.Future[None] = field(init=False)
-    inflight: list[int] = field(default_factory=list)
+    inflight: list[_Batch] = field(default_factory=list)
     next: int = 0
     error: str | None = None
     stopped: bool = False
@@ -386,7 +413,7 @@ class WriteJob:
             still = []
             ordered = eng.in_order
             for i, b in enumerate(self.inflight):
-                st = eng._check(b)
+                st = b.poll(eng)
                 if st == 0:
                     if ordered:  # the later ones queue behind it
                         still.extend(self.inflight[i:])
@@ -400,15 +427,15 @@ class WriteJob:
             src, dst, n = self.pieces[self.next]
             self.next += 1
             if self.read:
-                b = eng._submit_read(self.segment, src, dst, n)
+                bid = eng._submit_read(self.segment, src, dst, n)
             else:
-                b = eng._submit(self.segment, src, dst, n)
+                bid = eng._submit(self.segment, src, dst, n)
             if _trace.on:
                 _trace.mark("engine:submitted")
-            if b == 0:
+            if bid == 0:
                 self.error = f"the engine could not submit a {what} of {n} B to {self.segment}"
                 break
-            self.inflight.append(b)
+            self.inflight.append(_Batch(bid))
         if self.inflight:
             return False
         if _trace.on:
@@ -419,6 +446,38 @@ class WriteJob:
             else:
                 self.future.set_result(None)
         return True
+
+
+def _submit_together(jobs: list[WriteJob]) -> bool:
+    """Submit the next window of every job in one engine batch (same engine, target, direction
+    and lane); False if nothing was submitted, so the caller steps each job alone instead. Only
+    for in-order engines: a batch reports done only once all of it is (see ``Engine.in_order``),
+    which is what reading its first request's status tells."""
+    eng = jobs[0].engine
+    local: list[int] = []
+    remote: list[int] = []
+    lengths: list[int] = []
+    takes: list[int] = []
+    for j in jobs:
+        k = 0 if j.stopped or j.error is not None else min(j.window, len(j.pieces) - j.next)
+        for a, b, n in j.pieces[j.next:j.next + k]:
+            local.append(a)
+            remote.append(b)
+            lengths.append(n)
+        takes.append(k)
+    if not lengths:
+        return False
+    bid = eng._submit_batch(jobs[0].segment, local, remote, lengths, jobs[0].read)
+    if bid == 0:  # e.g. one destination the engine does not know: let each job find out alone
+        log.debug("the engine refused a batch of %d requests; submitting them one by one", len(lengths))
+        return False
+    batch = _Batch(bid)
+    for j, k in zip(jobs, takes, strict=True):
+        j.next += k
+        j.inflight.extend([batch] * k)
+        if _trace.on and k:
+            _trace.mark("engine:submitted")
+    return True
 
 
 class _Poller:
@@ -435,10 +494,16 @@ class _Poller:
     spin_s = 0.05
     max_sleep = 0.001
 
+    # Jobs held back while frames of one read are handled, then submitted in engine batches of at
+    # most this many (so the first copies start before a long burst is parsed).
+    max_group = 32
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.jobs: list[WriteJob] = []
         self.task: asyncio.Task[None] | None = None
+        self.holds = 0
+        self.held: list[WriteJob] = []
 
     @classmethod
     def for_loop(cls) -> _Poller:
@@ -448,13 +513,43 @@ class _Poller:
             p = cls._by_loop[loop] = cls(loop)
         return p
 
+    def hold(self) -> None:
+        """Until the matching :meth:`release`, keep new jobs of in-order engines back, to submit
+        them together (a peer holds while it handles the frames of one socket read)."""
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
+        if not self.holds and self.held:
+            self._submit_held()
+
     def add(self, job: WriteJob) -> None:
+        if self.holds and job.engine.in_order:
+            self.held.append(job)
+            if len(self.held) >= self.max_group:
+                self._submit_held()
+            return
         job.step()  # submit the first window right away
+        self._track(job)
+
+    def _track(self, job: WriteJob) -> None:
         if job.future.done():
             return
         self.jobs.append(job)
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._run())
+
+    def _submit_held(self) -> None:
+        held, self.held = self.held, []
+        groups: dict[tuple[int, str, bool, int], list[WriteJob]] = {}
+        for j in held:
+            groups.setdefault((id(j.engine), j.segment, j.read, j.lane), []).append(j)
+        for js in groups.values():
+            together = len(js) > 1 and _safe_submit_together(js)
+            for j in js:
+                if not (together and j.inflight):  # alone, or nothing to submit (stopped): settle
+                    _safe_step(j)
+                self._track(j)
 
     async def _run(self) -> None:
         last_progress = time.perf_counter()
@@ -494,6 +589,19 @@ class _Poller:
                 if j.engine.in_order and j.inflight:
                     blocked.add(key)
         return left
+
+
+def _safe_submit_together(jobs: list[WriteJob]) -> bool:
+    try:
+        return _submit_together(jobs)
+    except Exception:  # the jobs then try alone, each reporting its own error
+        log.exception("submitting a batch of %d jobs failed", len(jobs))
+        return False
+
+
+def poller() -> _Poller:
+    """The running loop's poller (to :meth:`~_Poller.hold` submissions over a burst of frames)."""
+    return _Poller.for_loop()
 
 
 def _safe_step(job: WriteJob) -> bool:

@@ -3,7 +3,7 @@ micro-costs, engine submit/completion probes, a traced 4 KiB round trip on one c
 a control message between two processes. Exploratory, for the lent device; prints what it finds.
 
     source .device/env.sh && python3 scripts/gpu_diag.py [--parts order,stream,micro,latency]
-    parts: order order2 stream ab submit latency micro torch ipc (ipc needs no GPU)
+    parts: order order2 stream ab submit latency micro torch ipc prof (ipc needs no GPU)
 """
 from __future__ import annotations
 
@@ -47,6 +47,121 @@ def _cts_logger(log: list[Any]) -> None:
         log.append(("cts", None if ctx.ready is None else bool(ctx.ready.query()), time.perf_counter()))
         orig(self, op)
     Peer._start_write = start_write  # type: ignore[method-assign]
+
+
+PROF_EXPERTS = 64
+
+
+async def _prof_eplb(peer: Peer, rq: Any, who: str) -> None:
+    """An EPLB exchange of PROF_EXPERTS experts both ways under cProfile: where a message's CPU goes."""
+    import cProfile
+    import io
+    import pstats
+    out = eplb_tensors(PROF_EXPERTS, 1.0, torch.device("cuda"))
+    inn = [torch.empty_like(x) for x in out]
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    ts = []
+    for it in range(8):
+        if it == 3:
+            prof.enable()
+        t = time.perf_counter()
+        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+        ts.append(time.perf_counter() - t)
+    prof.disable()
+    import gc
+    gcs: list[float] = []
+    gc_t = [0.0]
+
+    def cb(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_t[0] = time.perf_counter()
+        else:
+            gcs.append(time.perf_counter() - gc_t[0])
+    gc.callbacks.append(cb)
+    plain = []
+    for it in range(6):
+        t = time.perf_counter()
+        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+        plain.append(time.perf_counter() - t)
+    gc.callbacks.remove(cb)
+    rq.put((f"PROF {who} unprofiled ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
+            "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
+    _trace.on = True
+    for it in range(3):
+        _trace.take()
+        t = time.perf_counter()
+        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+        t_end = time.perf_counter()
+        marks = _trace.take()
+        summ: dict[str, list[float]] = {}
+        for nm, x in marks:
+            summ.setdefault(nm, []).append((x - t) * 1e3)
+        rq.put((f"EPTRACE {who} #{it} iteration {(t_end - t) * 1e3:.1f} ms; mark: count first median last (ms)",
+                {k: (len(v), round(v[0], 2), round(statistics.median(v), 2), round(v[-1], 2))
+                 for k, v in summ.items()}))
+    _trace.on = False
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(28)
+    st.sort_stats("cumulative").print_stats(22)
+    rq.put((f"PROF {who} copier={peer._copier} ms/iter", [round(x * 1e3, 2) for x in ts],
+            "GB/s both ways", round(2 * sum(x.nbytes for x in out) / statistics.median(ts[3:]) / 1e9)))
+    rq.put((f"PROF-{who}", buf.getvalue()))
+
+
+def _batch_probe(eng: Any, seg: str, src: torch.Tensor, remote: int) -> dict[str, Any]:
+    """One engine batch of many writes/reads (EPLB-like sizes) against as many single submits:
+    submit cost, when the first request reports done, whether get_batch_transfer_status then
+    returns at once (and frees the batch), and whether every piece landed."""
+    te = eng._te
+    sizes = [1_400_000, 700_000, 7168, 3584] * 16
+    offs, o = [], 0
+    for n in sizes:
+        offs.append(o)
+        o += (n + 255) // 256 * 256
+    src.copy_(torch.arange(src.numel(), device="cuda", dtype=torch.int64).remainder(251).to(torch.uint8))
+    back = torch.zeros_like(src)
+    eng.acquire(back)
+    torch.cuda.synchronize()
+    res: dict[str, Any] = {}
+    base, bb = src.data_ptr(), back.data_ptr()
+    for rep in range(5):
+        back.zero_()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b = te.batch_transfer_async_write(seg, [base + x for x in offs], [remote + x for x in offs], sizes)
+        t1 = time.perf_counter()
+        k = 0
+        while (st := te.transfer_check_status(b)) == 0:
+            k += 1
+        t2 = time.perf_counter()
+        rc = te.get_batch_transfer_status([b])
+        t3 = time.perf_counter()
+        b2 = te.batch_transfer_async_read(seg, [bb + x for x in offs], [remote + x for x in offs], sizes)
+        while te.transfer_check_status(b2) == 0:
+            pass
+        rc2 = te.get_batch_transfer_status([b2])
+        torch.cuda.synchronize()
+        ok = all(torch.equal(src[x:x + n], back[x:x + n]) for x, n in zip(offs, sizes))
+        singles = []
+        t4 = time.perf_counter()
+        for x, n in zip(offs, sizes):
+            singles.append(eng._submit(seg, base + x, remote + x, n))
+        t5 = time.perf_counter()
+        for s1 in singles:
+            while eng._check(s1) == 0:
+                pass
+        t6 = time.perf_counter()
+        res[f"#{rep}"] = {"batch submit us": round((t1 - t) * 1e6, 1), "first done us": round((t2 - t) * 1e6, 1),
+                          "check": st, "polls": k, "get_batch_status us": round((t3 - t2) * 1e6, 1),
+                          "rc": (rc, rc2), "bytes ok": ok,
+                          "64 single submits us": round((t5 - t4) * 1e6, 1),
+                          "singles all done us": round((t6 - t4) * 1e6, 1)}
+    return res
 
 
 # ------------------------------------------------------------------ receiver (server)
@@ -136,6 +251,8 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                         await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(ep_out)),
                                              *(peer.recv(x, tag=100 + i) for i, x in enumerate(ep_in)))
             rq.put(("receiver exchange bytes ok", all(int(x[:8].sum()) == 8 * 6 for x in ex_in)))
+        if "prof" in parts:
+            await _prof_eplb(peer, rq, "srv")
         if "submit" in parts:
             target = torch.zeros(100_000_000, dtype=torch.uint8, device="cuda")
             peer._links["cuda"].engine.acquire(target)
@@ -283,6 +400,8 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         round(2 * 8 * 44e6 / statistics.median(xs[1:]) / 1e9))
             rq.put(("sender exchange bytes ok", all(int(x[:8].sum()) == 8 * 5 for x in ex_in)))
             rq.put(("A/B (3 rounds each)", res))
+        if "prof" in parts:
+            await _prof_eplb(peer, rq, "cli")
         if "submit" in parts:
             addr = torch.zeros(1, dtype=torch.int64)
             await peer.recv(addr, tag=50)
@@ -339,6 +458,11 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                     ts.append(time.perf_counter() - t)
                 res[f"engine.write (poller) {n} B"] = round(statistics.median(ts[50:]) * 1e6, 1)
             rq.put(("submit probe us", res))
+            try:
+                rq.put(("batch probe", _batch_probe(eng, seg, src, int(addr[0]))))
+            except Exception as e:  # noqa: BLE001
+                import traceback
+                rq.put(("batch probe failed", traceback.format_exc()))
             await peer.send(torch.zeros(1, dtype=torch.int64), tag=51)
         if "latency" in parts:
             s = torch.ones(1024, dtype=torch.float32, device="cuda")
@@ -635,7 +759,8 @@ if __name__ == "__main__":
     ap.add_argument("--parts", default="order,stream,micro,latency")
     a = ap.parse_args()
     parts = a.parts.split(",")
-    os.environ["AIOMOONCAKE_TRACE"] = "1"
+    if parts != ["prof"]:
+        os.environ["AIOMOONCAKE_TRACE"] = "1"
     mp.set_start_method("spawn")
     portq, rq = mp.Queue(), mp.Queue()
     if "ipc" in parts:
@@ -656,7 +781,7 @@ if __name__ == "__main__":
             p.join(200)
             if p.is_alive():
                 p.kill()
-    if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab"}:
+    if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab", "prof"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()
         port = portq.get(timeout=120)
@@ -677,6 +802,9 @@ if __name__ == "__main__":
             break
         if str(item[0]).startswith("LAT"):
             lat.setdefault(item[1], {})[item[0]] = item[2:]
+            continue
+        if str(item[0]).startswith("PROF-"):
+            print(item[0], item[1], sep="\n", flush=True)
             continue
         if str(item[0]).startswith("TRACE"):
             items[item[0]] = item[1:]

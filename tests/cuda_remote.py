@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import aiomooncake
+import aiomooncake.engine
 
 CTX = multiprocessing.get_context("spawn")
 
@@ -46,6 +47,54 @@ def _echo(port_q: Any, opts: dict[str, Any]) -> None:
                     acc.cancel()
                 fin.cancel()
     aiomooncake.run(main())
+
+
+# An EPLB-like burst: mixed sizes (two weights and two small scales per expert), all in flight.
+BURST_SIZES = [1_400_000, 700_000, 7168, 3584] * 16
+BURST_ROUNDS = 3
+
+
+def burst_pattern(side: int, i: int, n: int) -> torch.Tensor:
+    return torch.full((n,), (7 * i + 3 * side) % 251, dtype=torch.uint8, device="cuda")
+
+
+def _burst(port_q: Any) -> None:
+    """Exchange BURST_SIZES both ways at once, BURST_ROUNDS times; report how many receives held
+    the expected bytes and what this process's engine submitted."""
+    async def main() -> None:
+        async with await aiomooncake.listen("127.0.0.1", 0) as lst:
+            port_q.put(lst.port)
+            peer = await lst.accept()
+            async with peer:
+                outs = [burst_pattern(1, i, n) for i, n in enumerate(BURST_SIZES)]
+                ins = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in BURST_SIZES]
+                good = 0
+                eng = next(e for e in aiomooncake.engine.Engine.existing() if e.kind == "nvlink")
+                for _ in range(BURST_ROUNDS):
+                    for x in ins:
+                        x.zero_()
+                    await asyncio.gather(*(peer.recv(x, tag=i) for i, x in enumerate(ins)),
+                                         *(peer.send(x, tag=i) for i, x in enumerate(outs)))
+                    good += sum(bool(torch.equal(x, burst_pattern(0, i, x.numel())))
+                                for i, x in enumerate(ins))
+                st = eng.stats()
+                await peer.send(torch.tensor([good, st.writes_submitted, st.batches_submitted]), tag=10_000)
+                await peer.recv(torch.empty(1), tag=10_001)
+    aiomooncake.run(main())
+
+
+class BurstRemote:
+    def __init__(self) -> None:
+        q = CTX.Queue()
+        self.proc = CTX.Process(target=_burst, args=(q,), daemon=True)
+        self.proc.start()
+        self.port: int = q.get(timeout=120)
+
+    def stop(self) -> None:
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
 
 
 class EchoRemote:

@@ -212,3 +212,39 @@ async def test_memory_flat_over_1000_sends(remote: object) -> None:
     await peer.close()
     assert engine().stats().cached_regions == cached
     assert aiomooncake.empty_cache() >= 1  # what the user calls to give them back
+
+
+async def test_burst_of_mixed_sizes_both_ways() -> None:
+    """An EPLB-like burst (64 messages each way, 3.5 KB to 1.4 MB, all in flight): every byte
+    lands where it belongs, and the copier submitted the copies started by one read of frames in
+    shared engine batches (counted across both processes: either may be the copier)."""
+    from cuda_remote import BURST_ROUNDS, BURST_SIZES, BurstRemote, burst_pattern
+
+    r = BurstRemote()
+    try:
+        peer = await aiomooncake.connect("127.0.0.1", r.port)
+        eng = engine()
+        before = eng.stats()
+        outs = [burst_pattern(0, i, n) for i, n in enumerate(BURST_SIZES)]
+        ins = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in BURST_SIZES]
+        good = 0
+        for _ in range(BURST_ROUNDS):
+            for x in ins:
+                x.zero_()
+            await asyncio.wait_for(asyncio.gather(
+                *(peer.send(x, tag=i) for i, x in enumerate(outs)),
+                *(peer.recv(x, tag=i) for i, x in enumerate(ins))), 60)
+            good += sum(bool(torch.equal(x, burst_pattern(1, i, x.numel()))) for i, x in enumerate(ins))
+        after = eng.stats()
+        theirs = torch.zeros(3, dtype=torch.int64)
+        await peer.recv(theirs, tag=10_000)
+        await peer.send(torch.zeros(1), tag=10_001)
+        await peer.close()
+    finally:
+        r.stop()
+    expected = BURST_ROUNDS * len(BURST_SIZES)
+    assert good == expected and int(theirs[0]) == expected
+    requests = after.writes_submitted - before.writes_submitted + int(theirs[1])
+    batches = after.batches_submitted - before.batches_submitted + int(theirs[2])
+    assert requests >= 2 * expected  # every message was copied by the engine, once at least
+    assert batches >= 1, "no copies were submitted together"

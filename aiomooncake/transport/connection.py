@@ -53,6 +53,9 @@ class Connection(asyncio.Protocol):
         # flooding a listener before it authenticated must not make it buffer without limit.
         self.handshake_backlog: int | None = 8
         self._probes: dict[float, asyncio.Future[bool]] = {}  # ping stamp -> is the peer alive?
+        # Called before and after the frames of one read are handled, when there are several: the
+        # peer holds the engine submissions they cause, to submit them in one engine call.
+        self.burst_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     # ---------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,9 +77,14 @@ class Connection(asyncio.Protocol):
             return
         if len(msgs) > 1 and self.batch_replies:  # replies to one read leave together, in one syscall
             self._corked = True
+            hooks = self.burst_hooks
+            if hooks is not None:
+                hooks[0]()
             try:
                 self._dispatch(msgs)
             finally:
+                if hooks is not None:
+                    hooks[1]()  # the engine starts on the burst's copies before its replies go
                 self._corked = False
                 if self._wbuf and self._closed is None:
                     self._policy(self._wbuf)
