@@ -495,8 +495,11 @@ class _Poller:
     max_sleep = 0.001
 
     # Jobs held back while frames of one read are handled, then submitted in engine batches of at
-    # most this many (so the first copies start before a long burst is parsed).
+    # most this many (so the first copies start before a long burst is parsed). A job of more
+    # than hold_bytes goes at once: its copy outlasts parsing the next frames, so holding it only
+    # idles the GPU (16 x 100 MB streamed: 649-654 GB/s held against 703-740 alone, H100).
     max_group = 32
+    hold_bytes = 32 << 20
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -524,7 +527,7 @@ class _Poller:
             self._submit_held()
 
     def add(self, job: WriteJob) -> None:
-        if self.holds and job.engine.in_order:
+        if self.holds and job.engine.in_order and job.pieces and job.pieces[0][2] <= self.hold_bytes:
             self.held.append(job)
             if len(self.held) >= self.max_group:
                 self._submit_held()

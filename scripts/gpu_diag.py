@@ -3,7 +3,7 @@ micro-costs, engine submit/completion probes, a traced 4 KiB round trip on one c
 a control message between two processes. Exploratory, for the lent device; prints what it finds.
 
     source .device/env.sh && python3 scripts/gpu_diag.py [--parts order,stream,micro,latency]
-    parts: order order2 stream ab submit latency micro torch ipc prof (ipc needs no GPU)
+    parts: order order2 stream ab submit latency micro torch ipc prof batch (ipc needs no GPU)
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _cts_logger(log: list[Any]) -> None:
 PROF_EXPERTS = 64
 
 
-async def _prof_eplb(peer: Peer, rq: Any, who: str) -> None:
+async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
     """An EPLB exchange of PROF_EXPERTS experts both ways under cProfile: where a message's CPU goes."""
     import cProfile
     import io
@@ -60,6 +60,40 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str) -> None:
     out = eplb_tensors(PROF_EXPERTS, 1.0, torch.device("cuda"))
     inn = [torch.empty_like(x) for x in out]
     torch.cuda.synchronize()
+    from aiomooncake import engine as am_engine
+    big_out = [torch.full((100_000_000,), 3, dtype=torch.uint8, device="cuda") for _ in range(16)]
+    big_in = [torch.empty(100_000_000, dtype=torch.uint8, device="cuda") for _ in range(16)]
+    ab: dict[str, list[float]] = {}
+    for rnd in range(3):  # engine batches on (32) and off (1), alternating
+        for mg in (32, 1):
+            for _ in range(60):  # 4 KiB round trips (one frame per read: nothing to batch)
+                await peer.send(out[2], tag=95) if who == "cli" else await peer.recv(inn[2], tag=95)
+                await peer.recv(inn[2], tag=96) if who == "cli" else await peer.send(out[2], tag=96)
+            am_engine._Poller.max_group = mg
+            ts = []
+            for it in range(5):
+                t = time.perf_counter()
+                await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                                     *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+                ts.append(time.perf_counter() - t)
+            ab.setdefault(f"eplb {PROF_EXPERTS} GB/s max_group={mg}", []).append(
+                round(2 * sum(x.nbytes for x in out) / statistics.median(ts[1:]) / 1e9))
+            ts = []
+            for it in range(5):
+                t = time.perf_counter()
+                if who == "srv":
+                    await asyncio.gather(*(peer.send(x, tag=90) for x in big_out))
+                else:
+                    await asyncio.gather(*(peer.recv(x, tag=90) for x in big_in))
+                ts.append(time.perf_counter() - t)
+            ab.setdefault(f"16x100MB srv->cli GB/s max_group={mg}", []).append(
+                round(16e8 / statistics.median(ts[1:]) / 1e9))
+    am_engine._Poller.max_group = 32
+    eng = peer._links["cuda"].engine
+    rq.put((f"AB {who} copier={peer._copier}", ab, eng.stats()))
+    del big_out, big_in
+    if not full:
+        return
     prof = cProfile.Profile()
     ts = []
     for it in range(8):
@@ -88,6 +122,20 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str) -> None:
         plain.append(time.perf_counter() - t)
     gc.callbacks.remove(cb)
     rq.put((f"PROF {who} unprofiled ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
+            "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
+    gc.collect()
+    gc.freeze()  # what serving stacks do after loading the model: long-lived objects leave the GC's scans
+    gcs.clear()
+    gc.callbacks.append(cb)
+    plain = []
+    for it in range(8):
+        t = time.perf_counter()
+        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+        plain.append(time.perf_counter() - t)
+    gc.callbacks.remove(cb)
+    gc.unfreeze()
+    rq.put((f"PROF {who} after gc.freeze ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
             "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
     _trace.on = True
     for it in range(3):
@@ -251,8 +299,8 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                         await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(ep_out)),
                                              *(peer.recv(x, tag=100 + i) for i, x in enumerate(ep_in)))
             rq.put(("receiver exchange bytes ok", all(int(x[:8].sum()) == 8 * 6 for x in ex_in)))
-        if "prof" in parts:
-            await _prof_eplb(peer, rq, "srv")
+        if "prof" in parts or "batch" in parts:
+            await _prof_eplb(peer, rq, "srv", "prof" in parts)
         if "submit" in parts:
             target = torch.zeros(100_000_000, dtype=torch.uint8, device="cuda")
             peer._links["cuda"].engine.acquire(target)
@@ -400,8 +448,8 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         round(2 * 8 * 44e6 / statistics.median(xs[1:]) / 1e9))
             rq.put(("sender exchange bytes ok", all(int(x[:8].sum()) == 8 * 5 for x in ex_in)))
             rq.put(("A/B (3 rounds each)", res))
-        if "prof" in parts:
-            await _prof_eplb(peer, rq, "cli")
+        if "prof" in parts or "batch" in parts:
+            await _prof_eplb(peer, rq, "cli", "prof" in parts)
         if "submit" in parts:
             addr = torch.zeros(1, dtype=torch.int64)
             await peer.recv(addr, tag=50)
@@ -759,7 +807,7 @@ if __name__ == "__main__":
     ap.add_argument("--parts", default="order,stream,micro,latency")
     a = ap.parse_args()
     parts = a.parts.split(",")
-    if parts != ["prof"]:
+    if not set(parts) <= {"prof", "batch"}:
         os.environ["AIOMOONCAKE_TRACE"] = "1"
     mp.set_start_method("spawn")
     portq, rq = mp.Queue(), mp.Queue()
@@ -781,7 +829,7 @@ if __name__ == "__main__":
             p.join(200)
             if p.is_alive():
                 p.kill()
-    if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab", "prof"}:
+    if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab", "prof", "batch"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()
         port = portq.get(timeout=120)
