@@ -66,9 +66,13 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
     ab: dict[str, list[float]] = {}
     for rnd in range(3):  # engine batches on (32) and off (1), alternating
         for mg in (32, 1):
-            for _ in range(60):  # 4 KiB round trips (one frame per read: nothing to batch)
+            rts = []
+            for _ in range(60):  # 7 KB round trips (one frame per read: nothing to batch)
+                t = time.perf_counter()
                 await peer.send(out[2], tag=95) if who == "cli" else await peer.recv(inn[2], tag=95)
                 await peer.recv(inn[2], tag=96) if who == "cli" else await peer.send(out[2], tag=96)
+                rts.append(time.perf_counter() - t)
+            ab.setdefault(f"7 KB rtt us max_group={mg}", []).append(round(statistics.median(rts[10:]) * 1e6))
             am_engine._Poller.max_group = mg
             ts = []
             for it in range(5):
