@@ -94,3 +94,27 @@ for rep in range(30):
 for k_, v in res.items():
     say(f"{k_} ({N} requests, {sum(sizes)} B): median {statistics.median(v[5:]) * 1e6:.1f} us")
 say("bytes ok", ok())
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+# Host memory over many batches read only through transfer_check_status (what the poller does):
+# if that left the rest of a batch allocated, RSS would grow with every batch.
+small = [(S + x, D + x, 3584) for x in offs[:8]]
+for label, rounds in (("warm-up", 2000), ("batches of 8, status read once", 20000)):
+    r0 = rss_kib()
+    for _ in range(rounds):
+        b = te.batch_transfer_async_write(seg, [a for a, _, _ in small], [d for _, d, _ in small],
+                                          [n for _, _, n in small])
+        while te.transfer_check_status(b) == 0:
+            pass
+    say(f"{label}: {rounds} batches, RSS {r0} -> {rss_kib()} KiB")
+r0 = rss_kib()
+for _ in range(20000):
+    i = te.transfer_submit_write(seg, S, D, 3584)
+    while te.transfer_check_status(i) == 0:
+        pass
+say(f"singles: 20000, RSS {r0} -> {rss_kib()} KiB")
