@@ -3,7 +3,7 @@ micro-costs, engine submit/completion probes, a traced 4 KiB round trip on one c
 a control message between two processes. Exploratory, for the lent device; prints what it finds.
 
     source .device/env.sh && python3 scripts/gpu_diag.py [--parts order,stream,micro,latency]
-    parts: order order2 stream ab submit latency micro torch ipc prof batch (ipc needs no GPU)
+    parts: order order2 stream ab submit latency micro torch torcheplb ipc prof batch (ipc needs no GPU)
 """
 from __future__ import annotations
 
@@ -646,6 +646,64 @@ def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
     dist.destroy_process_group()
 
 
+def torch_eplb(rank: int, port: int, rq: Any) -> None:
+    """EPLB 64 experts both ways through batch_isend_irecv: how long posting takes (the call's
+    return) against the whole batch, under variants of the GIL switch interval and the loop
+    thread's burst wait, alternating; then one traced batch summarized per mark on both ranks."""
+    import torch.distributed as dist
+
+    import aiomooncake.torch  # noqa: F401
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("cpu:gloo,cuda:aiomooncake", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=2)
+    out = eplb_tensors(PROF_EXPERTS, 1.0, torch.device("cuda"))
+    inn = [torch.empty_like(x) for x in out]
+    torch.cuda.synchronize()
+    import aiomooncake.torch.backend as tb
+    code = tb._BATCH_CODE
+    variants = {"batch wakes once": code, "wake per op": None}
+
+    def batch(trace: bool = False) -> tuple[float, float]:
+        dist.barrier()
+        _trace.on = trace
+        _trace.take()
+        t = time.perf_counter()
+        p2p = [dist.P2POp(dist.isend, x, 1 - rank, tag=i) for i, x in enumerate(out)]
+        p2p += [dist.P2POp(dist.irecv, x, 1 - rank, tag=i) for i, x in enumerate(inn)]
+        works = dist.batch_isend_irecv(p2p)
+        t1 = time.perf_counter()
+        for w in works:
+            w.wait()
+        torch.cuda.current_stream().synchronize()
+        t2 = time.perf_counter()
+        _trace.on = False
+        if trace:
+            summ: dict[str, list[float]] = {}
+            for nm, x in _trace.take():
+                summ.setdefault(nm, []).append((x - t) * 1e3)
+            rq.put((f"TEPLB rank {rank} traced batch {(t2 - t) * 1e3:.1f} ms (posted by {(t1 - t) * 1e3:.1f});"
+                    " mark: count first median last (ms)",
+                    {k: (len(v), round(v[0], 2), round(statistics.median(v), 2), round(v[-1], 2))
+                     for k, v in summ.items()}))
+        return t1 - t, t2 - t
+
+    for _ in range(2):
+        batch()
+    res: dict[str, list[Any]] = {}
+    for rnd in range(3):
+        for name, c in variants.items():
+            tb._BATCH_CODE = c
+            got = [batch() for _ in range(4)]
+            res.setdefault(name, []).append(
+                (round(statistics.median(g[0] for g in got) * 1e3, 1),
+                 round(2 * sum(x.nbytes for x in out) / statistics.median(g[1] for g in got) / 1e9)))
+    tb._BATCH_CODE = code
+    rq.put((f"TEPLB rank {rank} (posting ms, GB/s both ways) per round", res))
+    batch(trace=True)
+    dist.destroy_process_group()
+
+
 def timeline(rq_items: dict[str, Any], variant: str) -> None:
     c = rq_items.get(f"TRACE-C-{variant}")
     s = rq_items.get(f"TRACE-S-{variant}")
@@ -811,7 +869,7 @@ if __name__ == "__main__":
     ap.add_argument("--parts", default="order,stream,micro,latency")
     a = ap.parse_args()
     parts = a.parts.split(",")
-    if not set(parts) <= {"prof", "batch"}:
+    if not set(parts) <= {"prof", "batch", "torcheplb"}:
         os.environ["AIOMOONCAKE_TRACE"] = "1"
     mp.set_start_method("spawn")
     portq, rq = mp.Queue(), mp.Queue()
@@ -821,6 +879,18 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
+    if "torcheplb" in parts:
+        import socket
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            free = so.getsockname()[1]
+        ranks = [mp.Process(target=torch_eplb, args=(r, free, rq)) for r in (0, 1)]
+        for p in ranks:
+            p.start()
+        for p in ranks:
+            p.join(200)
+            if p.is_alive():
+                p.kill()
     if "torch" in parts:
         import socket
         with socket.socket() as so:

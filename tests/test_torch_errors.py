@@ -3,6 +3,7 @@ both sides, collectives point to per-device backend strings, and those strings w
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -168,3 +169,32 @@ def self_p2p(ctx: Ctx) -> list[float]:
 def test_self_p2p() -> None:
     # isend/irecv to oneself work (gloo fails them; NCCL allows them)
     assert run_ranks(self_p2p, 2).results == {0: [7.0] * 3, 1: [8.0] * 3}
+
+
+def bad_op_mid_batch(ctx: Ctx) -> dict[str, Any]:
+    """Rank 0's batch fails at its second op; its first op, queued without waking the loop (more
+    ops were to follow), must still go out before rank 0 touches the group again."""
+    store = dist.TCPStore("127.0.0.1", ctx.port, is_master=False,
+                          timeout=datetime.timedelta(seconds=30))
+    out: dict[str, Any] = {}
+    if ctx.rank == 0:
+        good = torch.arange(6, dtype=torch.float32)
+        bad = torch.zeros(4, 4).t()  # not contiguous: the backend refuses it
+        out["batch"] = _try(lambda: dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, good, 1, tag=5), dist.P2POp(dist.isend, bad, 1, tag=6)]))
+        store.wait(["rank1-got-it"])  # nothing else of the group's until rank 1 has the tensor
+    else:
+        b = torch.zeros(6)
+        try:
+            dist.irecv(b, 0, tag=5).wait(timeout=20)
+            out["got"] = b.tolist()
+        finally:
+            store.set("rank1-got-it", "1")
+    dist.barrier()
+    return out
+
+
+def test_a_bad_op_mid_batch_does_not_strand_the_ops_before_it() -> None:
+    res = run_ranks(bad_op_mid_batch, 2).results
+    assert res[0]["batch"]["name"] == "InvalidArgument"
+    assert res[1]["got"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -236,3 +236,39 @@ def test_coalescing_manager_gives_one_work() -> None:
     res = run_ranks(coalescing, 2).results
     assert res[0] == {"works": 1, "type": "Work", "data": [10.0, 11.0, 12.0], "empty_done": True}
     assert res[1]["data"] == [0.0, 1.0, 2.0]
+
+
+def batch_wakes_once(ctx: Ctx) -> dict[str, Any]:
+    from aiomooncake.torch.loop import LoopThread
+
+    calls = {"later": 0, "now": 0}
+    real_later, real_now = LoopThread.submit_later, LoopThread.submit
+
+    def later(self: LoopThread, fn: Any, *args: Any) -> None:
+        calls["later"] += 1
+        real_later(self, fn, *args)
+
+    def now(self: LoopThread, fn: Any, *args: Any) -> None:
+        calls["now"] += 1
+        real_now(self, fn, *args)
+
+    LoopThread.submit_later, LoopThread.submit = later, now  # type: ignore[method-assign]
+    peer = 1 - ctx.rank
+    outs = [torch.full((n,), float(ctx.rank * 10 + i)) for i, n in enumerate((3, 70_000, 5, 1))]
+    ins = [torch.zeros_like(t) for t in outs]
+    ops = [dist.P2POp(dist.isend, t, peer, tag=i) for i, t in enumerate(outs)]
+    ops += [dist.P2POp(dist.irecv, t, peer, tag=i) for i, t in enumerate(ins)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    LoopThread.submit_later, LoopThread.submit = real_later, real_now  # type: ignore[method-assign]
+    return {"calls": calls, "got": [t[0].item() for t in ins]}
+
+
+def test_batch_isend_irecv_wakes_the_loop_once() -> None:
+    """torch hands a Python group a batch one op at a time; the backend reads the batch's length
+    from torch's frame and queues all but the last op without waking the loop thread (if torch
+    changes that function, this fails instead of the speed-up silently going away)."""
+    res = run_ranks(batch_wakes_once, 2).results
+    for rank in (0, 1):
+        assert res[rank]["calls"] == {"later": 7, "now": 1}
+        assert res[rank]["got"] == [float((1 - rank) * 10 + i) for i in range(4)]

@@ -153,6 +153,27 @@ class LoopThread:
                 self._wake_pending = False
             raise
 
+    def submit_later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` like :meth:`submit` but without waking the loop: the caller knows more
+        submissions follow at once (the rest of a ``batch_isend_irecv``), and the last of them, or
+        :meth:`flush`, wakes it. Meanwhile the loop thread sleeps with the GIL released instead of
+        taking turns at it with the caller for every operation."""
+        with self._qlock:
+            self._queue.append((fn, args))
+
+    def flush(self) -> None:
+        """Wake the loop for submissions :meth:`submit_later` left queued, if any."""
+        with self._qlock:
+            if not self._queue or self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._qlock:
+                self._queue.clear()
+                self._wake_pending = False
+
     def _drain(self) -> None:
         if BURST_GAP_S > 0 and len(self._queue) >= 3:
             self._await_burst()

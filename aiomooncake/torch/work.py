@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .. import _trace
 from ..tensors import current_stream
 from .errors import BackendError, OpTimeout
+from .loop import LoopThread
 from .ops import RECV, RECV_ANY, Op
 
 _callbacks: concurrent.futures.ThreadPoolExecutor | None = None
@@ -50,6 +51,13 @@ def _outcome(op: Op) -> BaseException | None:
     return f.exception()
 
 
+def _flush() -> None:
+    """Someone looks at a result: make sure no op of an unfinished batch waits unsubmitted."""
+    lt = LoopThread.current()
+    if lt is not None:
+        lt.flush()
+
+
 class Work(dist.Work):
     """The result of one operation (or of several, for a coalesced batch).
 
@@ -70,6 +78,7 @@ class Work(dist.Work):
         """Block until done; raise the operation's error. ``timeout`` (a timedelta or seconds; 0 or
         None: no limit) bounds this wait only: on expiry it raises :class:`OpTimeout` and the operation
         keeps going (the process group's own timeout is what cancels operations)."""
+        _flush()
         secs = _seconds(timeout)
         deadline = None if secs is None else time.monotonic() + secs
         for op in self._ops:
@@ -105,6 +114,7 @@ class Work(dist.Work):
 
     # ------------------------------------------------------------------ state
     def is_completed(self) -> bool:
+        _flush()
         return all(op.future.done() for op in self._ops)
 
     def is_success(self) -> bool:
@@ -146,6 +156,7 @@ class Work(dist.Work):
 
         Its callbacks run on aiomooncake's callback thread. For CUDA receives, call ``wait()`` (or make
         your stream wait) before using the data on a stream."""
+        _flush()
         with self._future_lock:
             if self._future is None:
                 fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
