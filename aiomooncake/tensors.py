@@ -179,7 +179,7 @@ def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
 
 def recycle(ev: torch.cuda.Event | None) -> None:
     """Return a completed event from :func:`record_ready` that nothing will wait on any more."""
-    if ev is not None and len(_free_events) < 256:
+    if ev is not None and len(_free_events) < 1024:  # a batch_isend_irecv of 512 ops holds 512
         _free_events.append(ev)
 
 

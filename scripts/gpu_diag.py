@@ -661,8 +661,14 @@ def torch_eplb(rank: int, port: int, rq: Any) -> None:
     inn = [torch.empty_like(x) for x in out]
     torch.cuda.synchronize()
     import aiomooncake.torch.backend as tb
-    code = tb._BATCH_CODE
-    variants = {"batch wakes once": code, "wake per op": None}
+    import aiomooncake.torch.mesh as tm
+    pooled, recycle = tb.record_ready, tm.recycle
+
+    def fresh(t: torch.Tensor) -> Any:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(t.device))
+        return ev
+    variants = {"pooled events": (pooled, recycle), "fresh events": (fresh, lambda ev: None)}
 
     def batch(trace: bool = False) -> tuple[float, float]:
         dist.barrier()
@@ -692,13 +698,13 @@ def torch_eplb(rank: int, port: int, rq: Any) -> None:
         batch()
     res: dict[str, list[Any]] = {}
     for rnd in range(3):
-        for name, c in variants.items():
-            tb._BATCH_CODE = c
+        for name, (rec, rcy) in variants.items():
+            tb.record_ready, tm.recycle = rec, rcy
             got = [batch() for _ in range(4)]
             res.setdefault(name, []).append(
                 (round(statistics.median(g[0] for g in got) * 1e3, 1),
                  round(2 * sum(x.nbytes for x in out) / statistics.median(g[1] for g in got) / 1e9)))
-    tb._BATCH_CODE = code
+    tb.record_ready, tm.recycle = pooled, recycle
     rq.put((f"TEPLB rank {rank} (posting ms, GB/s both ways) per round", res))
     batch(trace=True)
     dist.destroy_process_group()

@@ -37,6 +37,7 @@ import torch
 
 import aiomooncake
 from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
+from aiomooncake.tensors import recycle
 
 from .errors import BackendError, InvalidArgument, OpTimeout
 from .ops import BARRIER, RECV, RECV_ANY, SEND, Op
@@ -291,6 +292,8 @@ class Mesh:
         s = loop_stream(op.tensor.device)
         if not op.ready_event.query():  # an idle caller stream adds no dependency (and no latency)
             s.wait_event(op.ready_event)
+        recycle(op.ready_event)  # the wait is queued; the event may be recorded again (it stays
+        # set on the op only as the mark of a CUDA op)
         if op.kind != SEND:
             op.tensor.record_stream(s)
 
