@@ -49,6 +49,15 @@ def _cts_logger(log: list[Any]) -> None:
     Peer._start_write = start_write  # type: ignore[method-assign]
 
 
+async def _exchange(peer: Peer, out: list[torch.Tensor], inn: list[torch.Tensor], tag0: int = 100) -> float:
+    """One EPLB-shaped exchange: every tensor of ``out`` sent and of ``inn`` received at once, tag by
+    position; returns the seconds it took."""
+    t = time.perf_counter()
+    await asyncio.gather(*(peer.send(x, tag=tag0 + i) for i, x in enumerate(out)),
+                         *(peer.recv(x, tag=tag0 + i) for i, x in enumerate(inn)))
+    return time.perf_counter() - t
+
+
 PROF_EXPERTS = 64
 
 
@@ -74,12 +83,7 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
                 rts.append(time.perf_counter() - t)
             ab.setdefault(f"7 KB rtt us max_group={mg}", []).append(round(statistics.median(rts[10:]) * 1e6))
             am_engine._Poller.max_group = mg
-            ts = []
-            for it in range(5):
-                t = time.perf_counter()
-                await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
-                                     *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
-                ts.append(time.perf_counter() - t)
+            ts = [await _exchange(peer, out, inn) for _ in range(5)]
             ab.setdefault(f"eplb {PROF_EXPERTS} GB/s max_group={mg}", []).append(
                 round(2 * sum(x.nbytes for x in out) / statistics.median(ts[1:]) / 1e9))
             ts = []
@@ -103,10 +107,7 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
     for it in range(8):
         if it == 3:
             prof.enable()
-        t = time.perf_counter()
-        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
-                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
-        ts.append(time.perf_counter() - t)
+        ts.append(await _exchange(peer, out, inn))
     prof.disable()
     import gc
     gcs: list[float] = []
@@ -117,37 +118,22 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
             gc_t[0] = time.perf_counter()
         else:
             gcs.append(time.perf_counter() - gc_t[0])
-    gc.callbacks.append(cb)
-    plain = []
-    for it in range(6):
-        t = time.perf_counter()
-        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
-                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
-        plain.append(time.perf_counter() - t)
-    gc.callbacks.remove(cb)
-    rq.put((f"PROF {who} unprofiled ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
-            "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
-    gc.collect()
-    gc.freeze()  # what serving stacks do after loading the model: long-lived objects leave the GC's scans
-    gcs.clear()
-    gc.callbacks.append(cb)
-    plain = []
-    for it in range(8):
-        t = time.perf_counter()
-        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
-                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
-        plain.append(time.perf_counter() - t)
-    gc.callbacks.remove(cb)
-    gc.unfreeze()
-    rq.put((f"PROF {who} after gc.freeze ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
-            "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
+    for label, frozen, n in (("unprofiled", False, 6), ("after gc.freeze", True, 8)):
+        if frozen:
+            gc.collect()
+            gc.freeze()  # what serving stacks do after loading the model: long-lived objects leave its scans
+        gcs.clear()
+        gc.callbacks.append(cb)
+        plain = [await _exchange(peer, out, inn) for _ in range(n)]
+        gc.callbacks.remove(cb)
+        gc.unfreeze()
+        rq.put((f"PROF {who} {label} ms/iter", [round(x * 1e3, 2) for x in plain], "gc runs", len(gcs),
+                "gc ms total", round(sum(gcs) * 1e3, 2), "max", round(max(gcs, default=0) * 1e3, 2)))
     _trace.on = True
     for it in range(3):
         _trace.take()
         t = time.perf_counter()
-        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
-                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
-        t_end = time.perf_counter()
+        t_end = t + await _exchange(peer, out, inn)
         marks = _trace.take()
         summ: dict[str, list[float]] = {}
         for nm, x in marks:
@@ -163,57 +149,6 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
     rq.put((f"PROF {who} copier={peer._copier} ms/iter", [round(x * 1e3, 2) for x in ts],
             "GB/s both ways", round(2 * sum(x.nbytes for x in out) / statistics.median(ts[3:]) / 1e9)))
     rq.put((f"PROF-{who}", buf.getvalue()))
-
-
-def _batch_probe(eng: Any, seg: str, src: torch.Tensor, remote: int) -> dict[str, Any]:
-    """One engine batch of many writes/reads (EPLB-like sizes) against as many single submits:
-    submit cost, when the first request reports done, whether get_batch_transfer_status then
-    returns at once (and frees the batch), and whether every piece landed."""
-    te = eng._te
-    sizes = [1_400_000, 700_000, 7168, 3584] * 16
-    offs, o = [], 0
-    for n in sizes:
-        offs.append(o)
-        o += (n + 255) // 256 * 256
-    src.copy_(torch.arange(src.numel(), device="cuda", dtype=torch.int64).remainder(251).to(torch.uint8))
-    back = torch.zeros_like(src)
-    eng.acquire(back)
-    torch.cuda.synchronize()
-    res: dict[str, Any] = {}
-    base, bb = src.data_ptr(), back.data_ptr()
-    for rep in range(5):
-        back.zero_()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        b = te.batch_transfer_async_write(seg, [base + x for x in offs], [remote + x for x in offs], sizes)
-        t1 = time.perf_counter()
-        k = 0
-        while (st := te.transfer_check_status(b)) == 0:
-            k += 1
-        t2 = time.perf_counter()
-        rc = te.get_batch_transfer_status([b])
-        t3 = time.perf_counter()
-        b2 = te.batch_transfer_async_read(seg, [bb + x for x in offs], [remote + x for x in offs], sizes)
-        while te.transfer_check_status(b2) == 0:
-            pass
-        rc2 = te.get_batch_transfer_status([b2])
-        torch.cuda.synchronize()
-        ok = all(torch.equal(src[x:x + n], back[x:x + n]) for x, n in zip(offs, sizes))
-        singles = []
-        t4 = time.perf_counter()
-        for x, n in zip(offs, sizes):
-            singles.append(eng._submit(seg, base + x, remote + x, n))
-        t5 = time.perf_counter()
-        for s1 in singles:
-            while eng._check(s1) == 0:
-                pass
-        t6 = time.perf_counter()
-        res[f"#{rep}"] = {"batch submit us": round((t1 - t) * 1e6, 1), "first done us": round((t2 - t) * 1e6, 1),
-                          "check": st, "polls": k, "get_batch_status us": round((t3 - t2) * 1e6, 1),
-                          "rc": (rc, rc2), "bytes ok": ok,
-                          "64 single submits us": round((t5 - t4) * 1e6, 1),
-                          "singles all done us": round((t6 - t4) * 1e6, 1)}
-    return res
 
 
 # ------------------------------------------------------------------ receiver (server)
@@ -438,12 +373,7 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
                                              *(peer.recv(x, tag=63) for x in ex_in))
                         xs.append(time.perf_counter() - t)
-                    eps = []
-                    for _ in range(5):
-                        t = time.perf_counter()
-                        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(ep_out)),
-                                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(ep_in)))
-                        eps.append(time.perf_counter() - t)
+                    eps = [await _exchange(peer, ep_out, ep_in) for _ in range(5)]
                     res.setdefault(f"{name} eplb {EP_EXPERTS} experts both ways GB/s", []).append(
                         round(2 * sum(x.nbytes for x in ep_out) / statistics.median(eps[1:]) / 1e9))
                     res.setdefault(name + " GB/s", []).append(round(win * n / statistics.median(ts[1:]) / 1e9))
@@ -510,11 +440,6 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                     ts.append(time.perf_counter() - t)
                 res[f"engine.write (poller) {n} B"] = round(statistics.median(ts[50:]) * 1e6, 1)
             rq.put(("submit probe us", res))
-            try:
-                rq.put(("batch probe", _batch_probe(eng, seg, src, int(addr[0]))))
-            except Exception as e:  # noqa: BLE001
-                import traceback
-                rq.put(("batch probe failed", traceback.format_exc()))
             await peer.send(torch.zeros(1, dtype=torch.int64), tag=51)
         if "latency" in parts:
             s = torch.ones(1024, dtype=torch.float32, device="cuda")
@@ -885,30 +810,18 @@ if __name__ == "__main__":
         m = mp.Process(target=micro, args=(rq,))
         m.start()
         m.join(120)
-    if "torcheplb" in parts:
-        import socket
-        with socket.socket() as so:
-            so.bind(("127.0.0.1", 0))
-            free = so.getsockname()[1]
-        ranks = [mp.Process(target=torch_eplb, args=(r, free, rq)) for r in (0, 1)]
-        for p in ranks:
-            p.start()
-        for p in ranks:
-            p.join(200)
-            if p.is_alive():
-                p.kill()
-    if "torch" in parts:
-        import socket
-        with socket.socket() as so:
-            so.bind(("127.0.0.1", 0))
-            free = so.getsockname()[1]
-        ranks = [mp.Process(target=torch_rank, args=(r, free, rq)) for r in (0, 1)]
-        for p in ranks:
-            p.start()
-        for p in ranks:
-            p.join(200)
-            if p.is_alive():
-                p.kill()
+    for part, target in (("torcheplb", torch_eplb), ("torch", torch_rank)):
+        if part in parts:  # two torch ranks
+            with socket.socket() as so:
+                so.bind(("127.0.0.1", 0))
+                free = so.getsockname()[1]
+            ranks = [mp.Process(target=target, args=(r, free, rq)) for r in (0, 1)]
+            for p in ranks:
+                p.start()
+            for p in ranks:
+                p.join(200)
+                if p.is_alive():
+                    p.kill()
     if set(parts) & {"order", "order2", "stream", "latency", "submit", "ab", "prof", "batch"}:
         s = mp.Process(target=server, args=(portq, rq, parts))
         s.start()

@@ -85,27 +85,31 @@ def _burst(port_q: Any) -> None:
 
 class BurstRemote:
     def __init__(self) -> None:
-        q = CTX.Queue()
-        self.proc = CTX.Process(target=_burst, args=(q,), daemon=True)
-        self.proc.start()
-        self.port: int = q.get(timeout=120)
+        self.proc, self.port = _start(_burst)
 
     def stop(self) -> None:
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        _stop(self.proc)
 
 
 class EchoRemote:
     def __init__(self, **opts: Any) -> None:
-        q = CTX.Queue()
-        self.proc = CTX.Process(target=_echo, args=(q, opts), daemon=True)
-        self.proc.start()
-        self.port: int = q.get(timeout=120)
+        self.proc, self.port = _start(_echo, opts)
 
     def stop(self) -> None:
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        _stop(self.proc)
+
+
+def _start(target: Any, *args: Any) -> tuple[Any, int]:
+    """Spawn ``target(port_queue, *args)``; return the process and the port it listens on."""
+    q = CTX.Queue()
+    proc = CTX.Process(target=target, args=(q, *args), daemon=True)
+    proc.start()
+    port: int = q.get(timeout=120)
+    return proc, port
+
+
+def _stop(proc: Any) -> None:
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)

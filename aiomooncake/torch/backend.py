@@ -243,37 +243,26 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
     # ======================================================= point-to-point
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> Work:
         """Start sending ``tensors[0]`` to ``dstRank``; never blocks."""
-        try:
-            t = self._check_tensors(tensors, "send")
-            self._check_rank(dstRank, "destination")
-            self._check_tag(tag)
-            op = self._op(SEND, t, dstRank, tag)
-        except BaseException:
-            self._loop.flush()  # what earlier ops of a batch left queued goes now
-            raise
-        return self._submit(op)
+        return self._p2p(SEND, tensors, dstRank, tag)
 
     def recv(self, tensors: list[torch.Tensor], srcRank: int, tag: int) -> Work:
         """Start receiving into ``tensors[0]`` from ``srcRank``; never blocks."""
-        try:
-            t = self._check_tensors(tensors, "recv")
-            self._check_rank(srcRank, "source")
-            self._check_tag(tag)
-            op = self._op(RECV, t, srcRank, tag)
-        except BaseException:
-            self._loop.flush()
-            raise
-        return self._submit(op)
+        return self._p2p(RECV, tensors, srcRank, tag)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> Work:
         """Start receiving the next message with ``tag`` from whichever rank sends one;
         ``Work.source_rank()`` says which."""
+        return self._p2p(RECV_ANY, tensors, -1, tag)
+
+    def _p2p(self, kind: str, tensors: list[torch.Tensor], rank: int, tag: int) -> Work:
         try:
-            t = self._check_tensors(tensors, "recv")
+            t = self._check_tensors(tensors, "send" if kind == SEND else "recv")
+            if kind != RECV_ANY:
+                self._check_rank(rank, "destination" if kind == SEND else "source")
             self._check_tag(tag)
-            op = self._op(RECV_ANY, t, -1, tag)
+            op = self._op(kind, t, rank, tag)
         except BaseException:
-            self._loop.flush()
+            self._loop.flush()  # what earlier ops of a batch left queued goes now
             raise
         return self._submit(op)
 
