@@ -291,15 +291,17 @@ class Engine:
         """Write ``pieces`` of ``(src_addr, dst_addr, length)`` into ``segment``, at most ``window``
         requests in flight; ``lane`` is the source's CUDA device (-1 for host memory). Await the
         job (or :meth:`WriteJob.stop` it)."""
-        job = WriteJob(self, segment, list(pieces), max(1, window), lane)
-        _Poller.for_loop().add(job)
-        return job
+        return self._job(segment, pieces, window, lane, read=False)
 
     def pull(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
              lane: int = -1) -> WriteJob:
         """Like :meth:`write`, the other way: copy ``pieces`` of ``(local_dst, remote_src, length)``
         from ``segment`` into local memory (a receiver pulling the source its sender offered)."""
-        job = WriteJob(self, segment, list(pieces), max(1, window), lane, read=True)
+        return self._job(segment, pieces, window, lane, read=True)
+
+    def _job(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int, lane: int,
+             read: bool) -> WriteJob:
+        job = WriteJob(self, segment, list(pieces), max(1, window), lane, read=read)
         _Poller.for_loop().add(job)
         return job
 

@@ -298,9 +298,8 @@ class Peer:
             payload = to_bytes(src) if ready is None else b""
         elif ready is None and self._pull is not None:
             pull_src = src.data_ptr()
-        elif self._offer_gpu and ready is not None and ready.query():
+        elif self._offer_gpu and ready is not None and _settled(ready):
             # the producer is done: offer the source for the remote copier to pull
-            recycle(ready)
             ready = None
             eng = self._links["cuda"].engine
             held = (eng, eng.acquire(src))
@@ -940,15 +939,23 @@ def quarantined_bytes() -> int:
     return sum(t[0].nbytes for _, _, t in _quarantine if t[0] is not None)
 
 
+def _settled(ev: torch.cuda.Event) -> bool:
+    """Whether the caller's stream passed ``ev``; if so the event goes back to the pool (the
+    caller drops its reference)."""
+    if not ev.query():
+        return False
+    recycle(ev)
+    return True
+
+
 def _ready_now(ctx: _SendCtx | _RecvCtx) -> bool:
     """Whether the work queued on the caller's stream before the operation is done; if so the
     event goes back to the pool (once: ``ctx.ready`` is cleared)."""
     ev = ctx.ready
     if ev is not None:
-        if not ev.query():
+        if not _settled(ev):
             return False
         ctx.ready = None
-        recycle(ev)
     return True
 
 

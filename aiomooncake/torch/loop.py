@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -145,13 +146,7 @@ class LoopThread:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed: run nothing, but say so
-            with self._qlock:
-                self._queue.clear()
-                self._wake_pending = False
-            raise
+        self._wake()
 
     def submit_later(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` like :meth:`submit` but without waking the loop: the caller knows more
@@ -167,12 +162,18 @@ class LoopThread:
             if not self._queue or self._wake_pending:
                 return
             self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # closed: what was queued is dropped by _wake
+            self._wake()
+
+    def _wake(self) -> None:
+        """Schedule a drain (the caller set ``_wake_pending``)."""
         try:
             self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:
+        except RuntimeError:  # the loop is closed: run nothing, but say so
             with self._qlock:
                 self._queue.clear()
                 self._wake_pending = False
+            raise
 
     def _drain(self) -> None:
         if BURST_GAP_S > 0 and len(self._queue) >= 3:
