@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import socket
@@ -102,8 +103,26 @@ class Raw:
         self.writer.close()
 
 
+def _blobs(obj: Any) -> list[bytes]:
+    """Every bytes value inside a decoded frame (nonces and proofs: random, so never searched)."""
+    if isinstance(obj, bytes):
+        return [obj]
+    if isinstance(obj, dict):
+        return [b for v in obj.values() for b in _blobs(v)]
+    if isinstance(obj, (list, tuple)):
+        return [b for v in obj for b in _blobs(v)]
+    if dataclasses.is_dataclass(obj):
+        return [b for f in dataclasses.fields(obj) for b in _blobs(getattr(obj, f.name))]
+    return []
+
+
 def reveals_nothing(raw: bytes) -> None:
-    """What the listener sent an unauthenticated party carries no segment, address, host or pid."""
+    """What the listener sent an unauthenticated party carries no segment, address, host or pid.
+
+    Random bytes fields are blanked first: a 32-byte nonce may spell a short host name by chance."""
+    for blob in _blobs(FrameDecoder(1 << 24).feed(raw)):
+        if blob:
+            raw = raw.replace(blob, bytes(len(blob)))
     text = raw.decode("latin-1")
     for word in ("segments", "links", "caps", "host_id", "pid", "self", "max_frame", "transport"):
         assert word not in text, f"the listener revealed {word!r} before authentication: {raw!r:.300}"
