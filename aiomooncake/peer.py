@@ -881,6 +881,8 @@ def _inside_bytes_object(base: int, size: int) -> bool:
     than a page into a bytes object."""
     if sys.implementation.name != "cpython" or ctypes.sizeof(ctypes.c_void_p) != 8:
         return False
+    if _starts_malloc_chunk(base, size):
+        return False
     start = (base & ~4095) - 4096
     if start <= 0 or not _page_readable(start):
         start = base & ~4095
@@ -900,6 +902,19 @@ def _inside_bytes_object(base: int, size: int) -> bool:
                 return True
         i = page.rfind(_BYTES_TYPE, 0, i)
     return False
+
+
+def _starts_malloc_chunk(base: int, size: int) -> bool:
+    """Whether ``base`` is the start of a malloc chunk of its own that holds the tensor: the word
+    before it is then the chunk's size field (a multiple of 16 covering the tensor), where a bytes
+    payload's start has the object's hash (-1 until hashed). Stale memory can hold a whole bytes
+    header (a copy left behind when a growing bytes object was moved, refcount 1), and memory
+    malloc hands out next to it then looked like that object's payload (seen once in a full test
+    run: a bytearray's buffer)."""
+    if base % 16 or (base % 4096 < 8 and not _page_readable(base - 8)):
+        return False
+    chunk = int.from_bytes(ctypes.string_at(base - 8, 8), sys.byteorder) & ~7
+    return chunk % 16 == 0 and size + 8 <= chunk < 1 << 40
 
 
 def _nul_at(addr: int) -> bool:

@@ -127,6 +127,30 @@ def test_writable_tensors_pass_the_check() -> None:
         assert _unwritable(frombuffer(bytes(n))) is not None, n
 
 
+def test_a_stale_bytes_header_before_a_malloc_chunk_is_not_taken_for_a_live_one() -> None:
+    """A whole bytes header can linger in freed memory (a growing bytes object's old copy), with
+    malloc handing out the memory after it: a buffer that starts a malloc chunk of its own (the
+    word before it is a chunk size covering it) is not that old object's payload. The same
+    addresses without the size field still read as a bytes payload (the check is not blind)."""
+    import ctypes
+    import sys
+
+    arena = ctypes.create_string_buffer(16384)
+    hdr = (ctypes.addressof(arena) + 4096 + 15) & ~15  # a 16-aligned spot well inside the page
+    length = 4000
+    word = ctypes.c_uint64
+    word.from_address(hdr).value = 1  # refcount
+    word.from_address(hdr + 8).value = id(bytes)  # type
+    word.from_address(hdr + 16).value = length  # size
+    ctypes.c_int64.from_address(hdr + 24).value = -1  # hash, not computed
+    ctypes.memset(hdr + 32, 1, length)
+    ctypes.c_uint8.from_address(hdr + 32 + length).value = 0  # the NUL after the payload
+    base, size = hdr + 32 + 256, 1024
+    assert sys.implementation.name != "cpython" or peer_mod._inside_bytes_object(base, size)
+    word.from_address(base - 8).value = (size + 16) | 1  # a malloc chunk's size field, in use
+    assert not peer_mod._inside_bytes_object(base, size)
+
+
 def _child_probe_pipe(q: Any) -> None:
     q.put(peer_mod._probe_setup())
 
