@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import _trace
+from . import _trace, gcpause
 from .core.chunks import check_write, plan_chunks
 from .core.messages import Eager, Message, Rts
 from .core.regions import Region
@@ -305,6 +305,8 @@ class Peer:
             held = (eng, eng.acquire(src))
             pull_src, epoch, gen = src.data_ptr(), eng.epoch, eng.gen
         fut: asyncio.Future[None] = self._loop.create_future()
+        gcpause.begin()
+        fut.add_done_callback(gcpause.end)
         if _trace.on:
             _trace.mark("send:post")
         if self._busy is not None:
@@ -424,6 +426,8 @@ class Peer:
             ready = record_ready(dest)
             stream = current_stream(dest.get_device())
         ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
+        gcpause.begin()
+        ctx.fut.add_done_callback(gcpause.end)
         if self._busy is not None:
             self._busy.kick()
         op = self._post_recv(tag, spec, ctx)

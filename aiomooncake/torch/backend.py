@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
-from aiomooncake import Options, _trace
+from aiomooncake import Options, _trace, gcpause
 from aiomooncake.tensors import record_ready
 from aiomooncake.transport.handshake import host_id
 
@@ -311,6 +311,10 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
 
     def _submit(self, op: Op) -> Work:
         self._dispatch(op)
+        # counted from the caller's side too: a batch's Ops and Works, made here before the loop
+        # thread posts any of them, then never see a collection that would promote them
+        gcpause.begin()
+        op.future.add_done_callback(gcpause.end)
         if self._coalesced is not None:
             self._coalesced.append(op)
         return Work([op])

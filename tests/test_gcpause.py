@@ -1,0 +1,112 @@
+"""The collector pause during bursts (aiomooncake.gcpause): when it holds, that it always ends, and
+that a real burst of messages uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import aiomooncake
+from aiomooncake import gcpause
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Nothing in flight, no hold, the collector on; restored afterwards."""
+    was = gc.isenabled()
+    gc.enable()
+    for name, value in (("_inflight", 0), ("_hold", None), ("_spent", False), ("enabled", True)):
+        monkeypatch.setattr(gcpause, name, value)
+    yield
+    (gc.enable if was else gc.disable)()
+
+
+def test_a_burst_pauses_the_collector_until_nothing_is_in_flight(fresh: None) -> None:
+    for _ in range(gcpause.BURST - 1):
+        gcpause.begin()
+    assert gc.isenabled(), "a few operations must not pause it"
+    gcpause.begin()
+    assert not gc.isenabled()
+    for _ in range(gcpause.BURST - 1):
+        gcpause.end()
+        assert not gc.isenabled()
+    gcpause.end()
+    assert gc.isenabled()
+
+
+def test_a_collector_the_user_disabled_stays_disabled(fresh: None) -> None:
+    gc.disable()
+    for _ in range(gcpause.BURST):
+        gcpause.begin()
+    for _ in range(gcpause.BURST):
+        gcpause.end()
+    assert not gc.isenabled()
+
+
+def test_a_hold_ends_after_max_hold_even_with_operations_in_flight(
+        fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcpause, "MAX_HOLD_S", 0.05)
+    for _ in range(gcpause.BURST):
+        gcpause.begin()
+    assert not gc.isenabled()
+    deadline = time.monotonic() + 5
+    while not gc.isenabled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.isenabled(), "the watchdog did not end a hold that outlasted MAX_HOLD_S"
+    # no new hold while that burst is still in flight, even as more operations join it
+    for _ in range(gcpause.BURST):
+        gcpause.begin()
+    assert gc.isenabled()
+    for _ in range(2 * gcpause.BURST):
+        gcpause.end()
+    for _ in range(gcpause.BURST):  # back to zero: the next burst pauses again
+        gcpause.begin()
+    assert not gc.isenabled()
+    for _ in range(gcpause.BURST):
+        gcpause.end()
+    assert gc.isenabled()
+
+
+def test_switched_off_it_never_pauses(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcpause, "enabled", False)
+    for _ in range(2 * gcpause.BURST):
+        gcpause.begin()
+    assert gc.isenabled()
+    for _ in range(2 * gcpause.BURST):
+        gcpause.end()
+
+
+async def test_a_burst_of_messages_pauses_it_and_leaves_it_on() -> None:
+    """64 messages each way at once between two peers (real engine, loopback): a hold starts,
+    no collection runs while it is in force, and the collector is on again afterwards."""
+    gc.enable()
+    ran_during_hold: list[int] = []
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and gcpause._hold is not None:
+            ran_during_hold.append(info["generation"])
+
+    async with await aiomooncake.listen("127.0.0.1", 0) as lst:
+        a = await aiomooncake.connect("127.0.0.1", lst.port)
+        b = await asyncio.wait_for(lst.accept(), 30)
+        out = [torch.full((1000 + i,), i % 251, dtype=torch.uint8) for i in range(64)]
+        got = [torch.empty_like(x) for x in out]
+        before = gcpause.holds
+        gc.callbacks.append(watch)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(a.send(x, tag=1) for x in out),
+                                                  *(b.recv(x, tag=1) for x in got)), 60)
+            await asyncio.sleep(0.01)  # the completion callbacks run
+        finally:
+            gc.callbacks.remove(watch)
+        assert all(torch.equal(x, y) for x, y in zip(out, got, strict=True))
+        assert gcpause.holds > before
+        assert gc.isenabled() and gcpause._hold is None
+        assert not ran_during_hold
+        await a.close()
+        await b.close()
