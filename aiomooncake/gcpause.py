@@ -9,9 +9,10 @@ every fifth 64-expert batch. Collecting nothing while a burst runs lets those ob
 freed by their reference counts, and the full collections mostly stop.
 
 So from the moment ``BURST`` operations are in flight until none is, the collector is disabled,
-for at most ``MAX_HOLD_S`` at a time: a daemon watchdog re-enables it then, whatever the event
-loops do (a loop closed with operations pending never completes them), and no new hold starts
-until the in-flight count has been back to zero. A collector the user disabled stays disabled (no
+for at most ``MAX_HOLD_S`` (+ ``CHECK_S``) at a time: a daemon watchdog re-enables it then, whatever
+the event loops do (a loop closed with operations pending never completes them), and no new hold
+starts until the in-flight count has been back to zero. The watchdog looks every ``CHECK_S`` while
+holds happen and exits after 5 s without one. A collector the user disabled stays disabled (no
 hold starts); one the user disables during a hold is enabled again when the hold ends.
 ``AIOMOONCAKE_GC_PAUSE=0`` in the environment (or ``enabled = False``) turns this off.
 """
@@ -30,11 +31,12 @@ BURST = 8  # operations in flight before the collector pauses (a lone round trip
 MAX_HOLD_S = 0.25
 enabled = os.environ.get("AIOMOONCAKE_GC_PAUSE", "1") != "0"
 
+CHECK_S = 0.05  # how often the watchdog looks while holds happen
+_IDLE_CHECKS = 100  # it exits after this many looks without a hold (5 s)
+
 _lock = threading.Lock()
-_wake = threading.Condition(_lock)
 _inflight = 0
-_hold: int | None = None  # the id of the hold in force (we disabled the collector), else None
-_next_hold = 0
+_hold: float | None = None  # when the hold in force began (we disabled the collector), else None
 _spent = False  # a hold ran out: no new one until nothing is in flight
 _watchdog: threading.Thread | None = None
 holds = 0  # how many holds started (for tests and benchmarks)
@@ -42,16 +44,16 @@ holds = 0  # how many holds started (for tests and benchmarks)
 
 def begin() -> None:
     """One more operation in flight (call :func:`end` once when it is over)."""
-    global _inflight, _hold, _next_hold, holds
+    global _inflight, _hold, holds, _watchdog
     with _lock:
         _inflight += 1
         if (_inflight == BURST and _hold is None and not _spent and enabled and gc.isenabled()):
             gc.disable()
-            _next_hold += 1
-            _hold = _next_hold
+            _hold = time.monotonic()
             holds += 1
-            _ensure_watchdog()
-            _wake.notify()
+            if _watchdog is None:  # not woken per hold: a wake-up per burst cost the GIL a handoff
+                _watchdog = threading.Thread(target=_watch, name="aiomooncake-gc-watchdog", daemon=True)
+                _watchdog.start()
 
 
 def end(_: object = None) -> None:
@@ -73,24 +75,21 @@ def _release() -> None:
         gc.enable()
 
 
-def _ensure_watchdog() -> None:
-    global _watchdog
-    if _watchdog is None or not _watchdog.is_alive():
-        _watchdog = threading.Thread(target=_watch, name="aiomooncake-gc-watchdog", daemon=True)
-        _watchdog.start()
-
-
 def _watch() -> None:
-    """Re-enable the collector when a hold outlasts ``MAX_HOLD_S``."""
-    global _spent
-    with _lock:
-        while True:
-            while _hold is None:
-                _wake.wait()
-            hold, deadline = _hold, time.monotonic() + MAX_HOLD_S
-            while _hold == hold and (left := deadline - time.monotonic()) > 0:
-                _wake.wait(left)
-            if _hold == hold:
+    """Every ``CHECK_S``, end a hold older than ``MAX_HOLD_S``; exit after a while without holds."""
+    global _spent, _watchdog
+    idle = 0
+    while True:
+        time.sleep(CHECK_S)
+        with _lock:
+            if _hold is None:
+                idle += 1
+                if idle >= _IDLE_CHECKS:
+                    _watchdog = None  # begin() starts a new one with the next hold
+                    return
+                continue
+            idle = 0
+            if time.monotonic() - _hold > MAX_HOLD_S:
                 log.debug("operations in flight for over %.2f s: the garbage collector runs again",
                           MAX_HOLD_S)
                 _spent = True
@@ -98,10 +97,9 @@ def _watch() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _wake, _inflight, _hold, _spent, _watchdog
+    global _lock, _inflight, _hold, _spent, _watchdog
     held = _hold is not None
     _lock = threading.Lock()
-    _wake = threading.Condition(_lock)
     _inflight, _hold, _spent, _watchdog = 0, None, False, None
     if held:
         gc.enable()  # the child starts with nothing in flight

@@ -8,7 +8,8 @@ backend's ``batch_isend_irecv``, CPU tensors on loopback. Each launch runs one s
     python scripts/bench_gc.py --pairs 1 --iters 100
 
 Prints per launch the median and mean batch time and the collections per generation (count,
-total ms, longest ms) seen by ``gc.callbacks`` in rank 0.
+total ms, longest ms) seen by ``gc.callbacks`` in rank 0. ``small``: one-expert bursts (a hold
+each), the pause switched on and off every 50 bursts in the same processes (what a hold costs).
 """
 
 from __future__ import annotations
@@ -103,6 +104,47 @@ def _core(rank: int, port: int, args: argparse.Namespace) -> None:
     aiomooncake.run(main())
 
 
+def _small(rank: int, port: int, args: argparse.Namespace) -> None:
+    """Small bursts (one expert: 8 operations in flight, a hold each), the pause switched on and
+    off every 50 bursts in the same processes: what a hold itself costs."""
+    import aiomooncake
+    from aiomooncake import gcpause
+
+    async def main() -> None:
+        if rank == 0:
+            lst = await aiomooncake.listen("127.0.0.1", port)
+            peer = await lst.accept()
+        else:
+            for _ in range(100):
+                try:
+                    peer = await aiomooncake.connect("127.0.0.1", port)
+                    break
+                except aiomooncake.PeerClosed:
+                    await asyncio.sleep(0.1)
+        from aiomooncake.bench.common import eplb_tensors
+
+        out = eplb_tensors(1, 0.0625, torch.device("cpu"))
+        inn = [torch.empty_like(x) for x in out]
+        res: dict[bool, list[float]] = {True: [], False: []}
+        for block in range(-1, 40):
+            gcpause.enabled = block % 2 == 0
+            for _ in range(50):
+                t = time.perf_counter()
+                await asyncio.gather(*(peer.send(x, 1) for x in out), *(peer.recv(x, 1) for x in inn))
+                if block >= 0:
+                    res[gcpause.enabled].append(time.perf_counter() - t)
+        if rank == 0:
+            print("small bursts (1 expert, scale 0.0625), median / mean ms: pause on "
+                  f"{statistics.median(res[True]) * 1e3:.3f} / {statistics.mean(res[True]) * 1e3:.3f}, off "
+                  f"{statistics.median(res[False]) * 1e3:.3f} / {statistics.mean(res[False]) * 1e3:.3f}",
+                  flush=True)
+        await asyncio.sleep(0.2)
+        await peer.close()
+        if rank == 0:
+            await lst.close()
+    aiomooncake.run(main())
+
+
 def _torch(rank: int, port: int, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -136,7 +178,7 @@ def _torch(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def _child(args: argparse.Namespace) -> None:
-    target = _core if args.child == "core" else _torch
+    target = {"core": _core, "torch": _torch, "small": _small}[args.child]
     mp.spawn(target, args=(_port(), args), nprocs=2)
 
 
@@ -146,13 +188,18 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.001)
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--parts", default="core,torch")
+    ap.add_argument("--parts", default="core,torch,small")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args)
         return
     for part in args.parts.split(","):
+        if part == "small":  # switched inside the processes
+            for _ in range(args.pairs):
+                subprocess.run([sys.executable, __file__, "--child", "small"], check=True,
+                               env={**os.environ, "AIOMOONCAKE_GC_PAUSE": "1"})
+            continue
         for _ in range(args.pairs):
             for setting in ("1", "0"):
                 cmd = [sys.executable, __file__, "--child", part, "--experts", str(args.experts),
