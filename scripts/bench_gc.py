@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import gc
 import os
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,7 +56,26 @@ class _GcWatch:
                          for g, v in self.pauses.items())
 
 
-def _report(label: str, ts: list[float], watch: _GcWatch) -> None:
+@contextlib.contextmanager
+def _watched() -> Iterator[_GcWatch]:
+    """Count the collections (after collecting what set-up left) while the block runs."""
+    gc.collect()
+    watch = _GcWatch()
+    gc.callbacks.append(watch)
+    try:
+        yield watch
+    finally:
+        gc.callbacks.remove(watch)
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _report(path: str, ts: list[float], watch: _GcWatch) -> None:
+    label = f"{path} gc pause {os.environ['AIOMOONCAKE_GC_PAUSE']}"
     print(f"{label}: median {statistics.median(ts) * 1e3:.2f} ms, mean {statistics.mean(ts) * 1e3:.2f} ms;"
           f" collections (count / total ms / longest ms): {watch.summary()}", flush=True)
 
@@ -66,63 +87,56 @@ def _tensors(args: argparse.Namespace) -> tuple[list[torch.Tensor], list[torch.T
     return out, [torch.empty_like(x) for x in out]
 
 
-def _core(rank: int, port: int, args: argparse.Namespace) -> None:
+def _pair(rank: int, port: int, opts: dict[str, Any], body: Callable[[Any], Awaitable[None]]) -> None:
+    """Connect the two processes (rank 0 listens), run ``body(peer)`` in both, close."""
     import aiomooncake
 
     async def main() -> None:
+        lst = None
         if rank == 0:
-            lst = await aiomooncake.listen("127.0.0.1", port, **OPTS)
+            lst = await aiomooncake.listen("127.0.0.1", port, **opts)
             peer = await lst.accept()
         else:
             for _ in range(100):
                 try:
-                    peer = await aiomooncake.connect("127.0.0.1", port, **OPTS)
+                    peer = await aiomooncake.connect("127.0.0.1", port, **opts)
                     break
                 except aiomooncake.PeerClosed:
                     await asyncio.sleep(0.1)
+        await body(peer)
+        await asyncio.sleep(0.2)
+        await peer.close()
+        if lst is not None:
+            await lst.close()
+    aiomooncake.run(main())
+
+
+def _core(rank: int, port: int, args: argparse.Namespace) -> None:
+    async def body(peer: Any) -> None:
         out, inn = _tensors(args)
 
         async def burst() -> None:
             await asyncio.gather(*(peer.send(x, 1) for x in out), *(peer.recv(x, 1) for x in inn))
         for _ in range(5):
             await burst()
-        gc.collect()
-        watch = _GcWatch()
-        gc.callbacks.append(watch)
-        ts = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            await burst()
-            ts.append(time.perf_counter() - t)
-        gc.callbacks.remove(watch)
+        ts: list[float] = []
+        with _watched() as watch:
+            for _ in range(args.iters):
+                t = time.perf_counter()
+                await burst()
+                ts.append(time.perf_counter() - t)
         if rank == 0:
-            _report(f"core  gc pause {os.environ['AIOMOONCAKE_GC_PAUSE']}", ts, watch)
-        await asyncio.sleep(0.2)
-        await peer.close()
-        if rank == 0:
-            await lst.close()
-    aiomooncake.run(main())
+            _report("core ", ts, watch)
+    _pair(rank, port, OPTS, body)
 
 
 def _small(rank: int, port: int, args: argparse.Namespace) -> None:
     """Small bursts (one expert: 8 operations in flight, a hold each), the pause switched on and
     off every 50 bursts in the same processes: what a hold itself costs."""
-    import aiomooncake
     from aiomooncake import gcpause
+    from aiomooncake.bench.common import eplb_tensors
 
-    async def main() -> None:
-        if rank == 0:
-            lst = await aiomooncake.listen("127.0.0.1", port)
-            peer = await lst.accept()
-        else:
-            for _ in range(100):
-                try:
-                    peer = await aiomooncake.connect("127.0.0.1", port)
-                    break
-                except aiomooncake.PeerClosed:
-                    await asyncio.sleep(0.1)
-        from aiomooncake.bench.common import eplb_tensors
-
+    async def body(peer: Any) -> None:
         out = eplb_tensors(1, 0.0625, torch.device("cpu"))
         inn = [torch.empty_like(x) for x in out]
         res: dict[bool, list[float]] = {True: [], False: []}
@@ -138,11 +152,7 @@ def _small(rank: int, port: int, args: argparse.Namespace) -> None:
                   f"{statistics.median(res[True]) * 1e3:.3f} / {statistics.mean(res[True]) * 1e3:.3f}, off "
                   f"{statistics.median(res[False]) * 1e3:.3f} / {statistics.mean(res[False]) * 1e3:.3f}",
                   flush=True)
-        await asyncio.sleep(0.2)
-        await peer.close()
-        if rank == 0:
-            await lst.close()
-    aiomooncake.run(main())
+    _pair(rank, port, {}, body)
 
 
 def _torch(rank: int, port: int, args: argparse.Namespace) -> None:
@@ -162,17 +172,10 @@ def _torch(rank: int, port: int, args: argparse.Namespace) -> None:
             w.wait()
     for _ in range(5):
         burst()
-    gc.collect()
-    watch = _GcWatch()
-    gc.callbacks.append(watch)
-    ts = []
-    for _ in range(args.iters):
-        t = time.perf_counter()
-        burst()
-        ts.append(time.perf_counter() - t)
-    gc.callbacks.remove(watch)
+    with _watched() as watch:
+        ts = [_seconds(burst) for _ in range(args.iters)]
     if rank == 0:
-        _report(f"torch gc pause {os.environ['AIOMOONCAKE_GC_PAUSE']}", ts, watch)
+        _report("torch", ts, watch)
     dist.barrier()
     dist.destroy_process_group()
 
