@@ -20,7 +20,8 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Nothing in flight, no hold, the collector on; restored afterwards."""
     was = gc.isenabled()
     gc.enable()
-    for name, value in (("_inflight", 0), ("_hold", None), ("_spent", False), ("enabled", True)):
+    for name, value in (("_inflight", 0), ("_hold", None), ("_spent", False), ("enabled", True),
+                        ("_resume_at", 0.0), ("GAP_S", 0.0)):
         monkeypatch.setattr(gcpause, name, value)
     yield
     (gc.enable if was else gc.disable)()
@@ -51,6 +52,7 @@ def test_a_collector_the_user_disabled_stays_disabled(fresh: None) -> None:
 def test_a_hold_ends_after_max_hold_even_with_operations_in_flight(
         fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gcpause, "MAX_HOLD_S", 0.05)
+    ran_out = gcpause.ran_out
     for _ in range(gcpause.BURST):
         gcpause.begin()
     assert not gc.isenabled()
@@ -58,6 +60,7 @@ def test_a_hold_ends_after_max_hold_even_with_operations_in_flight(
     while not gc.isenabled() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert gc.isenabled(), "the watchdog did not end a hold that outlasted MAX_HOLD_S"
+    assert gcpause.ran_out == ran_out + 1
     # no new hold while that burst is still in flight, even as more operations join it
     for _ in range(gcpause.BURST):
         gcpause.begin()
@@ -70,6 +73,26 @@ def test_a_hold_ends_after_max_hold_even_with_operations_in_flight(
     for _ in range(gcpause.BURST):
         gcpause.end()
     assert gc.isenabled()
+
+
+def test_after_a_hold_ran_out_the_collector_runs_a_while(
+        fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop of bursts keeps starting holds; one that ran out is followed by GAP_S of collecting."""
+    monkeypatch.setattr(gcpause, "MAX_HOLD_S", 0.05)
+    monkeypatch.setattr(gcpause, "GAP_S", 60.0)
+    for _ in range(gcpause.BURST):
+        gcpause.begin()
+    deadline = time.monotonic() + 5
+    while not gc.isenabled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.isenabled()
+    for _ in range(gcpause.BURST):
+        gcpause.end()
+    for _ in range(gcpause.BURST):  # the next burst, at once: no hold yet
+        gcpause.begin()
+    assert gc.isenabled()
+    for _ in range(gcpause.BURST):
+        gcpause.end()
 
 
 def test_switched_off_it_never_pauses(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
