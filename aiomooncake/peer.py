@@ -305,14 +305,14 @@ class Peer:
             held = (eng, eng.acquire(src))
             pull_src, epoch, gen = src.data_ptr(), eng.epoch, eng.gen
         fut: asyncio.Future[None] = self._loop.create_future()
-        gcpause.begin()
-        fut.add_done_callback(gcpause.end)
         if _trace.on:
             _trace.mark("send:post")
         if self._busy is not None:
             self._busy.kick()
         op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src,
                          epoch, gen)
+        gcpause.begin()  # counted once posted: fut completes, and so ends it, whatever happens next
+        fut.add_done_callback(gcpause.end)
         op.context = ctx = _SendCtx(fut, src, ready, held=held)
         self._flush()
         try:
@@ -426,11 +426,11 @@ class Peer:
             ready = record_ready(dest)
             stream = current_stream(dest.get_device())
         ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
-        gcpause.begin()
-        ctx.fut.add_done_callback(gcpause.end)
         if self._busy is not None:
             self._busy.kick()
         op = self._post_recv(tag, spec, ctx)
+        gcpause.begin()  # counted once posted (see _send)
+        ctx.fut.add_done_callback(gcpause.end)
         try:
             return await ctx.fut
         except asyncio.CancelledError:
