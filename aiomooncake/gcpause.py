@@ -26,11 +26,13 @@ one the user disables during a hold is enabled again when the hold ends.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
 import os
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ def begin() -> None:
             if _watchdog is None:  # not woken per hold: a wake-up per burst cost the GIL a handoff
                 _watchdog = threading.Thread(target=_watch, name="aiomooncake-gc-watchdog", daemon=True)
                 _watchdog.start()
+
+
+def track(future: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> None:
+    """Count the operation whose result ``future`` carries as in flight until it completes."""
+    begin()
+    future.add_done_callback(end)
 
 
 def end(_: object = None) -> None:
@@ -138,4 +146,4 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-__all__ = ["BURST", "MAX_HOLD_S", "begin", "end"]
+__all__ = ["BURST", "MAX_HOLD_S", "begin", "end", "track"]

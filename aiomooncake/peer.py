@@ -311,8 +311,7 @@ class Peer:
             self._busy.kick()
         op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src,
                          epoch, gen)
-        gcpause.begin()  # counted once posted: fut completes, and so ends it, whatever happens next
-        fut.add_done_callback(gcpause.end)
+        gcpause.track(fut)  # counted once posted: fut completes, and so ends it, whatever happens next
         op.context = ctx = _SendCtx(fut, src, ready, held=held)
         self._flush()
         try:
@@ -429,8 +428,7 @@ class Peer:
         if self._busy is not None:
             self._busy.kick()
         op = self._post_recv(tag, spec, ctx)
-        gcpause.begin()  # counted once posted (see _send)
-        ctx.fut.add_done_callback(gcpause.end)
+        gcpause.track(ctx.fut)  # counted once posted (see _send)
         try:
             return await ctx.fut
         except asyncio.CancelledError:

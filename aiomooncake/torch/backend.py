@@ -313,8 +313,7 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         self._dispatch(op)
         # counted from the caller's side too: a batch's Ops and Works, made here before the loop
         # thread posts any of them, then never see a collection that would promote them
-        gcpause.begin()
-        op.future.add_done_callback(gcpause.end)
+        gcpause.track(op.future)
         if self._coalesced is not None:
             self._coalesced.append(op)
         return Work([op])
