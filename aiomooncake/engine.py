@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -506,7 +507,11 @@ class _Poller:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.jobs: list[WriteJob] = []
+        self.jobs: list[WriteJob] = []  # jobs of engines that complete out of order
+        # Jobs of in-order engines, per (engine, lane), oldest first: a round steps only each
+        # lane's oldest job (and the next ones once it finished), so a burst of 256 copies in
+        # flight costs one status check per round, not a walk over all of them.
+        self.lanes: dict[tuple[int, int], deque[WriteJob]] = {}
         self.task: asyncio.Task[None] | None = None
         self.holds = 0
         self.held: list[WriteJob] = []
@@ -541,7 +546,13 @@ class _Poller:
     def _track(self, job: WriteJob) -> None:
         if job.future.done():
             return
-        self.jobs.append(job)
+        if job.engine.in_order:
+            lane = self.lanes.get((id(job.engine), job.lane))
+            if lane is None:
+                lane = self.lanes[(id(job.engine), job.lane)] = deque()
+            lane.append(job)
+        else:
+            self.jobs.append(job)
         if self.task is None or self.task.done():
             self.task = self.loop.create_task(self._run())
 
@@ -560,18 +571,15 @@ class _Poller:
     async def _run(self) -> None:
         last_progress = time.perf_counter()
         delay = 0.0
-        while self.jobs:
-            before = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
-            n_before = len(self.jobs)
+        while self.jobs or self.lanes:
             if _trace.on:
                 _trace.mark("poll:round")
-            self.jobs = self._round()
-            after = sum(j.next for j in self.jobs) + sum(len(j.inflight) for j in self.jobs)
+            progressed = self._round()
             now = time.perf_counter()
-            if len(self.jobs) != n_before or after != before:
+            if progressed:
                 last_progress = now
                 delay = 0.0
-            if not self.jobs:
+            if not (self.jobs or self.lanes):
                 break
             if now - last_progress < self.spin_s:
                 os.sched_yield()  # let the engine's own threads run if they share our core
@@ -580,21 +588,37 @@ class _Poller:
                 delay = min(self.max_sleep, delay * 2 if delay else 0.00005)
                 await asyncio.sleep(delay)
 
-    def _round(self) -> list[WriteJob]:
-        """Step every job (oldest first); return those not finished. On an in-order engine a lane
-        whose oldest job is still pending holds only younger, also pending work: skip it."""
-        left: list[WriteJob] = []
-        blocked: set[tuple[int, int]] = set()
-        for j in self.jobs:
-            key = (id(j.engine), j.lane)
-            if key in blocked:
-                left.append(j)
-                continue
-            if not _safe_step(j):
-                left.append(j)
-                if j.engine.in_order and j.inflight:
-                    blocked.add(key)
-        return left
+    def _round(self) -> bool:
+        """Step the jobs that can have moved; True if any submitted, completed or finished. On an
+        in-order engine a lane whose oldest job is still pending holds only younger, also pending
+        work: only its oldest job is stepped."""
+        progressed = False
+        for key in list(self.lanes):
+            lane = self.lanes[key]
+            while lane:
+                j = lane[0]
+                before = (j.next, len(j.inflight))
+                if _safe_step(j):
+                    lane.popleft()
+                    progressed = True
+                    continue
+                if (j.next, len(j.inflight)) != before:
+                    progressed = True
+                break
+            if not lane:
+                del self.lanes[key]
+        if self.jobs:
+            left: list[WriteJob] = []
+            for j in self.jobs:
+                before = (j.next, len(j.inflight))
+                if _safe_step(j):
+                    progressed = True
+                else:
+                    left.append(j)
+                    if (j.next, len(j.inflight)) != before:
+                        progressed = True
+            self.jobs = left
+        return progressed
 
 
 def _safe_submit_together(jobs: list[WriteJob]) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import _trace, gcpause
+from .batch import Batch
 from .core.chunks import check_write, plan_chunks
 from .core.messages import Eager, Message, Rts
 from .core.regions import Region
@@ -59,6 +60,7 @@ from .errors import (
 from .options import Options
 from .shm import ShmEngine, ShmJob
 from .tensors import (
+    byte_view,
     current_stream,
     dtype_from_name,
     dtype_name,
@@ -108,6 +110,7 @@ class Peer:
 
     quarantine_s = 60.0  # how long memory a dead peer may still write into is held (see below)
     one_copier = True  # peers sharing one GPU let one of them run every copy (see __init__)
+    inline_cuda = True  # small CUDA tensors whose producer is done travel in the frame (see _post_send)
 
     def __init__(self, conn: Connection, agreement: Agreement, options: Options) -> None:
         self._conn = conn
@@ -142,6 +145,7 @@ class Peer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
         self._side_streams: dict[int, Any] = {}
+        self._staging: dict[int, torch.Tensor] = {}  # pinned buffer per device for inline CUDA sends
         self._closing = False
         self._jobs: set[WriteJob] = set()  # engine writes in flight from this peer
         self._engines = {id(link.engine): link.engine for link in self._links.values()}
@@ -190,11 +194,7 @@ class Peer:
         """Receive the next message with ``tag`` into ``tensor`` (same dtype and number of elements as
         the sent one) and return it. A non-contiguous ``tensor`` is filled through a contiguous
         temporary. For CUDA, work the caller queues on its current stream afterwards sees the data."""
-        self._check_tensor(tensor, "recv into")
-        why = _unwritable(tensor)
-        if why is not None:
-            raise ConfigurationError(f"cannot recv into this tensor: {why}; receive into a writable "
-                                     "tensor (e.g. torch.empty) or use recv_tensor()")
+        self._check_recv_dest(tensor)
         if timeout is None:
             return await self._recv(tensor, None, tag)
         return await self._with_timeout(self._recv(tensor, None, tag), timeout, "recv", tag)
@@ -207,6 +207,12 @@ class Peer:
         and this process has CUDA, else on the CPU."""
         dev = torch.device(device) if device is not None else None
         return await self._with_timeout(self._recv(None, dev, tag), timeout, "recv_tensor", tag)
+
+    def batch(self, *, timeout: float | None = None) -> Batch:
+        """Post many sends and receives together and wait for them together (``async with
+        peer.batch() as b: b.send(t, tag); b.recv(u, tag)``): no task per operation, and the
+        control frames of one loop turn leave in one write. See :class:`aiomooncake.batch.Batch`."""
+        return Batch(self, timeout)
 
     def probe(self, tag: int = 0) -> bool:
         """True if a message with ``tag`` has arrived and no receive has claimed it yet."""
@@ -276,26 +282,43 @@ class Peer:
 
     # ================================================================== send
     async def _send(self, tensor: torch.Tensor, tag: int) -> None:
+        if self._conn._paused is not None:
+            try:
+                await self._conn.drain()
+            except AiomooncakeError as e:
+                raise _own_copy(e) from None
+        fut, op, ctx = self._post_send(tensor, tag)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            # Task.cancel() cancelled fut itself: a cancelled fut still needs withdrawing.
+            if not fut.done() or fut.cancelled():
+                self._withdraw_send(op, ctx)
+            raise
+
+    def _post_send(self, tensor: torch.Tensor, tag: int) -> tuple[asyncio.Future[None], SendOp, _SendCtx]:
+        """Post a send now (no task, no await): the future completes once the bytes are in the
+        receiver's tensor. Withdraw it with :meth:`_withdraw_send`."""
         dev = self._check_tensor(tensor, "send")
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
         ready = record_ready(src) if dev == "cuda" else None
         nbytes = src.nbytes
-        conn = self._conn
-        if conn._paused is not None:
-            try:
-                await conn.drain()
-            except AiomooncakeError as e:
-                raise _own_copy(e) from None
         s = self._session
-        # CUDA tensors take the rendezvous path (only empty ones go inline): an inline payload needs
-        # the producer's work done before the post, so the post would wait and a later send on the
-        # same tag could overtake it. The engine's write waits for that work instead, in order, and
-        # moves the bytes device to device (no two pageable copies through the host).
+        # A small CUDA tensor goes inline only if the work queued on the caller's stream before the
+        # send is already done: its bytes then come to the host at once (one small copy on a side
+        # stream) and travel in the frame, with no rendezvous and no engine operation. If that work
+        # still runs, the send takes the rendezvous path, whose engine copy waits for it in order:
+        # waiting here would hold the post back, and a later send on the same tag could overtake it.
         payload = None
         pull_src = epoch = gen = 0
         held = None
         if nbytes <= s.eager_threshold and (ready is None or nbytes == 0):
             payload = to_bytes(src) if ready is None else b""
+            recycle(ready)
+            ready = None
+        elif ready is not None and nbytes <= s.eager_threshold and self.inline_cuda and _settled(ready):
+            ready = None
+            payload = self._device_bytes(src)
         elif ready is None and self._pull is not None:
             pull_src = src.data_ptr()
         elif self._offer_gpu and ready is not None and _settled(ready):
@@ -309,21 +332,52 @@ class Peer:
             _trace.mark("send:post")
         if self._busy is not None:
             self._busy.kick()
-        op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src,
-                         epoch, gen)
+        try:
+            op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src,
+                             epoch, gen)
+        except BaseException:
+            if held is not None:
+                held[0].release(held[1])
+            recycle(ready)
+            raise
         gcpause.track(fut)  # counted once posted: fut completes, and so ends it, whatever happens next
         op.context = ctx = _SendCtx(fut, src, ready, held=held)
         self._flush()
-        try:
-            await fut
-        except asyncio.CancelledError:
-            # Task.cancel() cancelled fut itself: a cancelled fut still needs withdrawing.
-            if (not fut.done() or fut.cancelled()) and s.cancel_send(op):
-                ctx.stop = True
-                if ctx.job is not None:
-                    ctx.job.stop()
-            self._flush()
-            raise
+        return fut, op, ctx
+
+    def _device_bytes(self, src: torch.Tensor) -> bytes:
+        """The bytes of a small CUDA tensor whose producer is done: copied on our side stream (it
+        waits for nothing else) through a pinned buffer of this peer's."""
+        n = src.nbytes
+        idx = src.get_device()
+        host = self._staging.get(idx)
+        if host is None or host.numel() < n:
+            host = self._staging[idx] = torch.empty(max(n, self._session.eager_threshold),
+                                                    dtype=torch.uint8, pin_memory=True)
+        side = self._side_stream(src.device)
+        with torch.cuda.stream(side):
+            host[:n].copy_(byte_view(src), non_blocking=True)
+        side.synchronize()
+        return ctypes.string_at(host.data_ptr(), n)
+
+    def _batch_frames(self, nbytes: int) -> None:
+        """Before posting one operation of a burst (``Peer.batch``, a ``batch_isend_irecv``): its
+        frames wait for the end of this loop turn and leave with the rest of the burst, in one
+        write; the remote then handles them in one read and submits their copies in shared engine
+        batches. A message above ``_BURST_BYTES`` is announced at once, with what is queued: its
+        copy outlasts the burst's parsing, and holding its RTS only idles the GPU."""
+        if nbytes <= _BURST_BYTES:
+            self._conn.cork_turn()
+        else:
+            self._conn.uncork_turn()
+
+    def _withdraw_send(self, op: SendOp, ctx: _SendCtx) -> None:
+        """The caller gave up on a send: abort it, or stop its writes (idempotent)."""
+        if self._session.cancel_send(op):
+            ctx.stop = True
+            if ctx.job is not None:
+                ctx.job.stop()
+        self._flush()
 
     def _start_write(self, op: SendOp) -> None:
         """The receiver's CTS arrived: submit the engine writes now (no task on the common path)."""
@@ -416,6 +470,21 @@ class Peer:
 
     # ================================================================== recv
     async def _recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> torch.Tensor:
+        fut, op, ctx = self._post_recv(dest, device, tag)
+        return await self._recv_posted(fut, op, ctx)
+
+    async def _recv_posted(self, fut: asyncio.Future[torch.Tensor], op: RecvOp,
+                           ctx: _RecvCtx) -> torch.Tensor:
+        """Await a posted receive; cancelled, withdraw it and return only once its buffer is safe."""
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            await self._cancel_recv(op, ctx)
+            raise
+
+    def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None,
+                   tag: int) -> tuple[asyncio.Future[torch.Tensor], RecvOp, _RecvCtx]:
+        """Post a receive now (no task, no await); ``dest`` was checked by the caller."""
         if dest is None:
             spec, ready, stream = _ANY, None, None
         elif dest.is_cpu:
@@ -427,21 +496,17 @@ class Peer:
         ctx = _RecvCtx(self._loop.create_future(), dest, device, ready, stream)
         if self._busy is not None:
             self._busy.kick()
-        op = self._post_recv(tag, spec, ctx)
-        gcpause.track(ctx.fut)  # counted once posted (see _send)
-        try:
-            return await ctx.fut
-        except asyncio.CancelledError:
-            await self._cancel_recv(op, ctx)
-            raise
-
-    def _post_recv(self, tag: int, spec: RecvSpec, ctx: _RecvCtx) -> RecvOp:
         # post_recv may match at once; its events are only handled in _flush, after the context
         # is attached.
-        op = self._session.post_recv(tag, spec)
+        try:
+            op = self._session.post_recv(tag, spec)
+        except BaseException:
+            recycle(ready)
+            raise
         op.context = ctx
+        gcpause.track(ctx.fut)  # counted once posted (see _post_send)
         self._flush()
-        return op
+        return ctx.fut, op, ctx
 
     async def _cancel_recv(self, op: RecvOp, ctx: _RecvCtx) -> None:
         if ctx.fut.done() and not ctx.fut.cancelled():
@@ -497,9 +562,13 @@ class Peer:
         if isinstance(msg, Eager):
             if ctx.work.is_cpu:
                 fill_from_bytes(ctx.work, msg.data)
-                self._session.delivered(op)
             else:
-                self._spawn(self._deliver_cuda(op, ctx, msg.data))
+                try:
+                    self._fill_device(ctx, msg.data)
+                except Exception as e:
+                    self._session.refuse(op, TransferFailed(f"could not copy into the destination: {e}"))
+                    return
+            self._session.delivered(op)
         elif msg.src and self._pull is not None and ctx.work.is_cpu and msg.device == "cpu":
             self._pull_from(op, ctx, msg.src)
         elif msg.src and self._copier and msg.device == "cuda" and not ctx.work.is_cpu:
@@ -512,13 +581,18 @@ class Peer:
         else:
             self._spawn(self._when_ready(op, ctx, lambda: self._accept(op, ctx)))
 
-    async def _deliver_cuda(self, op: RecvOp, ctx: _RecvCtx, data: bytes) -> None:
+    @staticmethod
+    def _fill_device(ctx: _RecvCtx, data: bytes) -> None:
+        """Copy an inline payload into a CUDA destination on the caller's stream: ordered after its
+        earlier work there (so no wait for ``ctx.ready``) and before what it queues later. The
+        host bytes are staged by the driver before the call returns."""
         assert ctx.work is not None
-        with torch.cuda.stream(ctx.stream):
-            fill_from_bytes(ctx.work, data)  # ordered after the caller's earlier work on its stream
-        if op.state.value == "matched":
-            self._session.delivered(op)
-        self._flush()
+        recycle(ctx.ready)  # a later record of the pooled event does not disturb this one's waiters
+        ctx.ready = None
+        if data:
+            with torch.cuda.stream(ctx.stream):
+                byte_view(ctx.work).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                          non_blocking=True)
 
     async def _when_ready(self, op: RecvOp, ctx: _RecvCtx, then: Callable[[], None]) -> None:
         """Run ``then`` (accept or pull) once earlier work on the caller's stream, which may still
@@ -753,6 +827,13 @@ class Peer:
             st = self._side_streams[idx] = torch.cuda.Stream(device=idx)
         return st
 
+    def _check_recv_dest(self, tensor: torch.Tensor) -> None:
+        self._check_tensor(tensor, "recv into")
+        why = _unwritable(tensor)
+        if why is not None:
+            raise ConfigurationError(f"cannot recv into this tensor: {why}; receive into a writable "
+                                     "tensor (e.g. torch.empty) or use recv_tensor()")
+
     def _check_tensor(self, t: Any, what: str) -> str:
         """Validate a tensor argument; return its device kind ("cpu" or "cuda")."""
         if not isinstance(t, torch.Tensor):
@@ -781,6 +862,8 @@ class Peer:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
+
+_BURST_BYTES = 32 << 20  # the engine poller's hold_bytes: larger copies are not held for a batch
 
 # Attempts after a failed engine write while the peer answers (one per pooled engine connection).
 _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))

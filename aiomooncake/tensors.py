@@ -147,7 +147,8 @@ def _cuda_allocation(ptr: int) -> Allocation:
 
 
 _streams: dict[tuple[int, int, int], Any] = {}
-_free_events: list[torch.cuda.Event] = []
+# Completed events per device: an event once recorded on one GPU's stream cannot record on another's.
+_free_events: dict[int, list[torch.cuda.Event]] = {}
 
 
 def current_stream(device_index: int) -> Any:
@@ -165,22 +166,36 @@ def current_stream(device_index: int) -> Any:
 def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
     """Mark the point on the caller's current stream after which ``t`` may be read or overwritten
     by the engine (None for CPU tensors). The event comes from a pool (creating one costs ~13 us on
-    its first record); hand it back with :func:`recycle` once it is complete and unused."""
+    its first record); hand it back with :func:`recycle` once nothing will wait on it any more."""
     idx = t.get_device()
     if idx < 0:
         return None
-    try:
-        ev = _free_events.pop()  # one atomic step: the torch backend calls this from user threads
-    except IndexError:
-        ev = torch.cuda.Event()
+    ev = pooled_event(idx)
     ev.record(current_stream(idx))
     return ev
 
 
+def pooled_event(idx: int) -> torch.cuda.Event:
+    """An event for device ``idx`` from the pool (or a new one); record it before use."""
+    pool = _free_events.get(idx)
+    if pool:
+        try:
+            return pool.pop()  # one atomic step: user threads (the torch backend) call this too
+        except IndexError:
+            pass
+    ev = torch.cuda.Event()
+    ev.pool_device = idx  # type: ignore[attr-defined]
+    return ev
+
+
 def recycle(ev: torch.cuda.Event | None) -> None:
-    """Return a completed event from :func:`record_ready` that nothing will wait on any more."""
-    if ev is not None and len(_free_events) < 1024:  # a batch_isend_irecv of 512 ops holds 512
-        _free_events.append(ev)
+    """Return an event from :func:`record_ready` or :func:`pooled_event` that nothing will wait
+    on any more. It need not be complete: recording it again leaves the waits already queued on
+    its earlier record untouched (CUDA semantics)."""
+    if ev is not None:
+        pool = _free_events.setdefault(ev.pool_device, [])  # type: ignore[attr-defined]
+        if len(pool) < 1024:  # a batch_isend_irecv of 512 ops holds 512
+            pool.append(ev)
 
 
 async def wait_event(ev: torch.cuda.Event | None) -> None:

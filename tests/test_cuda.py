@@ -149,9 +149,10 @@ async def test_freed_and_reallocated_between_sends(peer: aiomooncake.Peer) -> No
         aiomooncake.empty_cache()
 
 
-async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer) -> None:
+@pytest.mark.parametrize("nbytes", [4096, 32 * MiB])  # inline-sized (its producer is busy) and large
+async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer, nbytes: int) -> None:
     """A fill queued behind a long kernel on the caller's stream must be what goes out."""
-    x = torch.zeros(32 * MiB, dtype=torch.uint8, device="cuda")
+    x = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
     back = torch.empty_like(x)
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
@@ -166,11 +167,12 @@ async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer) -> None:
     assert waited > 0.01
 
 
-async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer) -> None:
+@pytest.mark.parametrize("nbytes", [4096, 16 * MiB])  # inline (copied in on the stream) and engine
+async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer, nbytes: int) -> None:
     """The write must not land before earlier work on the receiver's stream used the buffer, and
     work queued after the recv must see the new bytes."""
-    x = torch.full((16 * MiB,), 5, dtype=torch.uint8, device="cuda")
-    buf = torch.full((16 * MiB,), 1, dtype=torch.uint8, device="cuda")
+    x = torch.full((nbytes,), 5, dtype=torch.uint8, device="cuda")
+    buf = torch.full((nbytes,), 1, dtype=torch.uint8, device="cuda")
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
@@ -180,7 +182,48 @@ async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer) -> None:
         after = buf.to(torch.int64).sum()  # queued after the recv: must see the new bytes
     side.synchronize()
     assert int(before.max()) == 1, "the remote wrote before the receiver's earlier work was done"
-    assert int(after) == 5 * 16 * MiB
+    assert int(after) == 5 * nbytes
+
+
+async def test_small_ready_tensor_goes_inline(peer: aiomooncake.Peer) -> None:
+    """A small CUDA tensor whose producer is done travels in the frame (an EAGER message with its
+    bytes), and arrives intact."""
+    session = peer._session
+    inline: list[bool] = []
+    real = session.post_send
+
+    def spy(*args: object, **kwargs: object) -> object:
+        inline.append(args[5] is not None)  # the payload: given for an eager message
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+    session.post_send = spy  # type: ignore[method-assign, assignment]
+    x = torch.randint(0, 256, (4096,), dtype=torch.uint8, device="cuda")
+    back = torch.empty_like(x)
+    for _ in range(5):
+        torch.cuda.synchronize()  # the producer is done
+        await peer.send(x, tag=0)
+        await peer.recv(back, tag=0)
+        assert same_bytes(back, x)
+    assert inline == [True] * 5
+
+
+async def test_inline_send_does_not_overtake_a_waiting_one(peer: aiomooncake.Peer) -> None:
+    """Two sends on one tag: the first waits behind a 100 ms kernel (so it takes the rendezvous),
+    the second is ready (so it goes inline); they arrive in posting order."""
+    first = torch.zeros(4096, dtype=torch.uint8, device="cuda")
+    second = torch.full((4096,), 2, dtype=torch.uint8, device="cuda")
+    got = [torch.empty(4096, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        first.fill_(1)
+        s1 = asyncio.ensure_future(peer.send(first, tag=0))
+        await asyncio.sleep(0)  # posted
+    s2 = asyncio.ensure_future(peer.send(second, tag=0))
+    await asyncio.gather(s1, s2, peer.recv(got[0], tag=0), peer.recv(got[1], tag=0))
+    torch.cuda.synchronize()
+    assert int(got[0].min()) == 1 and int(got[0].max()) == 1, "the inline send overtook"
+    assert int(got[1].min()) == 2 and int(got[1].max()) == 2
 
 
 async def test_recv_tensor_on_gpu(peer: aiomooncake.Peer) -> None:
@@ -246,5 +289,7 @@ async def test_burst_of_mixed_sizes_both_ways() -> None:
     assert good == expected and int(theirs[0]) == expected
     requests = after.writes_submitted - before.writes_submitted + int(theirs[1])
     batches = after.batches_submitted - before.batches_submitted + int(theirs[2])
-    assert requests >= 2 * expected  # every message was copied by the engine, once at least
+    # every message above the inline size was copied by the engine, once at least
+    large = BURST_ROUNDS * sum(n > aiomooncake.Options().shm_eager_threshold for n in BURST_SIZES)
+    assert requests >= 2 * large
     assert batches >= 1, "no copies were submitted together"

@@ -10,11 +10,10 @@ on the internal tag ``HELLO_TAG``, names its rank, so the acceptor knows who cal
 as soon as the group exists and run in the background; an operation on a pair that is not connected
 yet waits in that pair's :class:`_Lane` and starts the moment it is.
 
-Ordering. The core matches messages per peer and tag in posting order, and posts an operation
-synchronously in the first step of the coroutine that sends or receives it. So operations must
-reach that first step in submission order: every one starts as a task created in submission order
-(tasks take their first step in creation order), either at once when its lane is open and empty, or
-when the lane opens, in the order they queued.
+Ordering. The core matches messages per peer and tag in posting order. Every operation is posted
+on its peer synchronously (``Peer._post_send`` / ``_post_recv``: no task per operation), in
+submission order: at once when its lane is open and empty, or when the lane opens, in the order
+they queued. The frames of one burst leave together at the end of the loop turn.
 
 Any-source receives. MPI semantics: a message goes to the earliest posted matching receive. An
 any-source receive waits until some peer holds an unexpected message with its tag and claims it by
@@ -27,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections import deque
@@ -37,10 +37,10 @@ import torch
 
 import aiomooncake
 from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
-from aiomooncake.tensors import recycle
+from aiomooncake.tensors import pooled_event, recycle
 
 from .errors import BackendError, InvalidArgument, OpTimeout
-from .ops import BARRIER, RECV, RECV_ANY, SEND, Op
+from .ops import BARRIER, RECV, RECV_ANY, SEND, Op, Posted
 
 log = logging.getLogger(__name__)
 
@@ -269,18 +269,39 @@ class Mesh:
         task.add_done_callback(lambda t: self._task_done(op, t))
 
     def _start_transfer(self, op: Op, peer: Peer) -> None:
-        self._start(op, self._transfer(op, peer))
-
-    async def _transfer(self, op: Op, peer: Peer) -> int:
+        """Post ``op`` on its peer now: no task per operation; the peer's future finishes it."""
         assert op.wire is not None
-        self._order_after_caller(op)
         if _trace.on:
             _trace.mark("mesh:transfer")
-        if op.kind == SEND:
-            await peer.send(op.wire, op.tag)
+        try:
+            self._order_after_caller(op)
+            peer._batch_frames(op.wire.nbytes)  # a burst's frames leave together
+            if op.kind == SEND:
+                posted: Posted = (peer, *peer._post_send(op.wire, op.tag))
+            else:
+                peer._check_recv_dest(op.wire)
+                posted = (peer, *peer._post_recv(op.wire, None, op.tag))
+        except BaseException as e:
+            self._finish(op, error=e)
+            return
+        op.posted = posted
+        posted[1].add_done_callback(functools.partial(self._posted_done, op))
+
+    def _posted_done(self, op: Op, fut: asyncio.Future[Any]) -> None:
+        if op.expired is not None:
+            return  # being withdrawn: _withdraw finishes it once its buffer is safe
+        if fut.cancelled():
+            self._finish(op, error=self._closed or BackendError(f"{op.describe()} was cancelled"))
+        elif fut.exception() is not None:
+            self._finish(op, error=fut.exception())
         else:
-            await peer.recv(op.wire, op.tag)
-        return op.peer
+            self._finish(op, result=op.peer)
+
+    async def _withdraw(self, op: Op, posted: Posted) -> None:
+        """Withdraw a posted receive and finish it only once no byte can land in its buffer."""
+        peer, _, pop, ctx = posted
+        await peer._cancel_recv(pop, ctx)
+        self._finish(op, error=op.expired)
 
     def _order_after_caller(self, op: Op) -> None:
         """CUDA: the bytes may be read (send) or overwritten (recv) only after the work the caller
@@ -308,11 +329,13 @@ class Mesh:
                 peer = lane.peer
                 assert peer is not None
                 if peer.probe(op.tag):
-                    # Release the receives queued behind this one first: their tasks take their first
-                    # step (and post) after this step, in which we post ours.
-                    self._seq_remove(op)
+                    # Post ours (which claims the message) before releasing the receives queued
+                    # behind this one: they post at once.
                     self._order_after_caller(op)
-                    await peer.recv(op.wire, op.tag)
+                    peer._check_recv_dest(op.wire)
+                    fut, pop, ctx = peer._post_recv(op.wire, None, op.tag)
+                    self._seq_remove(op)
+                    await peer._recv_posted(fut, pop, ctx)
                     return lane.rank
             await self._wait_arrival(op.tag)
 
@@ -401,9 +424,10 @@ class Mesh:
             return
         if op.ready_event is not None and op.kind != SEND and op.tensor is not None:
             try:
-                ev = torch.cuda.Event()
-                ev.record(loop_stream(op.tensor.device))
-                op.done_event = ev
+                dev = op.tensor.device
+                ev = pooled_event(dev.index if dev.index is not None else torch.cuda.current_device())
+                ev.record(loop_stream(dev))
+                op.done_event = ev  # back to the pool when the op dies (Op.__del__)
             except Exception as e:  # pragma: no cover - CUDA runtime failure
                 self._finish(op, error=e)
                 return
@@ -443,6 +467,19 @@ class Mesh:
         if op.task is not None:
             op.expired = err
             op.task.cancel()
+            return
+        posted = op.posted
+        if posted is not None:
+            peer, fut, pop, ctx = posted
+            if fut.done():
+                return  # it completed; its callback finishes it
+            op.expired = err
+            fut.cancel()
+            if op.kind == SEND:
+                peer._withdraw_send(pop, ctx)
+                self._finish(op, error=err)
+            else:
+                self._spawn_background(self._withdraw(op, posted))
             return
         if op.kind == SEND:
             self._send[op.peer].withdraw(op)

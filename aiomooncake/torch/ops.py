@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+from aiomooncake.tensors import recycle
+
+# (peer, future, the core's op, its context): what Peer._post_send / _post_recv gave
+Posted = tuple[Any, "asyncio.Future[Any]", Any, Any]
+
 SEND, RECV, RECV_ANY, BARRIER = "send", "recv", "recv from any source", "barrier"
 
 
@@ -34,6 +39,12 @@ class Op:
     timer: asyncio.TimerHandle | None = None
     expired: BaseException | None = None
     finished: asyncio.Future[int] | None = None
+    posted: Posted | None = None  # a transfer posted on its peer (future, core op, context)
+
+    def __del__(self) -> None:
+        # Nothing can wait on the done event of an op nobody holds: it may be recorded again.
+        if self.done_event is not None:
+            recycle(self.done_event)
 
     @property
     def device(self) -> torch.device | None:
@@ -54,4 +65,4 @@ class Op:
         return what
 
 
-__all__ = ["BARRIER", "RECV", "RECV_ANY", "SEND", "Op"]
+__all__ = ["BARRIER", "RECV", "RECV_ANY", "SEND", "Op", "Posted"]

@@ -44,8 +44,9 @@ class Connection(asyncio.Protocol):
         self.busy: BusyPoller | None = None
         self.ack_now = False  # the remote busy-polls: ACKs alone need not wait for a reply to ride on
         self._wbuf: list[Message] = []
+        self._turn_corked = False
         self._write_scheduled = False
-        self._corked = False  # while handling one read's frames: replies wait for the end of it
+        self._corks = 0  # while > 0 frames only queue: one read's replies, or a batch's posts
         self._loop = asyncio.get_event_loop()
         self.peername: str = "?"
         self.sockname: tuple[str, int] = ("", 0)
@@ -76,7 +77,7 @@ class Connection(asyncio.Protocol):
             self._protocol_error(e)
             return
         if len(msgs) > 1 and self.batch_replies:  # replies to one read leave together, in one syscall
-            self._corked = True
+            self._corks += 1
             hooks = self.burst_hooks
             if hooks is not None:
                 hooks[0]()
@@ -85,9 +86,7 @@ class Connection(asyncio.Protocol):
             finally:
                 if hooks is not None:
                     hooks[1]()  # the engine starts on the burst's copies before its replies go
-                self._corked = False
-                if self._wbuf and self._closed is None:
-                    self._policy(self._wbuf)
+                self._uncork()
         else:
             self._dispatch(msgs)
 
@@ -161,8 +160,28 @@ class Connection(asyncio.Protocol):
         self._wbuf.extend(msgs)
         if self.busy is not None and type(msgs[0]) not in _CONTROL:
             self.busy.kick()
-        if not self._corked:
+        if not self._corks:
             self._policy(msgs)
+
+    def cork_turn(self) -> None:
+        """Queue the frames sent from now until the end of this loop turn, then write them in one
+        go (a batch's posts: the remote then handles them in one read)."""
+        if self._turn_corked or self._closed is not None:
+            return
+        self._turn_corked = True
+        self._corks += 1
+        self._loop.call_soon(self.uncork_turn)
+
+    def uncork_turn(self) -> None:
+        """End :meth:`cork_turn` early: what is queued leaves now, and so does what follows."""
+        if self._turn_corked:
+            self._turn_corked = False
+            self._uncork()
+
+    def _uncork(self) -> None:
+        self._corks -= 1
+        if not self._corks and self._wbuf and self._closed is None:
+            self._policy(self._wbuf)
 
     def _policy(self, msgs: list[Message]) -> None:
         """Write the buffer now, or after a loop turn or two if ``msgs`` (the frames just added)

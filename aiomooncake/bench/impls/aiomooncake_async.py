@@ -3,7 +3,7 @@
 A send completes only once its bytes are in the receiver's tensor, so the sender's clock already
 includes the receiver's acknowledgement: no extra ack message is needed.
 stream: ``window`` concurrent sends (``asyncio.gather``) against ``window`` posted receives.
-eplb: every expert tensor of the batch sent and received concurrently (one gather per rank).
+eplb: every expert tensor of the batch sent and received in one ``Peer.batch()`` per rank.
 """
 
 from __future__ import annotations
@@ -76,8 +76,11 @@ def _prepare(ctx: RankContext, peer: aiomooncake.Peer, p: Point, dev: torch.devi
 
         async def eplb() -> float:
             t0 = time.perf_counter()
-            await asyncio.gather(*(peer.send(t, tag=100 + i) for i, t in enumerate(mine)),
-                                 *(peer.recv(t, tag=100 + i) for i, t in enumerate(theirs)))
+            async with peer.batch() as b:  # what an asyncio EPLB exchange would use
+                for i, t in enumerate(mine):
+                    b.send(t, tag=100 + i)
+                for i, t in enumerate(theirs):
+                    b.recv(t, tag=100 + i)
             return time.perf_counter() - t0
         return eplb
 

@@ -1,0 +1,136 @@
+"""``Peer.batch()``: many sends and receives on one peer, posted together and awaited together.
+
+What ``batch_isend_irecv`` is to torch, for asyncio callers (the EPLB expert exchange)::
+
+    async with peer.batch() as b:
+        for i, t in enumerate(outgoing):
+            b.send(t, tag=i)
+        for i, t in enumerate(incoming):
+            b.recv(t, tag=i)
+    # every operation has completed here
+
+Each call posts its operation at once, in call order, exactly as the matching ``send``/``recv``
+would (same tags, same order, same completion guarantees), but without a coroutine and a task per
+operation; and the control frames that the calls of one loop turn produce leave together, in one
+write, so the other side handles the whole batch in one read (a message above 32 MiB is announced
+at once: its copy outlasts parsing the rest). Leaving the block waits for all of
+them. Structured like a ``TaskGroup``: the first failure, a ``timeout``, an exception in the block
+or a cancellation withdraws every operation still pending, waits until none of them can touch its
+tensor any more, and then raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ConfigurationError, Timeout
+
+if TYPE_CHECKING:
+    from .core.session import RecvOp, SendOp
+    from .peer import Peer, _RecvCtx, _SendCtx
+
+
+class Batch:
+    """Operations on one :class:`~aiomooncake.Peer`; get one with :meth:`Peer.batch`."""
+
+    __slots__ = ("_done", "_peer", "_recvs", "_sends", "_timeout")
+
+    def __init__(self, peer: Peer, timeout: float | None = None) -> None:
+        self._peer = peer
+        self._timeout = timeout
+        self._sends: list[tuple[asyncio.Future[None], SendOp, _SendCtx]] = []
+        self._recvs: list[tuple[asyncio.Future[torch.Tensor], RecvOp, _RecvCtx]] = []
+        self._done = False
+
+    def send(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[None]:
+        """Post a send of ``tensor`` now; the future completes once its bytes are in the
+        receiver's tensor (as :meth:`Peer.send` returns)."""
+        self._check_open()
+        self._peer._batch_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
+        posted = self._peer._post_send(tensor, tag)
+        self._sends.append(posted)
+        return posted[0]
+
+    def recv(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[torch.Tensor]:
+        """Post a receive into ``tensor`` now (as :meth:`Peer.recv`); the future gives ``tensor``."""
+        self._check_open()
+        self._peer._check_recv_dest(tensor)
+        self._peer._batch_frames(tensor.nbytes)
+        return self._post_recv(tensor, None, tag)
+
+    def recv_tensor(self, tag: int = 0,
+                    device: torch.device | str | None = None) -> asyncio.Future[torch.Tensor]:
+        """Post a receive into a new tensor of the sender's shape and dtype (as
+        :meth:`Peer.recv_tensor`); the future gives that tensor."""
+        self._check_open()
+        self._peer._batch_frames(0)
+        return self._post_recv(None, torch.device(device) if device is not None else None, tag)
+
+    def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None,
+                   tag: int) -> asyncio.Future[torch.Tensor]:
+        posted = self._peer._post_recv(dest, device, tag)
+        self._recvs.append(posted)
+        return posted[0]
+
+    def __len__(self) -> int:
+        return len(self._sends) + len(self._recvs)
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise ConfigurationError("this batch has ended: post new operations in a new peer.batch()")
+
+    # ------------------------------------------------------------------ waiting
+    async def __aenter__(self) -> Batch:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            await self._abandon()
+            return
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Wait for every operation posted so far (what leaving the ``async with`` block does)."""
+        self._done = True
+        futs: list[asyncio.Future[Any]] = [p[0] for p in self._sends]
+        futs += [p[0] for p in self._recvs]
+        if not futs:
+            return
+        together = asyncio.gather(*futs)  # on futures: no task per operation
+        try:
+            if self._timeout is None:
+                await together
+            else:
+                await asyncio.wait_for(together, self._timeout)
+        except asyncio.TimeoutError:
+            await self._abandon()
+            raise Timeout(f"a batch of {len(futs)} operations with {self._peer.address} did not finish "
+                          f"within {self._timeout:g} s; the unfinished ones were withdrawn") from None
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        """Withdraw every operation still pending; return once none can touch its tensor."""
+        self._done = True
+        peer = self._peer
+        for fut, op, ctx in self._sends:
+            if not fut.done() or fut.cancelled():
+                fut.cancel()
+                peer._withdraw_send(op, ctx)
+        pending = []
+        for rfut, rop, rctx in self._recvs:
+            if not rfut.done() or rfut.cancelled():
+                rfut.cancel()
+                pending.append(peer._cancel_recv(rop, rctx))
+        if pending:
+            # shielded: the withdrawals go on even if this wait is cancelled again
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
+
+__all__ = ["Batch"]

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Paired A/B of this tree's GPU-path switches, the variants alternating in the same two
+processes (both on GPU 0, TE intra-node NVLink), so machine drift hits every variant alike.
+
+    source .device/env.sh && python3 scripts/gpu_ab.py [--rounds 5] [--experts 64]
+
+Variants (each both processes at once):
+- EPLB exchange (``--experts`` DeepSeek-V3 experts both ways, 4 tensors each): posted with
+  ``asyncio.gather`` of ``send``/``recv`` with small CUDA tensors inline off (``Peer.inline_cuda``
+  False) and on, and through ``Peer.batch()`` (inline on). Every received byte is checked once
+  per variant.
+- 4 KiB ping-pong round trip, inline off and on.
+- 16 x 100 MB streamed: ``gather`` of sends against ``Peer.batch()``.
+Prints per variant the median of each round and the median of those medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+import aiomooncake as am
+from aiomooncake.bench.common import eplb_tensors
+from aiomooncake.peer import Peer
+
+MB = 1_000_000
+
+
+def _fill(ts: list[torch.Tensor], side: int) -> None:
+    for i, t in enumerate(ts):
+        t.fill_((7 * i + 3 * side) % 251)
+
+
+def _good(ts: list[torch.Tensor], side: int) -> bool:
+    return all(bool((t == (7 * i + 3 * side) % 251).all()) for i, t in enumerate(ts))
+
+
+async def _rank(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
+    if rank == 0:
+        lst = await am.listen("127.0.0.1", port)
+        peer = await lst.accept()
+    else:
+        for _ in range(200):
+            try:
+                peer = await am.connect("127.0.0.1", port)
+                break
+            except am.PeerClosed:
+                await asyncio.sleep(0.05)
+    dev = torch.device("cuda", 0)
+    out = eplb_tensors(args.experts, 1.0, dev)
+    inn = [torch.empty_like(t) for t in out]
+    _fill(out, rank)
+    small_s = torch.ones(4096, dtype=torch.uint8, device=dev)
+    small_r = torch.empty_like(small_s)
+    big = torch.ones(100 * MB, dtype=torch.uint8, device=dev)
+    bigr = torch.empty_like(big)
+    torch.cuda.synchronize()
+
+    async def eplb_gather() -> float:
+        t = time.perf_counter()
+        await asyncio.gather(*(peer.send(x, tag=100 + i) for i, x in enumerate(out)),
+                             *(peer.recv(x, tag=100 + i) for i, x in enumerate(inn)))
+        return time.perf_counter() - t
+
+    async def eplb_batch() -> float:
+        t = time.perf_counter()
+        async with peer.batch() as b:
+            for i, x in enumerate(out):
+                b.send(x, tag=100 + i)
+            for i, x in enumerate(inn):
+                b.recv(x, tag=100 + i)
+        return time.perf_counter() - t
+
+    async def pingpong() -> float:
+        t = time.perf_counter()
+        if rank == 0:
+            await peer.send(small_s, tag=1)
+            await peer.recv(small_r, tag=2)
+        else:
+            await peer.recv(small_r, tag=1)
+            await peer.send(small_s, tag=2)
+        return time.perf_counter() - t
+
+    async def stream_gather() -> float:
+        t = time.perf_counter()
+        if rank == 0:
+            await asyncio.gather(*(peer.send(big, tag=3) for _ in range(16)))
+        else:
+            await asyncio.gather(*(peer.recv(bigr, tag=3) for _ in range(16)))
+        return time.perf_counter() - t
+
+    async def stream_batch() -> float:
+        t = time.perf_counter()
+        async with peer.batch() as b:
+            for _ in range(16):
+                if rank == 0:
+                    b.send(big, tag=3)
+                else:
+                    b.recv(bigr, tag=3)
+        return time.perf_counter() - t
+
+    eplb_bytes = 2 * sum(t.nbytes for t in out)
+    # name -> (iteration, inline_cuda, iterations per round, value of one iteration's seconds)
+    variants: dict[str, tuple[Callable[[], Awaitable[float]], bool, int, Callable[[float], float]]] = {
+        "eplb gather, inline off (GB/s)": (eplb_gather, False, 5, lambda s: eplb_bytes / s / 1e9),
+        "eplb gather, inline on (GB/s)": (eplb_gather, True, 5, lambda s: eplb_bytes / s / 1e9),
+        "eplb batch, inline on (GB/s)": (eplb_batch, True, 5, lambda s: eplb_bytes / s / 1e9),
+        "4 KiB round trip, inline off (us)": (pingpong, False, 200, lambda s: s * 1e6),
+        "4 KiB round trip, inline on (us)": (pingpong, True, 200, lambda s: s * 1e6),
+        "16 x 100 MB stream, gather (GB/s)": (stream_gather, True, 6, lambda s: 16 * big.nbytes / s / 1e9),
+        "16 x 100 MB stream, batch (GB/s)": (stream_batch, True, 6, lambda s: 16 * big.nbytes / s / 1e9),
+    }
+    res: dict[str, list[float]] = {k: [] for k in variants}
+    checked: dict[str, bool] = {}
+    for rnd in range(args.rounds + 1):  # round 0 warms up
+        for name, (fn, inline, iters, value) in variants.items():
+            Peer.inline_cuda = inline
+            if name.startswith("eplb") and name not in checked:
+                for t in inn:
+                    t.zero_()
+                torch.cuda.synchronize()
+            vals = [value(await fn()) for _ in range(iters)]
+            if name.startswith("eplb") and name not in checked:
+                torch.cuda.synchronize()
+                checked[name] = _good(inn, 1 - rank)
+            if rnd:
+                res[name].append(statistics.median(vals))
+    await peer.close()
+    if rank == 0:
+        await lst.close()
+        q.put((res, checked))
+
+
+def _main(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
+    am.run(_rank(rank, port, args, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--port", type=int, default=29517)
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_main, args=(r, args.port, args, q)) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    res, checked = q.get(timeout=600)
+    for p in ps:
+        p.join(60)
+    print(f"gpu_ab: {torch.cuda.get_device_name(0)}, {args.rounds} rounds, {args.experts} experts; "
+          "per variant: median of each round, then the median of those")
+    for name, vals in res.items():
+        ok = "" if name not in checked else ("  bytes ok" if checked[name] else "  BYTES WRONG")
+        print(f"  {name:36s} {statistics.median(vals):10.1f}   [{', '.join(f'{v:.1f}' for v in vals)}]{ok}")
+
+
+if __name__ == "__main__":
+    main()
