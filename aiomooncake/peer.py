@@ -60,6 +60,7 @@ from .errors import (
 from .options import Options
 from .shm import ShmEngine, ShmJob
 from .tensors import (
+    ReadyMark,
     byte_view,
     current_stream,
     dtype_from_name,
@@ -83,7 +84,7 @@ _ANY = RecvSpec()
 class _SendCtx:
     fut: asyncio.Future[None]
     src: torch.Tensor
-    ready: torch.cuda.Event | None
+    ready: ReadyMark | None
     stop: bool = False
     job: WriteJob | None = None
     retries: int = 0
@@ -95,7 +96,7 @@ class _RecvCtx:
     fut: asyncio.Future[torch.Tensor]
     dest: torch.Tensor | None  # what the caller gave (None for recv_tensor)
     device: torch.device | None  # recv_tensor's requested device
-    ready: torch.cuda.Event | None
+    ready: ReadyMark | None
     stream: Any = None  # the caller's current CUDA stream at post time
     work: torch.Tensor | None = None  # contiguous tensor the bytes land in
     region: tuple[Engine, Region] | None = None
@@ -110,7 +111,11 @@ class Peer:
 
     quarantine_s = 60.0  # how long memory a dead peer may still write into is held (see below)
     one_copier = True  # peers sharing one GPU let one of them run every copy (see __init__)
-    inline_cuda = True  # small CUDA tensors whose producer is done travel in the frame (see _post_send)
+    # Small CUDA tensors whose producer is done travel in the frame (see _post_send); None: unless
+    # the two peers share a GPU, where the host copies that costs in both processes measured slower
+    # than the one copier's engine copy (H200, scripts/gpu_ab.py: 4 KiB round trip 776 against
+    # 599 us, EPLB 93 against 124 GB/s).
+    inline_cuda: bool | None = None
 
     def __init__(self, conn: Connection, agreement: Agreement, options: Options) -> None:
         self._conn = conn
@@ -316,7 +321,8 @@ class Peer:
             payload = to_bytes(src) if ready is None else b""
             recycle(ready)
             ready = None
-        elif ready is not None and nbytes <= s.eager_threshold and self.inline_cuda and _settled(ready):
+        elif (ready is not None and nbytes <= s.eager_threshold and self._inline_cuda()
+              and _settled(ready)):
             ready = None
             payload = self._device_bytes(src)
         elif ready is None and self._pull is not None:
@@ -344,6 +350,9 @@ class Peer:
         op.context = ctx = _SendCtx(fut, src, ready, held=held)
         self._flush()
         return fut, op, ctx
+
+    def _inline_cuda(self) -> bool:
+        return self.inline_cuda if self.inline_cuda is not None else not (self._copier or self._offer_gpu)
 
     def _device_bytes(self, src: torch.Tensor) -> bytes:
         """The bytes of a small CUDA tensor whose producer is done: copied on our side stream (it
@@ -1039,7 +1048,7 @@ def quarantined_bytes() -> int:
     return sum(t[0].nbytes for _, _, t in _quarantine if t[0] is not None)
 
 
-def _settled(ev: torch.cuda.Event) -> bool:
+def _settled(ev: ReadyMark) -> bool:
     """Whether the caller's stream passed ``ev``; if so the event goes back to the pool (the
     caller drops its reference)."""
     if not ev.query():

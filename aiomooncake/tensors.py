@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -163,15 +163,50 @@ def current_stream(device_index: int) -> Any:
     return st
 
 
-def record_ready(t: torch.Tensor) -> torch.cuda.Event | None:
+class Settled:
+    """The mark of a stream that was idle when we looked: nothing queued before it to wait for.
+    Answers ``query()`` like a completed event; :func:`recycle` ignores it."""
+
+    __slots__ = ()
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+
+SETTLED = Settled()
+ReadyMark = Union[torch.cuda.Event, Settled]  # noqa: UP007 (a runtime alias)
+# Two processes on one GPU pay a context switch for every command either queues while the other
+# copies (an event record included): look at an idle stream instead of recording on it (a
+# cudaStreamQuery queues nothing). A switch for paired measurements (scripts/gpu_ab.py).
+skip_idle = True
+
+
+def record_ready(t: torch.Tensor) -> ReadyMark | None:
     """Mark the point on the caller's current stream after which ``t`` may be read or overwritten
-    by the engine (None for CPU tensors). The event comes from a pool (creating one costs ~13 us on
-    its first record); hand it back with :func:`recycle` once nothing will wait on it any more."""
+    by the engine (None for CPU tensors): :data:`SETTLED` if the stream is idle, else an event from
+    a pool (creating one costs ~13 us on its first record); hand it back with :func:`recycle` once
+    nothing will wait on it any more."""
     idx = t.get_device()
     if idx < 0:
         return None
+    st = current_stream(idx)
+    if skip_idle and st.query():
+        return SETTLED
     ev = pooled_event(idx)
-    ev.record(current_stream(idx))
+    ev.record(st)
+    return ev
+
+
+def stream_mark(stream: Any, idx: int) -> torch.cuda.Event | None:
+    """An event recorded on ``stream`` (of device ``idx``), or None if the stream is idle: then
+    nothing queued on it has to be waited for."""
+    if skip_idle and stream.query():
+        return None
+    ev = pooled_event(idx)
+    ev.record(stream)
     return ev
 
 
@@ -188,17 +223,17 @@ def pooled_event(idx: int) -> torch.cuda.Event:
     return ev
 
 
-def recycle(ev: torch.cuda.Event | None) -> None:
+def recycle(ev: ReadyMark | None) -> None:
     """Return an event from :func:`record_ready` or :func:`pooled_event` that nothing will wait
     on any more. It need not be complete: recording it again leaves the waits already queued on
     its earlier record untouched (CUDA semantics)."""
-    if ev is not None:
+    if ev is not None and not isinstance(ev, Settled):
         pool = _free_events.setdefault(ev.pool_device, [])  # type: ignore[attr-defined]
         if len(pool) < 1024:  # a batch_isend_irecv of 512 ops holds 512
             pool.append(ev)
 
 
-async def wait_event(ev: torch.cuda.Event | None) -> None:
+async def wait_event(ev: ReadyMark | None) -> None:
     """Wait for a CUDA event without blocking the loop or synchronizing the device."""
     if ev is None or ev.query():
         return

@@ -19,7 +19,9 @@ import aiomooncake.engine
 CTX = multiprocessing.get_context("spawn")
 
 
-def _echo(port_q: Any, opts: dict[str, Any]) -> None:
+def _echo(port_q: Any, opts: dict[str, Any], inline: bool | None) -> None:
+    aiomooncake.Peer.inline_cuda = inline
+
     async def serve(peer: aiomooncake.Peer, done: asyncio.Event) -> None:
         async with peer:
             while True:
@@ -92,8 +94,10 @@ class BurstRemote:
 
 
 class EchoRemote:
-    def __init__(self, **opts: Any) -> None:
-        self.proc, self.port = _start(_echo, opts)
+    """``inline``: the remote's ``Peer.inline_cuda`` (None: its default)."""
+
+    def __init__(self, inline: bool | None = None, **opts: Any) -> None:
+        self.proc, self.port = _start(_echo, opts, inline)
 
     def stop(self) -> None:
         _stop(self.proc)

@@ -38,16 +38,47 @@ async def peer(remote: object) -> AsyncIterator[aiomooncake.Peer]:
     await p.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_remote(remote: object) -> Iterator[None]:
-    yield
-    # tell the echo loop to finish (a fresh connection, the module is done)
+def _bye(remote: object) -> None:
+    """Tell an echo loop to finish (a fresh connection, the module is done)."""
     async def bye() -> None:
         p = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
         await p.send(torch.tensor([-1], dtype=torch.int64, device="cuda"), tag=0)
         await p.close()
     with contextlib.suppress(Exception):
         aiomooncake.run(bye())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_remote(remote: object) -> Iterator[None]:
+    yield
+    _bye(remote)
+
+
+@pytest.fixture(scope="module")
+def inline_remote() -> Iterator[object]:
+    """An echo remote that sends small ready CUDA tensors inline even though we share its GPU."""
+    from cuda_remote import EchoRemote
+
+    r = EchoRemote(inline=True)
+    yield r
+    _bye(r)
+    r.stop()
+
+
+@pytest.fixture
+async def inline_peer(inline_remote: object,
+                      monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[aiomooncake.Peer]:
+    """Both sides send small ready CUDA tensors inline (off by default between peers on one GPU)."""
+    monkeypatch.setattr(aiomooncake.Peer, "inline_cuda", True)
+    p = await aiomooncake.connect("127.0.0.1", inline_remote.port)  # type: ignore[attr-defined]
+    yield p
+    await p.close()
+
+
+@pytest.fixture(params=["engine", "inline"])
+def either_peer(request: pytest.FixtureRequest) -> aiomooncake.Peer:
+    """The test runs over both paths of a small CUDA tensor."""
+    return request.getfixturevalue("peer" if request.param == "engine" else "inline_peer")  # type: ignore[no-any-return]
 
 
 async def echo(peer: aiomooncake.Peer, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +181,7 @@ async def test_freed_and_reallocated_between_sends(peer: aiomooncake.Peer) -> No
 
 
 @pytest.mark.parametrize("nbytes", [4096, 32 * MiB])  # inline-sized (its producer is busy) and large
-async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer, nbytes: int) -> None:
+async def test_sender_waits_for_producer_stream(either_peer: aiomooncake.Peer, nbytes: int) -> None:
     """A fill queued behind a long kernel on the caller's stream must be what goes out."""
     x = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
     back = torch.empty_like(x)
@@ -160,15 +191,15 @@ async def test_sender_waits_for_producer_stream(peer: aiomooncake.Peer, nbytes: 
         torch.cuda._sleep(200_000_000)  # ~100+ ms of GPU time before the fill runs
         x.fill_(42)
         t0 = time.perf_counter()
-        await asyncio.gather(peer.send(x, tag=0), peer.recv(back, tag=0))
+        await asyncio.gather(either_peer.send(x, tag=0), either_peer.recv(back, tag=0))
         waited = time.perf_counter() - t0
     torch.cuda.synchronize()
     assert int(back.min()) == 42 and int(back.max()) == 42, "stale bytes went out"
     assert waited > 0.01
 
 
-@pytest.mark.parametrize("nbytes", [4096, 16 * MiB])  # inline (copied in on the stream) and engine
-async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer, nbytes: int) -> None:
+@pytest.mark.parametrize("nbytes", [4096, 16 * MiB])  # inline-sized (inline_peer: copied in) and large
+async def test_receiver_orders_with_its_streams(either_peer: aiomooncake.Peer, nbytes: int) -> None:
     """The write must not land before earlier work on the receiver's stream used the buffer, and
     work queued after the recv must see the new bytes."""
     x = torch.full((nbytes,), 5, dtype=torch.uint8, device="cuda")
@@ -178,16 +209,15 @@ async def test_receiver_orders_with_its_streams(peer: aiomooncake.Peer, nbytes: 
     with torch.cuda.stream(side):
         torch.cuda._sleep(200_000_000)
         before = buf.clone()  # queued behind the sleep: must still read the old bytes
-        await asyncio.gather(peer.send(x, tag=0), peer.recv(buf, tag=0))
+        await asyncio.gather(either_peer.send(x, tag=0), either_peer.recv(buf, tag=0))
         after = buf.to(torch.int64).sum()  # queued after the recv: must see the new bytes
     side.synchronize()
     assert int(before.max()) == 1, "the remote wrote before the receiver's earlier work was done"
     assert int(after) == 5 * nbytes
 
 
-async def test_small_ready_tensor_goes_inline(peer: aiomooncake.Peer) -> None:
-    """A small CUDA tensor whose producer is done travels in the frame (an EAGER message with its
-    bytes), and arrives intact."""
+def _spy_inline(peer: aiomooncake.Peer) -> list[bool]:
+    """Record, per send posted on ``peer``, whether it went inline (an EAGER frame with its bytes)."""
     session = peer._session
     inline: list[bool] = []
     real = session.post_send
@@ -196,6 +226,12 @@ async def test_small_ready_tensor_goes_inline(peer: aiomooncake.Peer) -> None:
         inline.append(args[5] is not None)  # the payload: given for an eager message
         return real(*args, **kwargs)  # type: ignore[arg-type]
     session.post_send = spy  # type: ignore[method-assign, assignment]
+    return inline
+
+
+async def _small_sends(peer: aiomooncake.Peer) -> list[bool]:
+    """Five 4 KiB echoes whose producer is done; whether each of our sends went inline."""
+    inline = _spy_inline(peer)
     x = torch.randint(0, 256, (4096,), dtype=torch.uint8, device="cuda")
     back = torch.empty_like(x)
     for _ in range(5):
@@ -203,12 +239,24 @@ async def test_small_ready_tensor_goes_inline(peer: aiomooncake.Peer) -> None:
         await peer.send(x, tag=0)
         await peer.recv(back, tag=0)
         assert same_bytes(back, x)
-    assert inline == [True] * 5
+    return inline
 
 
-async def test_inline_send_does_not_overtake_a_waiting_one(peer: aiomooncake.Peer) -> None:
+async def test_small_ready_tensor_goes_inline(inline_peer: aiomooncake.Peer) -> None:
+    """With inline sends on, a small CUDA tensor whose producer is done travels in the frame."""
+    assert await _small_sends(inline_peer) == [True] * 5
+
+
+async def test_small_tensor_takes_the_engine_between_peers_on_one_gpu(peer: aiomooncake.Peer) -> None:
+    """By default peers on one GPU send small tensors through the copier's engine copy (the host
+    copies of an inline send cost both processes GPU work: measured slower there)."""
+    assert await _small_sends(peer) == [False] * 5
+
+
+async def test_inline_send_does_not_overtake_a_waiting_one(inline_peer: aiomooncake.Peer) -> None:
     """Two sends on one tag: the first waits behind a 100 ms kernel (so it takes the rendezvous),
     the second is ready (so it goes inline); they arrive in posting order."""
+    peer = inline_peer
     first = torch.zeros(4096, dtype=torch.uint8, device="cuda")
     second = torch.full((4096,), 2, dtype=torch.uint8, device="cuda")
     got = [torch.empty(4096, dtype=torch.uint8, device="cuda") for _ in range(2)]

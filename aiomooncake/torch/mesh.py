@@ -37,7 +37,7 @@ import torch
 
 import aiomooncake
 from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
-from aiomooncake.tensors import pooled_event, recycle
+from aiomooncake.tensors import recycle, stream_mark
 
 from .errors import BackendError, InvalidArgument, OpTimeout
 from .ops import BARRIER, RECV, RECV_ANY, SEND, Op, Posted
@@ -425,9 +425,9 @@ class Mesh:
         if op.ready_event is not None and op.kind != SEND and op.tensor is not None:
             try:
                 dev = op.tensor.device
-                ev = pooled_event(dev.index if dev.index is not None else torch.cuda.current_device())
-                ev.record(loop_stream(dev))
-                op.done_event = ev  # back to the pool when the op dies (Op.__del__)
+                # None if our stream is idle: the bytes are in, nothing of ours is left to order
+                op.done_event = stream_mark(loop_stream(dev), dev.index if dev.index is not None
+                                            else torch.cuda.current_device())  # pooled: see Op.__del__
             except Exception as e:  # pragma: no cover - CUDA runtime failure
                 self._finish(op, error=e)
                 return
