@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ._version import __version__
+from .batch import Batch
 from .engine import empty_cache, register, unregister
 from .errors import (
     AiomooncakeError,
@@ -67,6 +68,7 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
 
 __all__ = [
     "AiomooncakeError",
+    "Batch",
     "ConfigurationError",
     "HandshakeError",
     "Listener",
