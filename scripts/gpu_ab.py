@@ -31,6 +31,7 @@ import torch
 import aiomooncake as am
 from aiomooncake import tensors
 from aiomooncake.bench.common import eplb_tensors
+from aiomooncake.bench.impls.aiomooncake_async import pingpong_once
 from aiomooncake.peer import Peer
 
 MB = 1_000_000
@@ -85,12 +86,7 @@ async def _rank(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
 
     async def pingpong() -> float:
         t = time.perf_counter()
-        if rank == 0:
-            await peer.send(small_s, tag=1)
-            await peer.recv(small_r, tag=2)
-        else:
-            await peer.recv(small_r, tag=1)
-            await peer.send(small_s, tag=2)
+        await pingpong_once(peer, rank == 0, small_s, small_r)
         return time.perf_counter() - t
 
     async def stream_gather() -> float:

@@ -66,6 +66,17 @@ async def _main(ctx: RankContext) -> None:
         await peer.close()
 
 
+async def pingpong_once(peer: aiomooncake.Peer, first: bool, s: torch.Tensor, r: torch.Tensor) -> None:
+    """One round trip: the first side sends ``s`` then receives into ``r`` (as the
+    torch.distributed impls do), the other the reverse."""
+    if first:
+        await peer.send(s, tag=1)
+        await peer.recv(r, tag=2)
+    else:
+        await peer.recv(r, tag=1)
+        await peer.send(s, tag=2)
+
+
 def _prepare(ctx: RankContext, peer: aiomooncake.Peer, p: Point, dev: torch.device) -> AsyncIteration:
     window = ctx.cfg.window
     first = ctx.rank == 0
@@ -89,12 +100,7 @@ def _prepare(ctx: RankContext, peer: aiomooncake.Peer, p: Point, dev: torch.devi
 
     async def pingpong() -> float:
         t0 = time.perf_counter()
-        if first:  # as the torch.distributed impls do: send, then recv
-            await peer.send(s, tag=1)
-            await peer.recv(r, tag=2)
-        else:
-            await peer.recv(r, tag=1)
-            await peer.send(s, tag=2)
+        await pingpong_once(peer, first, s, r)
         return time.perf_counter() - t0
 
     async def stream() -> float:
