@@ -141,6 +141,19 @@ async def _rank(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
             if rnd:
                 res[name].append(statistics.median(vals))
     _apply({})
+    if args.profile:
+        # where the CPU of each side goes in the default EPLB exchange (cProfile, both processes)
+        import cProfile
+        import io
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            await eplb_batch()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        q.put(("profile", rank, peer._copier, buf.getvalue()))
     await peer.close()
     if rank == 0:
         await lst.close()
@@ -205,6 +218,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--port", type=int, default=29517)
+    ap.add_argument("--profile", action="store_true", help="cProfile 5 EPLB batches in both processes")
     ap.add_argument("--no-torch", dest="torch", action="store_false",
                     help="skip the torch backend part")
     args = ap.parse_args()
@@ -213,7 +227,17 @@ def main() -> None:
     ps = [ctx.Process(target=_main, args=(r, args.port, args, q)) for r in (0, 1)]
     for p in ps:
         p.start()
-    res, checked = q.get(timeout=600)
+    res, checked = None, None
+    profiles = []
+    while res is None:
+        item = q.get(timeout=600)
+        if item[0] == "profile":
+            profiles.append(item)
+        else:
+            res, checked = item
+    if args.profile:
+        while len(profiles) < 2:
+            profiles.append(q.get(timeout=120))
     if args.torch:
         more, more_checked = q.get(timeout=600)
         res.update(more)
@@ -222,6 +246,9 @@ def main() -> None:
         p.join(60)
     print(f"gpu_ab: {torch.cuda.get_device_name(0)}, {args.rounds} rounds, {args.experts} experts; "
           "per variant: median of each round, then the median of those")
+    for _, rank, copier, text in sorted(profiles, key=lambda p: not p[2]):
+        print(f"--- profile of rank {rank} ({'the copier' if copier else 'not the copier'}), 5 EPLB batches")
+        print("\n".join(text.strip().splitlines()[:40]))
     for name, vals in res.items():
         ok = "" if name not in checked else ("  bytes ok" if checked[name] else "  BYTES WRONG")
         print(f"  {name:50s} {statistics.median(vals):10.1f}   [{', '.join(f'{v:.1f}' for v in vals)}]{ok}")
