@@ -46,7 +46,7 @@ from .core.session import (
     StopWriting,
     WriteRequested,
 )
-from .engine import Engine, WriteJob
+from .engine import HOLD_BYTES, Engine, WriteJob
 from .engine import poller as engine_poller
 from .errors import (
     AiomooncakeError,
@@ -373,9 +373,9 @@ class Peer:
         """Before posting one operation of a burst (``Peer.batch``, a ``batch_isend_irecv``): its
         frames wait for the end of this loop turn and leave with the rest of the burst, in one
         write; the remote then handles them in one read and submits their copies in shared engine
-        batches. A message above ``_BURST_BYTES`` is announced at once, with what is queued: its
+        batches. A message above ``HOLD_BYTES`` is announced at once, with what is queued: its
         copy outlasts the burst's parsing, and holding its RTS only idles the GPU."""
-        if nbytes <= _BURST_BYTES:
+        if nbytes <= HOLD_BYTES:
             self._conn.cork_turn()
         else:
             self._conn.uncork_turn()
@@ -600,8 +600,7 @@ class Peer:
         ctx.ready = None
         if data:
             with torch.cuda.stream(ctx.stream):
-                byte_view(ctx.work).copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                          non_blocking=True)
+                fill_from_bytes(ctx.work, data)
 
     async def _when_ready(self, op: RecvOp, ctx: _RecvCtx, then: Callable[[], None]) -> None:
         """Run ``then`` (accept or pull) once earlier work on the caller's stream, which may still
@@ -871,8 +870,6 @@ class Peer:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
 
-
-_BURST_BYTES = 32 << 20  # the engine poller's hold_bytes: larger copies are not held for a batch
 
 # Attempts after a failed engine write while the peer answers (one per pooled engine connection).
 _WRITE_RETRIES = max(4, int(os.environ.get("MC_TCP_LANES_PER_PEER", "4") or 4))

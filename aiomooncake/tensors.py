@@ -53,7 +53,8 @@ def to_bytes(t: torch.Tensor) -> bytes:
 
 
 def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
-    """Copy an eager payload into a contiguous destination (CPU: one memcpy)."""
+    """Copy an eager payload into a contiguous destination (CPU: one memcpy). CUDA: queued on the
+    current stream, without waiting for it; the driver stages the host bytes before returning."""
     if not data:
         return
     if dest.is_cpu:
@@ -62,7 +63,7 @@ def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
         ctypes.memmove(dest.data_ptr(), data, len(data))
         return
     src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    byte_view(dest).copy_(src)
+    byte_view(dest).copy_(src, non_blocking=True)
 
 
 @dataclass(frozen=True, slots=True)
