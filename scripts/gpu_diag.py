@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import mmap
 import multiprocessing as mp
 import os
@@ -73,7 +74,7 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
     big_out = [torch.full((100_000_000,), 3, dtype=torch.uint8, device="cuda") for _ in range(16)]
     big_in = [torch.empty(100_000_000, dtype=torch.uint8, device="cuda") for _ in range(16)]
     ab: dict[str, list[float]] = {}
-    for rnd in range(3):  # engine batches on (32) and off (1), alternating
+    for _rnd in range(3):  # engine batches on (32) and off (1), alternating
         for mg in (32, 1):
             rts = []
             for _ in range(60):  # 7 KB round trips (one frame per read: nothing to batch)
@@ -87,7 +88,7 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
             ab.setdefault(f"eplb {PROF_EXPERTS} GB/s max_group={mg}", []).append(
                 round(2 * sum(x.nbytes for x in out) / statistics.median(ts[1:]) / 1e9))
             ts = []
-            for it in range(5):
+            for _ in range(5):
                 t = time.perf_counter()
                 if who == "srv":
                     await asyncio.gather(*(peer.send(x, tag=90) for x in big_out))
@@ -138,7 +139,8 @@ async def _prof_eplb(peer: Peer, rq: Any, who: str, full: bool = True) -> None:
         summ: dict[str, list[float]] = {}
         for nm, x in marks:
             summ.setdefault(nm, []).append((x - t) * 1e3)
-        rq.put((f"EPTRACE {who} #{it} iteration {(t_end - t) * 1e3:.1f} ms; mark: count first median last (ms)",
+        rq.put((f"EPTRACE {who} #{it} iteration {(t_end - t) * 1e3:.1f} ms;"
+                " mark: count first median last (ms)",
                 {k: (len(v), round(v[0], 2), round(statistics.median(v), 2), round(v[-1], 2))
                  for k, v in summ.items()}))
     _trace.on = False
@@ -164,7 +166,7 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
             for variant in ("fresh", "reuse"):
                 means = []
                 side0 = torch.cuda.Stream()
-                for i in range(6):
+                for _ in range(6):
                     side = torch.cuda.Stream() if variant == "fresh" else side0
                     buf = torch.empty(8 * MiB // 4, device="cuda")
                     with torch.cuda.stream(side):
@@ -175,7 +177,7 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
                 rq.put((f"order[{variant}] receiver means (want 1..6)", means))
             # eager-size cuda and a no-sleep control
             means = []
-            for i in range(4):
+            for _ in range(4):
                 buf = torch.empty(8 * MiB // 4, device="cuda")
                 await peer.recv(buf, tag=98)
                 means.append(round(float(buf.mean().item()), 3))
@@ -183,7 +185,7 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
         if "order2" in parts:
             for variant in ORDER2:
                 rows = []
-                for i in range(6):
+                for _ in range(6):
                     side = torch.cuda.Stream()
                     buf = torch.empty(8 * MiB // 4, device="cuda")
                     if variant == "recv-default":
@@ -203,7 +205,7 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
             for variant in ("gather", "preposted", "w1"):
                 _trace.take()
                 iters = 8
-                for it in range(iters):
+                for _it in range(iters):
                     if variant == "w1":
                         for b in bufs[:4]:
                             await peer.recv(b, tag=7)
@@ -223,15 +225,15 @@ def server(portq: Any, rq: Any, parts: list[str]) -> None:
             ep_out = eplb_tensors(EP_EXPERTS, 1.0, torch.device("cuda"))
             ep_in = [torch.empty_like(x) for x in ep_out]
             rq.put(("receiver elected", peer._copier, peer._offer_gpu))
-            for rnd in range(3):
+            for _rnd in range(3):
                 for name in CONFIGS:
                     _configure(name, peer)
-                    for it in range(6):
+                    for _it in range(6):
                         await asyncio.gather(*(peer.recv(b, tag=60) for b in bufs))
                     for _ in range(120):
                         await peer.recv(small, tag=61)
                         await peer.send(small, tag=62)
-                    for it in range(6):
+                    for _it in range(6):
                         await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
                                              *(peer.recv(x, tag=63) for x in ex_in))
                     for _ in range(5):
@@ -319,7 +321,7 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             for variant in ("gather", "preposted", "w1"):
                 _trace.take()
                 times = []
-                for it in range(8):
+                for _it in range(8):
                     if variant == "preposted":
                         await asyncio.sleep(0.005)  # the receiver's 16 recvs are posted by now
                     t = time.perf_counter()
@@ -353,11 +355,11 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
             torch.cuda.synchronize()
             rq.put(("sender elected", peer._copier, peer._offer_gpu))
             res: dict[str, list[float]] = {}
-            for rnd in range(3):
+            for _rnd in range(3):
                 for name in CONFIGS:
                     _configure(name, peer)
                     ts = []
-                    for it in range(6):
+                    for _it in range(6):
                         t = time.perf_counter()
                         await asyncio.gather(*(peer.send(s, tag=60) for s in srcs))
                         ts.append(time.perf_counter() - t)
@@ -368,7 +370,7 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         await peer.recv(small, tag=62)
                         rts.append(time.perf_counter() - t)
                     xs = []
-                    for it in range(6):
+                    for _it in range(6):
                         t = time.perf_counter()
                         await asyncio.gather(*(peer.send(x, tag=63) for x in ex_out),
                                              *(peer.recv(x, tag=63) for x in ex_in))
@@ -376,7 +378,8 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                     eps = [await _exchange(peer, ep_out, ep_in) for _ in range(5)]
                     res.setdefault(f"{name} eplb {EP_EXPERTS} experts both ways GB/s", []).append(
                         round(2 * sum(x.nbytes for x in ep_out) / statistics.median(eps[1:]) / 1e9))
-                    res.setdefault(name + " GB/s", []).append(round(win * n / statistics.median(ts[1:]) / 1e9))
+                    res.setdefault(name + " GB/s", []).append(
+                        round(win * n / statistics.median(ts[1:]) / 1e9))
                     res.setdefault(name + " 4K rtt us", []).append(round(statistics.median(rts[20:]) * 1e6))
                     res.setdefault(name + " exchange 8x44MB each way GB/s", []).append(
                         round(2 * 8 * 44e6 / statistics.median(xs[1:]) / 1e9))
@@ -409,8 +412,9 @@ def client(port: int, rq: Any, parts: list[str]) -> None:
                         while eng._check(b) == 0:
                             pass
                         seen.append(time.perf_counter() - t)
-                    res[f"burst {'read' if rd else 'write'} #{rep} submits us"] = [round(x * 1e6) for x in subs]
-                    res[f"burst {'read' if rd else 'write'} #{rep} done us"] = [round(x * 1e6) for x in seen]
+                    what = f"burst {'read' if rd else 'write'} #{rep}"
+                    res[f"{what} submits us"] = [round(x * 1e6) for x in subs]
+                    res[f"{what} done us"] = [round(x * 1e6) for x in seen]
             for n in (64, 4096, 1 << 20, 100_000_000):
                 ts = []
                 for _ in range(300):
@@ -486,13 +490,13 @@ def micro(rq: Any) -> None:
     }
     try:
         from cuda.bindings import runtime as rt
-        err, e2 = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
+        _err, e2 = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
         raw = torch._C._cuda_getCurrentRawStream(0)
         out["cudart.cudaEventRecord"] = per_call(lambda: rt.cudaEventRecord(e2, raw))
         out["cudart.cudaEventQuery"] = per_call(lambda: rt.cudaEventQuery(e2))
         out["cudart.cudaEventCreate+Destroy"] = per_call(
             lambda: rt.cudaEventDestroy(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)[1]))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["cudart"] = repr(e)
     rq.put(("micro us/call", out))
 
@@ -517,8 +521,9 @@ def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
                             rank=rank, world_size=2)
     n, win = 100_000_000, 16
     bufs = [torch.full((n,), 3 if rank == 0 else 0, dtype=torch.uint8, device="cuda") for _ in range(win)]
-    small_out = [torch.ones(2_000_000 if i % 2 else 7168, dtype=torch.uint8, device="cuda") for i in range(32)]
-    small_in = [torch.empty(2_000_000 if i % 2 else 7168, dtype=torch.uint8, device="cuda") for i in range(32)]
+    small_sizes = [2_000_000 if i % 2 else 7168 for i in range(32)]
+    small_out = [torch.ones(k, dtype=torch.uint8, device="cuda") for k in small_sizes]
+    small_in = [torch.empty(k, dtype=torch.uint8, device="cuda") for k in small_sizes]
     torch.cuda.synchronize()
     times = []
     for it in range(10):
@@ -543,7 +548,7 @@ def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
                     out.append((nm, us, us, 1))
             rq.put((f"torch rank {rank} trace (name, first us, last us, count)", out))
     ops = []
-    for it in range(8):
+    for _ in range(8):
         dist.barrier()
         t = time.perf_counter()
         p2p = [dist.P2POp(dist.isend, x, 1 - rank, tag=8) for x in small_out]
@@ -553,7 +558,7 @@ def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
         ops.append(time.perf_counter() - t)
     rts = []
     one = torch.ones(1024, device="cuda")
-    for it in range(60):
+    for _ in range(60):
         t = time.perf_counter()
         if rank == 0:
             dist.send(one, 1)
@@ -563,7 +568,8 @@ def torch_run(rank: int, port: int, rq: Any, gap: float, trace: bool) -> None:
             dist.send(one, 0)
         rts.append(time.perf_counter() - t)
     if rank == 0:
-        rq.put((f"burst gap {gap * 1e6:.0f} us: 16x100MB GB/s", round(win * n / statistics.median(times[2:]) / 1e9),
+        rq.put((f"burst gap {gap * 1e6:.0f} us: 16x100MB GB/s",
+                round(win * n / statistics.median(times[2:]) / 1e9),
                 "exchange 2x32 tensors ms", round(statistics.median(ops[2:]) * 1e3, 2),
                 "4K send+recv rtt us", round(statistics.median(rts[10:]) * 1e6)))
     if rank == 1:
@@ -613,7 +619,8 @@ def torch_eplb(rank: int, port: int, rq: Any) -> None:
             summ: dict[str, list[float]] = {}
             for nm, x in _trace.take():
                 summ.setdefault(nm, []).append((x - t) * 1e3)
-            rq.put((f"TEPLB rank {rank} traced batch {(t2 - t) * 1e3:.1f} ms (posted by {(t1 - t) * 1e3:.1f});"
+            rq.put((f"TEPLB rank {rank} traced batch {(t2 - t) * 1e3:.1f} ms"
+                    f" (posted by {(t1 - t) * 1e3:.1f});"
                     " mark: count first median last (ms)",
                     {k: (len(v), round(v[0], 2), round(statistics.median(v), 2), round(v[-1], 2))
                      for k, v in summ.items()}))
@@ -622,7 +629,7 @@ def torch_eplb(rank: int, port: int, rq: Any) -> None:
     for _ in range(2):
         batch()
     res: dict[str, list[Any]] = {}
-    for rnd in range(3):
+    for _rnd in range(3):
         for name, (rec, rcy) in variants.items():
             tb.record_ready, tm.recycle = rec, rcy
             got = [batch() for _ in range(4)]
@@ -643,7 +650,7 @@ def timeline(rq_items: dict[str, Any], variant: str) -> None:
     allm = sorted([("C " + n, t) for n, t in c[0]] + [("S " + n, t) for n, t in s[0]], key=lambda m: m[1])
     # split into iterations at each first send:post after a gap
     posts = [t for n, t in allm if n == "C send:post"]
-    starts = [posts[0]] + [b for a, b in zip(posts, posts[1:]) if b - a > 0.0005]
+    starts = [posts[0]] + [b for a, b in itertools.pairwise(posts) if b - a > 0.0005]
     for k, t0 in enumerate(starts[1:4], 1):
         t1 = starts[k + 1] if k + 1 < len(starts) else float("inf")
         seg = [(n, t) for n, t in allm if t0 - 0.002 <= t < t1]

@@ -2,6 +2,7 @@
 does one ``batch_transfer_async_write`` of many requests work, what does it cost against single
 submits, and which completion calls are safe on a multi-request batch. Prints step by step (a
 crash shows where)."""
+
 from __future__ import annotations
 
 import faulthandler
@@ -43,14 +44,21 @@ mode = sys.argv[1] if len(sys.argv) > 1 else "all"
 
 def ok() -> bool:
     torch.cuda.synchronize()
-    return all(torch.equal(src[x:x + n], dst[x:x + n]) for x, n in zip(offs, sizes))
+    return all(torch.equal(src[x : x + n], dst[x : x + n]) for x, n in zip(offs, sizes, strict=False))
 
 
 b = te.batch_transfer_async_write(seg, [S + x for x in offs], [D + x for x in offs], sizes)
 say("batch submitted", b)
 t0 = time.perf_counter()
 rc = te.get_batch_transfer_status([b])
-say("get_batch_transfer_status alone ->", rc, "us", round((time.perf_counter() - t0) * 1e6, 1), "bytes ok", ok())
+say(
+    "get_batch_transfer_status alone ->",
+    rc,
+    "us",
+    round((time.perf_counter() - t0) * 1e6, 1),
+    "bytes ok",
+    ok(),
+)
 dst.zero_()
 torch.cuda.synchronize()
 b = te.batch_transfer_async_write(seg, [S + x for x in offs], [D + x for x in offs], sizes)
@@ -64,7 +72,7 @@ if mode == "all":
     say("  ->", rc)
 # timing: one batch of N against N singles (submit cost, all done)
 res: dict[str, list[float]] = {}
-for rep in range(30):
+for _rep in range(30):
     dst.zero_()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -77,7 +85,7 @@ for rep in range(30):
     res.setdefault("batch all done", []).append(t2 - t)
     ids = []
     t = time.perf_counter()
-    for x, n in zip(offs, sizes):
+    for x, n in zip(offs, sizes, strict=False):
         ids.append(te.transfer_submit_write(seg, S + x, D + x, n))
     t1 = time.perf_counter()
     for i in ids:
@@ -107,8 +115,9 @@ small = [(S + x, D + x, 3584) for x in offs[:8]]
 for label, rounds in (("warm-up", 2000), ("batches of 8, status read once", 20000)):
     r0 = rss_kib()
     for _ in range(rounds):
-        b = te.batch_transfer_async_write(seg, [a for a, _, _ in small], [d for _, d, _ in small],
-                                          [n for _, _, n in small])
+        b = te.batch_transfer_async_write(
+            seg, [a for a, _, _ in small], [d for _, d, _ in small], [n for _, _, n in small]
+        )
         while te.transfer_check_status(b) == 0:
             pass
     say(f"{label}: {rounds} batches, RSS {r0} -> {rss_kib()} KiB")

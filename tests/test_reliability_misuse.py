@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import wait_until
 
 import aiomooncake
 from aiomooncake import peer as peer_mod
@@ -215,9 +216,8 @@ async def test_operations_on_a_closed_peer_fail_at_once(pair: Pair) -> None:
                a.recv(torch.empty(4), 1), a.recv_tensor(1)):
         with pytest.raises(aiomooncake.PeerClosed, match="closed"):
             await asyncio.wait_for(op, 1)
-    # the other side learns it too, for new operations and at once
-    await asyncio.sleep(0.05)
-    assert b.closed
+    # the other side learns it too (as soon as the BYE is read), and fails new operations at once
+    assert await wait_until(lambda: b.closed, 10), "the remote never learnt of the close"
     with pytest.raises(aiomooncake.PeerClosed):
         await asyncio.wait_for(b.send(torch.ones(SMALL), 1), 1)
     with pytest.raises(aiomooncake.PeerClosed):
