@@ -44,6 +44,10 @@ class Options:
         $AIOMOONCAKE_HOST_TRANSPORT) is "shm" where possible unless ``transport`` forces tcp/rdma.
     max_handshakes: connections a listener lets handshake at once; further ones are closed at once
         (a flood of connections that never finish the handshake cannot pile up without bound).
+    hold_acks: towards a remote that sleeps (``busy_poll=0``), an ACK alone waits up to two loop
+        turns for the reply it can ride with, so the remote wakes once per round trip. False sends
+        it at once: the torch backend's choice, whose replies come from another thread long after
+        two turns, while a held ACK can lose the GIL to that thread for milliseconds.
     """
 
     transport: str = "auto"
@@ -61,6 +65,7 @@ class Options:
     secret: str | None = None
     host_transport: str = "auto"
     max_handshakes: int = 64
+    hold_acks: bool = True
 
     def __post_init__(self) -> None:
         if self.transport not in _TRANSPORTS:

@@ -160,7 +160,7 @@ class Peer:
         _prune_quarantine()
         self._busy = conn.busy = BusyPoller.for_loop(options.busy_poll)
         remote_busy = agreement.remote.get("busy_poll")  # absent from older peers: assume sleeping
-        conn.ack_now = isinstance(remote_busy, (int, float)) and remote_busy > 0
+        conn.ack_now = not options.hold_acks or (isinstance(remote_busy, (int, float)) and remote_busy > 0)
         if any(e.in_order for e in self._engines.values()):
             # The copies that the RTS and CTS frames of one socket read start go to the engine in
             # batches: on the NVLink transport about half the cost per request of lone submits.

@@ -205,3 +205,29 @@ async def test_replies_to_one_read_leave_in_one_write() -> None:
         assert len(rec.calls) == 4  # one write per reply without the batching
     finally:
         Connection.batch_replies = True
+
+
+async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> None:
+    """Towards a sleeping remote an ACK alone is held two loop turns (a reply sent meanwhile takes
+    it along in one write); with ``ack_now`` (a busy-polling remote, or ``hold_acks=False``) it
+    leaves at once."""
+    import asyncio
+
+    from aiomooncake.transport.connection import Connection
+
+    conn = Connection(CAP)
+    rec = _Recorder()
+    conn.connection_made(rec)  # type: ignore[arg-type]
+    conn.send(m.Ack(1))
+    await asyncio.sleep(0)
+    assert rec.calls == [], "an ACK alone left before two loop turns"
+    conn.send(m.Eager(2, 0, "uint8", (1,), b"x"))  # the reply: goes now, with the held ACK
+    assert len(rec.calls) == 1
+    assert FrameDecoder(CAP).feed(rec.calls[0]) == [m.Ack(1), m.Eager(2, 0, "uint8", (1,), b"x")]
+    conn.send(m.Ack(3))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(rec.calls) == 2, "a held ACK never left"
+    conn.ack_now = True
+    conn.send(m.Ack(4))
+    assert len(rec.calls) == 3 and FrameDecoder(CAP).feed(rec.calls[2]) == [m.Ack(4)]

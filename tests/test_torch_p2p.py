@@ -272,3 +272,17 @@ def test_batch_isend_irecv_wakes_the_loop_once() -> None:
     for rank in (0, 1):
         assert res[rank]["calls"] == {"later": 7, "now": 1}
         assert res[rank]["got"] == [float((1 - rank) * 10 + i) for i in range(4)]
+
+
+def test_group_defaults_send_acks_at_once() -> None:
+    """The group's peers ACK at once unless the user's options say otherwise (docs/torch.md)."""
+    import aiomooncake
+    from aiomooncake.torch.backend import resolve_options
+
+    assert aiomooncake.Options().hold_acks
+    opts, host = resolve_options(None)
+    assert not opts.hold_acks and opts.busy_poll == 0 and host is None
+    opts, host = resolve_options({"window": 8, "host": "127.0.0.1"})
+    assert not opts.hold_acks and opts.window == 8 and host == "127.0.0.1"
+    opts, _ = resolve_options({"hold_acks": True})
+    assert opts.hold_acks
