@@ -53,8 +53,10 @@ _TAG_MAX = 2**31 - 1  # c10d passes tags as C int
 # shares the GIL with the threads calling isend/wait, and a loop that spins after every message keeps
 # taking the GIL back from them (each handoff then waits for Python's switch interval). ACKs leave
 # at once: the reply they could wait for comes from another thread, and the caller thread posting
-# its next batch can keep the loop thread from writing a held one for milliseconds (on the 2-core
-# VM, 512-op batches of 7 KiB, held against at once in the same processes: 0.92-0.97x the time).
+# its next batch can keep the loop thread from writing a held one for milliseconds. On the 2-core
+# VM (scripts/ab_torch_acks.py, at once / held in the same processes): 512-op batches of 7 KiB
+# 0.84-0.97x the time (median of six runs' medians 0.93x), 8 B round trips 0.75-1.30x (median 0.89x
+# of three).
 DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0, busy_poll=0.0, hold_acks=False)
 
 
