@@ -193,12 +193,8 @@ def record_ready(t: torch.Tensor) -> ReadyMark | None:
     idx = t.get_device()
     if idx < 0:
         return None
-    st = current_stream(idx)
-    if skip_idle and st.query():
-        return SETTLED
-    ev = pooled_event(idx)
-    ev.record(st)
-    return ev
+    ev = stream_mark(current_stream(idx), idx)
+    return SETTLED if ev is None else ev
 
 
 def stream_mark(stream: Any, idx: int) -> torch.cuda.Event | None:

@@ -3,6 +3,7 @@ ProtocolError before it can make us buffer more than the cap."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import msgpack
@@ -211,8 +212,6 @@ async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> No
     """Towards a sleeping remote an ACK alone is held two loop turns (a reply sent meanwhile takes
     it along in one write); with ``ack_now`` (a busy-polling remote, or ``hold_acks=False``) it
     leaves at once."""
-    import asyncio
-
     from aiomooncake.transport.connection import Connection
 
     conn = Connection(CAP)

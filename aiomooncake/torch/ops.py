@@ -39,7 +39,7 @@ class Op:
     timer: asyncio.TimerHandle | None = None
     expired: BaseException | None = None
     finished: asyncio.Future[int] | None = None
-    posted: Posted | None = None  # a transfer posted on its peer (future, core op, context)
+    posted: Posted | None = None  # a transfer posted on its peer (peer, future, core op, context)
 
     def __del__(self) -> None:
         # Nothing can wait on the done event of an op nobody holds: it may be recorded again.

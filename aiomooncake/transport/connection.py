@@ -42,7 +42,8 @@ class Connection(asyncio.Protocol):
         self._heartbeat: asyncio.Task[None] | None = None
         self._paused: asyncio.Future[None] | None = None
         self.busy: BusyPoller | None = None
-        self.ack_now = False  # the remote busy-polls: ACKs alone need not wait for a reply to ride on
+        # ACKs alone need not wait for a reply to ride on: the remote busy-polls, or hold_acks=False
+        self.ack_now = False
         self._wbuf: list[Message] = []
         self._turn_corked = False
         self._write_scheduled = False
