@@ -167,6 +167,8 @@ class Peer:
             p = engine_poller()
             conn.burst_hooks = (p.hold, p.release)
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout)
+        log.info("connected to %s: data plane %s", conn.peername,
+                 ", ".join(f"{k} tensors {v}" for k, v in self.data_paths.items()))
 
     # ================================================================ public
     @property
@@ -178,6 +180,23 @@ class Peer:
     def transports(self) -> dict[str, str]:
         """The transport of each data-plane link, e.g. ``{"cpu": "tcp", "cuda": "nvlink"}``."""
         return {name: link.transport for name, link in self._links.items()}
+
+    @property
+    def data_paths(self) -> dict[str, str]:
+        """The data plane of each kind of memory, e.g. ``{"cpu": "shm", "cuda": "te:nvlink"}``:
+        ``"shm"`` (same-host kernel copy), ``"te:tcp"``, ``"te:rdma"``, ``"te:nvlink"`` (the Transfer
+        Engine and its transport)."""
+        return {name: _plane_name(link.transport) for name, link in self._links.items()}
+
+    @property
+    def data_path(self) -> str:
+        """The data plane this peer's tensors take: that of CUDA tensors when both sides can
+        exchange them directly, else that of CPU tensors (see :attr:`data_paths`)."""
+        paths = self.data_paths
+        cuda = self._links.get("cuda")
+        if cuda is not None and cuda.transport == "nvlink":
+            return paths["cuda"]
+        return paths["cpu"]
 
     @property
     def closed(self) -> bool:
@@ -1038,6 +1057,10 @@ def _prune_quarantine() -> None:
         _quarantine.remove(entry)
         eng, region = entry[1]
         eng.release(region)
+
+
+def _plane_name(transport: str) -> str:
+    return transport if transport == "shm" else f"te:{transport}"
 
 
 def quarantined_bytes() -> int:
