@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 from ._version import __version__
 from .batch import Batch
-from .engine import empty_cache, register, unregister
 from .errors import (
     AiomooncakeError,
     ConfigurationError,
@@ -28,7 +27,8 @@ from .errors import (
 )
 from .listener import Listener, connect, listen
 from .options import Options
-from .peer import Peer
+from .peer import Peer, PendingRecv, PendingSend
+from .planes import empty_cache, register, unregister
 
 T = TypeVar("T")
 
@@ -76,6 +76,8 @@ __all__ = [
     "Options",
     "Peer",
     "PeerClosed",
+    "PendingRecv",
+    "PendingSend",
     "ProtocolError",
     "Timeout",
     "TransferCancelled",

@@ -30,8 +30,7 @@ import torch
 from .errors import ConfigurationError, Timeout
 
 if TYPE_CHECKING:
-    from .core.session import RecvOp, SendOp
-    from .peer import Peer, _RecvCtx, _SendCtx
+    from .peer import Peer, PendingRecv, PendingSend
 
 
 class Batch:
@@ -42,39 +41,33 @@ class Batch:
     def __init__(self, peer: Peer, timeout: float | None = None) -> None:
         self._peer = peer
         self._timeout = timeout
-        self._sends: list[tuple[asyncio.Future[None], SendOp, _SendCtx]] = []
-        self._recvs: list[tuple[asyncio.Future[torch.Tensor], RecvOp, _RecvCtx]] = []
+        self._sends: list[PendingSend] = []
+        self._recvs: list[PendingRecv] = []
         self._done = False
 
     def send(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[None]:
         """Post a send of ``tensor`` now; the future completes once its bytes are in the
         receiver's tensor (as :meth:`Peer.send` returns)."""
         self._check_open()
-        self._peer._batch_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
-        posted = self._peer._post_send(tensor, tag)
+        posted = self._peer.post_send(tensor, tag, burst=True)
         self._sends.append(posted)
-        return posted[0]
+        return posted.future
 
     def recv(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[torch.Tensor]:
         """Post a receive into ``tensor`` now (as :meth:`Peer.recv`); the future gives ``tensor``."""
         self._check_open()
-        self._peer._check_recv_dest(tensor)
-        self._peer._batch_frames(tensor.nbytes)
-        return self._post_recv(tensor, None, tag)
+        posted = self._peer.post_recv(tensor, tag, burst=True)
+        self._recvs.append(posted)
+        return posted.future
 
     def recv_tensor(self, tag: int = 0,
                     device: torch.device | str | None = None) -> asyncio.Future[torch.Tensor]:
         """Post a receive into a new tensor of the sender's shape and dtype (as
         :meth:`Peer.recv_tensor`); the future gives that tensor."""
         self._check_open()
-        self._peer._batch_frames(0)
-        return self._post_recv(None, torch.device(device) if device is not None else None, tag)
-
-    def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None,
-                   tag: int) -> asyncio.Future[torch.Tensor]:
-        posted = self._peer._post_recv(dest, device, tag)
+        posted = self._peer.post_recv_tensor(tag, device, burst=True)
         self._recvs.append(posted)
-        return posted[0]
+        return posted.future
 
     def __len__(self) -> int:
         return len(self._sends) + len(self._recvs)
@@ -97,8 +90,8 @@ class Batch:
     async def wait(self) -> None:
         """Wait for every operation posted so far (what leaving the ``async with`` block does)."""
         self._done = True
-        futs: list[asyncio.Future[Any]] = [p[0] for p in self._sends]
-        futs += [p[0] for p in self._recvs]
+        futs: list[asyncio.Future[Any]] = [p.future for p in self._sends]
+        futs += [p.future for p in self._recvs]
         if not futs:
             return
         together = asyncio.gather(*futs)  # on futures: no task per operation
@@ -118,16 +111,15 @@ class Batch:
     async def _abandon(self) -> None:
         """Withdraw every operation still pending; return once none can touch its tensor."""
         self._done = True
-        peer = self._peer
-        for fut, op, ctx in self._sends:
-            if not fut.done() or fut.cancelled():
-                fut.cancel()
-                peer._withdraw_send(op, ctx)
+        for s in self._sends:
+            if not s.future.done() or s.future.cancelled():
+                s.future.cancel()
+                s.withdraw()
         pending = []
-        for rfut, rop, rctx in self._recvs:
-            if not rfut.done() or rfut.cancelled():
-                rfut.cancel()
-                pending.append(peer._cancel_recv(rop, rctx))
+        for r in self._recvs:
+            if not r.future.done() or r.future.cancelled():
+                r.future.cancel()
+                pending.append(r.cancel())
         if pending:
             # shielded: the withdrawals go on even if this wait is cancelled again
             await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))

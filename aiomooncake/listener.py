@@ -8,10 +8,10 @@ import logging
 from typing import Any
 
 from .errors import AiomooncakeError, ConfigurationError, PeerClosed
+from .handshake import client_handshake, server_handshake
 from .options import Options
 from .peer import Peer
 from .transport.connection import Connection
-from .transport.handshake import client_handshake, server_handshake
 
 log = logging.getLogger(__name__)
 

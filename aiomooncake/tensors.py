@@ -13,6 +13,7 @@ from typing import Any, Union
 
 import torch
 
+from . import tuning
 from .errors import ConfigurationError, MessageMismatch
 
 _NAMES: dict[torch.dtype, str] = {}
@@ -179,10 +180,6 @@ class Settled:
 
 SETTLED = Settled()
 ReadyMark = Union[torch.cuda.Event, Settled]  # noqa: UP007 (a runtime alias)
-# Two processes on one GPU pay a context switch for every command either queues while the other
-# copies (an event record included): look at an idle stream instead of recording on it (a
-# cudaStreamQuery queues nothing). A switch for paired measurements (scripts/gpu_ab.py).
-skip_idle = True
 
 
 def record_ready(t: torch.Tensor) -> ReadyMark | None:
@@ -200,7 +197,9 @@ def record_ready(t: torch.Tensor) -> ReadyMark | None:
 def stream_mark(stream: Any, idx: int) -> torch.cuda.Event | None:
     """An event recorded on ``stream`` (of device ``idx``), or None if the stream is idle: then
     nothing queued on it has to be waited for."""
-    if skip_idle and stream.query():
+    # Two processes on one GPU pay a context switch for every command either queues while the
+    # other copies (an event record included): look at an idle stream instead of recording on it.
+    if tuning.SKIP_IDLE_STREAMS and stream.query():
         return None
     ev = pooled_event(idx)
     ev.record(stream)

@@ -14,14 +14,12 @@ from typing import Any
 import torch
 
 import aiomooncake
-import aiomooncake.engine
+from aiomooncake import planes
 
 CTX = multiprocessing.get_context("spawn")
 
 
 def _echo(port_q: Any, opts: dict[str, Any], inline: bool | None) -> None:
-    aiomooncake.Peer.inline_cuda = inline
-
     async def serve(peer: aiomooncake.Peer, done: asyncio.Event) -> None:
         async with peer:
             while True:
@@ -36,7 +34,7 @@ def _echo(port_q: Any, opts: dict[str, Any], inline: bool | None) -> None:
 
     async def main() -> None:
         done = asyncio.Event()
-        async with await aiomooncake.listen("127.0.0.1", 0, **opts) as lst:
+        async with await aiomooncake.listen("127.0.0.1", 0, inline_cuda=inline, **opts) as lst:
             port_q.put(lst.port)
             tasks = set()
             while not done.is_set():
@@ -71,7 +69,7 @@ def _burst(port_q: Any) -> None:
                 outs = [burst_pattern(1, i, n) for i, n in enumerate(BURST_SIZES)]
                 ins = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in BURST_SIZES]
                 good = 0
-                eng = next(e for e in aiomooncake.engine.Engine.existing() if e.kind == "nvlink")
+                eng = next(e for e in planes.existing() if e.kind == "nvlink")
                 for _ in range(BURST_ROUNDS):
                     for x in ins:
                         x.zero_()
@@ -94,7 +92,7 @@ class BurstRemote:
 
 
 class EchoRemote:
-    """``inline``: the remote's ``Peer.inline_cuda`` (None: its default)."""
+    """``inline``: the remote's ``Options.inline_cuda`` (None: its default)."""
 
     def __init__(self, inline: bool | None = None, **opts: Any) -> None:
         self.proc, self.port = _start(_echo, opts, inline)

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 import aiomooncake
-from aiomooncake.engine import Engine
+from aiomooncake import planes
+from aiomooncake.planes.te import TePlane
 
 CTX = multiprocessing.get_context("spawn")
 HOST = "127.0.0.1"
@@ -184,17 +185,22 @@ def untouched(t: torch.Tensor, byte: int = SENTINEL) -> bool:
 
 # =================================================================== process-local measurements
 def registrations() -> int:
-    return sum(e.stats().registrations for e in Engine.existing())
+    return sum(e.stats().registrations for e in planes.existing())
 
 
 def writes_submitted() -> int:
-    return sum(e.stats().writes_submitted for e in Engine.existing())
+    return sum(e.stats().writes_submitted for e in planes.existing())
+
+
+def _regions() -> list[Any]:
+    """Every registration the Transfer Engine planes of this process hold."""
+    return [r for e in planes.existing() if isinstance(e, TePlane) for r in e.regions()]
 
 
 def stranded_regions() -> list[tuple[int, int]]:
     """(base, size) of registrations still counted in flight although their memory was freed: left
     behind by cleanup that never ran; any later registration overlapping them fails."""
-    return [(r.base, r.size) for e in Engine.existing() for r in e._regions if r.inflight and not r.alive()]
+    return [(r.base, r.size) for r in _regions() if r.inflight and not r.alive()]
 
 
 def load_script(name: str) -> Any:
@@ -214,7 +220,7 @@ def load_script(name: str) -> Any:
 def regions_in_flight() -> int:
     """Engine registrations this process still counts as used by a transfer in flight (white-box:
     the engine's region cache; 0 whenever nothing is moving)."""
-    return sum(r.inflight for e in Engine.existing() for r in e._regions)
+    return sum(r.inflight for r in _regions())
 
 
 def cpu_seconds() -> float:

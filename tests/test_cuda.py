@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import aiomooncake
-from aiomooncake.engine import Engine
+from aiomooncake import planes
+from aiomooncake.planes.te import TePlane
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,11 +67,9 @@ def inline_remote() -> Iterator[object]:
 
 
 @pytest.fixture
-async def inline_peer(inline_remote: object,
-                      monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[aiomooncake.Peer]:
+async def inline_peer(inline_remote: object) -> AsyncIterator[aiomooncake.Peer]:
     """Both sides send small ready CUDA tensors inline (off by default between peers on one GPU)."""
-    monkeypatch.setattr(aiomooncake.Peer, "inline_cuda", True)
-    p = await aiomooncake.connect("127.0.0.1", inline_remote.port)  # type: ignore[attr-defined]
+    p = await aiomooncake.connect("127.0.0.1", inline_remote.port, inline_cuda=True)  # type: ignore[attr-defined]
     yield p
     await p.close()
 
@@ -93,8 +92,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(raw(a), raw(b)))
 
 
-def engine() -> Engine:
-    return next(e for e in Engine.existing() if e.kind == "nvlink")
+def engine() -> TePlane:
+    return next(e for e in planes.existing() if isinstance(e, TePlane) and e.kind == "nvlink")
 
 
 def dtypes() -> list[torch.dtype]:

@@ -190,7 +190,7 @@ class _Recorder:
 
 
 async def test_replies_to_one_read_leave_in_one_write() -> None:
-    from aiomooncake.transport.connection import Connection
+    from aiomooncake.transport.connection import Connection, Policy
 
     conn = Connection(CAP)
     rec = _Recorder()
@@ -200,19 +200,17 @@ async def test_replies_to_one_read_leave_in_one_write() -> None:
     assert FrameDecoder(CAP).feed(rec.calls[0]) == [m.Pong(1.0), m.Pong(2.0), m.Pong(3.0)]
     conn.data_received(pack(m.Ping(4.0)))  # a single frame is answered at once, as before
     assert len(rec.calls) == 2
-    Connection.batch_replies = False
-    try:
-        conn.data_received(pack(m.Ping(5.0)) + pack(m.Ping(6.0)))
-        assert len(rec.calls) == 4  # one write per reply without the batching
-    finally:
-        Connection.batch_replies = True
+    unbatched = Connection(CAP, Policy(batch_replies=False))
+    unbatched.connection_made(rec)  # type: ignore[arg-type]
+    unbatched.data_received(pack(m.Ping(5.0)) + pack(m.Ping(6.0)))
+    assert len(rec.calls) == 4  # one write per reply without the batching
 
 
 async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> None:
     """Towards a sleeping remote an ACK alone is held two loop turns (a reply sent meanwhile takes
     it along in one write); with ``ack_now`` (a busy-polling remote, or ``hold_acks=False``) it
     leaves at once."""
-    from aiomooncake.transport.connection import Connection
+    from aiomooncake.transport.connection import Connection, Policy
 
     conn = Connection(CAP)
     rec = _Recorder()
@@ -227,6 +225,7 @@ async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> No
     for _ in range(3):
         await asyncio.sleep(0)
     assert len(rec.calls) == 2, "a held ACK never left"
-    conn.ack_now = True
+    conn = Connection(CAP, Policy(ack_now=True))
+    conn.connection_made(rec)  # type: ignore[arg-type]
     conn.send(m.Ack(4))
     assert len(rec.calls) == 3 and FrameDecoder(CAP).feed(rec.calls[2]) == [m.Ack(4)]

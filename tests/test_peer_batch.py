@@ -98,7 +98,7 @@ async def test_first_failure_withdraws_the_rest(remote: Remote) -> None:
                 b.recv(wrong, 3)
                 for t in never:
                     b.recv(t, 99)
-        assert sc.peer._session.pending == 0
+        assert sc.peer.pending == 0
         assert all(untouched(t) for t in never) and untouched(wrong)
         (sent,) = await sc.result()
     assert not sent["ok"]
@@ -115,24 +115,24 @@ async def test_timeout_and_exceptions_withdraw(remote: Remote) -> None:
                 for t in bufs:
                     b.recv(t, 5)
                 b.send(make_tensor(u8(LARGE)), 6)  # its RTS waits unmatched at the remote
-        assert peer._session.pending == 0
+        assert peer.pending == 0
 
         with pytest.raises(KeyError):
             async with peer.batch() as b:
                 b.recv(bufs[0], 5)
                 raise KeyError("in the block")
-        assert peer._session.pending == 0
+        assert peer.pending == 0
 
         async def forever() -> None:
             async with peer.batch() as b:
                 b.recv(bufs[1], 5)
                 b.send(make_tensor(u8(SMALL)), 6)
         task = asyncio.ensure_future(forever())
-        assert await wait_until(lambda: peer._session.pending == 2, 5)
+        assert await wait_until(lambda: peer.pending == 2, 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert peer._session.pending == 0
+        assert peer.pending == 0
         assert all(untouched(t) for t in bufs)
         with pytest.raises(ConfigurationError):
             b.recv(bufs[2], 5)

@@ -1,5 +1,5 @@
 """Memory registration with the Transfer Engine, counted by the engine's own statistics
-(``Engine.existing()[i].stats().registrations``) in this process and in the remote one.
+(``planes.existing()[i].stats().registrations``) in this process and in the remote one.
 
 Registrations are cached per allocation (a CPU tensor's storage) while peers are open: sending or
 receiving with the same tensor again, or with another view of the same storage, registers nothing;

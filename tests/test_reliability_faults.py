@@ -34,7 +34,7 @@ from harness import (
 
 import aiomooncake
 from aiomooncake import peer as peer_mod
-from aiomooncake.engine import Engine
+from aiomooncake.peer import quarantine
 
 DEFAULT = aiomooncake.Options()
 
@@ -147,7 +147,7 @@ async def test_receive_memory_is_quarantined_when_the_sender_dies(
     PeerClosed at once, but that memory (allocated by the library) stays allocated and registered
     for Peer.quarantine_s, so a late write can never land in memory handed out again."""
     monkeypatch.setattr(peer_mod.Peer, "quarantine_s", 3.0)
-    monkeypatch.setattr(peer_mod, "_quarantine", collections.deque())  # earlier tests' entries: later
+    monkeypatch.setattr(quarantine, "_held", collections.deque())  # earlier tests' entries: later
     (r,) = spawn_remotes(1)
     big = spec(torch.uint8, (128 << 20,), fill=0x22)
     opts = {"chunk_bytes": 4096, "window": 1, "host_transport": "te"}
@@ -175,21 +175,21 @@ async def test_failed_engine_write_to_a_live_peer_is_retried(monkeypatch: pytest
     to a dead process whose port a restarted peer now holds) is written again, up to one attempt
     per pooled connection; if every attempt fails, the send fails with TransferFailed (not
     PeerClosed: the peer is alive) and the peer stays usable."""
-    from aiomooncake.engine import WriteJob
     from aiomooncake.errors import TransferFailed
+    from aiomooncake.planes.te import TeJob, TePlane
 
-    real = Engine.write
+    real = TePlane.write
     failures = [1]
 
-    def flaky(self: Engine, segment: str, pieces: Any, window: int, lane: int = -1) -> WriteJob:
+    def flaky(self: TePlane, target: Any, pieces: Any, window: int, lane: int = -1) -> TeJob:
         if failures[0] > 0:
             failures[0] -= 1
-            job = WriteJob(self, segment, list(pieces), window, lane)
+            job = TeJob(self, target, list(pieces), window, lane)
             job.future.set_exception(TransferFailed("simulated: the engine reported status -1"))
             return job
-        return real(self, segment, pieces, window, lane)
+        return real(self, target, pieces, window, lane)
 
-    monkeypatch.setattr(Engine, "write", flaky)
+    monkeypatch.setattr(TePlane, "write", flaky)
     lst = await aiomooncake.listen("127.0.0.1", 0, host_transport="te")
     a = await aiomooncake.connect("127.0.0.1", lst.port, host_transport="te")
     b = await asyncio.wait_for(lst.accept(), 10)
@@ -201,7 +201,7 @@ async def test_failed_engine_write_to_a_live_peer_is_retried(monkeypatch: pytest
         failures[0] = 3  # stale connections to go through: still delivered
         got, _ = await asyncio.wait_for(asyncio.gather(b.recv_tensor(4), a.send(src, 4)), 30)
         assert torch.equal(got, src) and failures[0] == 0
-        failures[0] = 1 + peer_mod._WRITE_RETRIES  # fails on every retry: a real data-plane failure
+        failures[0] = 1 + peer_mod.peer._WRITE_RETRIES  # fails on every retry: a real data-plane failure
         outs = await asyncio.wait_for(asyncio.gather(b.recv_tensor(2), a.send(src, 2),
                                                      return_exceptions=True), 30)
         assert isinstance(outs[1], TransferFailed) and not isinstance(outs[1], aiomooncake.PeerClosed)
@@ -217,22 +217,26 @@ async def test_a_segment_name_taken_over_by_a_restarted_peer_is_refreshed(
     engine's cached descriptor of that name (dead data port, dead buffers) must then be re-fetched,
     or every write to the new peer fails ('TCP lane connection to ... refused', seen in the engine
     stress run). The first link to a name, and a new link from the same process, refresh nothing."""
-    from aiomooncake.transport import handshake
+    from aiomooncake.planes import negotiate
+    from aiomooncake.planes.base import DataPlane
 
     calls: list[object] = []
-    monkeypatch.setattr(handshake, "_sync_segment_cache", lambda te: calls.append(te) or True)
-    monkeypatch.setattr(handshake, "_segment_owners", {})
+    monkeypatch.setattr(negotiate, "_segment_owners", {})
 
-    class FakeEngine:
-        _te = object()
+    class FakePlane(DataPlane):
+        kind = "tcp"
+
+        async def refresh_remote(self, segment: str) -> bool:
+            calls.append(segment)
+            return True
 
     def links(seg: str) -> dict[str, Any]:
-        return {"cpu": handshake.Link("cpu", "tcp", FakeEngine(), seg)}  # type: ignore[arg-type]
+        return {"cpu": negotiate.Link("cpu", "tcp", FakePlane(), seg)}
 
     a, b = {"host_id": "h", "pid": 10}, {"host_id": "h", "pid": 11}
-    await handshake._forget_stale_segments(links("127.0.0.1:15001"), a)
-    await handshake._forget_stale_segments(links("127.0.0.1:15001"), a)  # same process again
-    await handshake._forget_stale_segments(links("127.0.0.1:15002"), b)  # another name
+    await negotiate._forget_stale_segments(links("127.0.0.1:15001"), a)
+    await negotiate._forget_stale_segments(links("127.0.0.1:15001"), a)  # same process again
+    await negotiate._forget_stale_segments(links("127.0.0.1:15002"), b)  # another name
     assert calls == []
-    await handshake._forget_stale_segments(links("127.0.0.1:15001"), b)  # taken over
-    assert len(calls) == 1
+    await negotiate._forget_stale_segments(links("127.0.0.1:15001"), b)  # taken over
+    assert calls == ["127.0.0.1:15001"]

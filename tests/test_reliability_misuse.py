@@ -20,8 +20,8 @@ import torch
 from harness import wait_until
 
 import aiomooncake
-from aiomooncake import peer as peer_mod
-from aiomooncake.peer import _unwritable
+from aiomooncake.peer import writable as peer_mod
+from aiomooncake.peer.writable import unwritable as _unwritable
 
 HOST = "127.0.0.1"
 Pair = tuple[aiomooncake.Peer, aiomooncake.Peer]

@@ -21,8 +21,10 @@ import pytest
 import torch
 
 import aiomooncake
+from aiomooncake import planes
 from aiomooncake.core.messages import PROTOCOL_VERSION, Hello, Message, Ping, Ready, Refuse, Welcome
-from aiomooncake.engine import Engine
+from aiomooncake.planes import te as te_plane
+from aiomooncake.planes.te import TePlane
 from aiomooncake.transport import auth
 from aiomooncake.transport.framing import FrameDecoder, pack
 
@@ -126,23 +128,23 @@ def reveals_nothing(raw: bytes) -> None:
     text = raw.decode("latin-1")
     for word in ("segments", "links", "caps", "host_id", "pid", "self", "max_frame", "transport"):
         assert word not in text, f"the listener revealed {word!r} before authentication: {raw!r:.300}"
-    for e in Engine.existing():  # engines other tests of this process started
+    for e in planes.existing():  # planes other tests of this process started
         assert e.segment not in text
     assert socket.gethostname() not in text
 
 
 @pytest.fixture
 def engine_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every Engine.get call the handshake makes (an engine is started for a connection only after
+    """Every Transfer Engine the handshake asks for (an engine is started for a connection only after
     both sides proved the secret)."""
     calls: list[str] = []
-    real = Engine.get.__func__  # type: ignore[attr-defined]
+    real = te_plane.start
 
-    async def spy(cls: type[Engine], kind: str, host: str) -> Engine:
+    async def spy(kind: str, host: str) -> TePlane:
         calls.append(kind)
-        return await real(cls, kind, host)  # type: ignore[no-any-return]
+        return await real(kind, host)
 
-    monkeypatch.setattr(Engine, "get", classmethod(spy))
+    monkeypatch.setattr(te_plane, "start", spy)
     return calls
 
 
@@ -492,10 +494,10 @@ def test_auth_primitives() -> None:
 async def test_a_listener_whose_engine_fails_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """The listener cannot start its Transfer Engine (no free port, no device...): the client gets
     a HandshakeError with the reason instead of a bare 'connection lost'."""
-    async def broken(cls: type[Engine], kind: str, host: str) -> Engine:
+    async def broken(kind: str, host: str) -> TePlane:
         raise aiomooncake.ConfigurationError("the Transfer Engine failed to initialize (simulated)")
 
-    monkeypatch.setattr(Engine, "get", classmethod(broken))
+    monkeypatch.setattr(te_plane, "start", broken)
     async with listening(secret=SECRET) as lst:
         with pytest.raises(aiomooncake.HandshakeError, match=r"could not start its data plane.*simulated"):
             await aiomooncake.connect(HOST, lst.port, secret=SECRET, **FAST)

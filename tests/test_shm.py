@@ -37,24 +37,26 @@ from harness import (
 )
 
 import aiomooncake
-from aiomooncake import shm
+from aiomooncake import planes, tuning
 from aiomooncake.core.session import Session
-from aiomooncake.engine import Engine
 from aiomooncake.errors import HandshakeError, MessageMismatch, TransferFailed
 from aiomooncake.peer import Peer
-from aiomooncake.shm import ShmEngine
+from aiomooncake.planes import shm
+from aiomooncake.planes.base import DataPlane
+from aiomooncake.planes.shm import ShmPlane
+from aiomooncake.planes.te import TePlane
 
 pytestmark = pytest.mark.skipif(shm.unavailable() is not None, reason=f"shm: {shm.unavailable()}")
 
 # The harness keeps CPU tensors on the Transfer Engine unless told otherwise (TE_OPTIONS).
 AUTO = {"host_transport": "auto"}
 
-INLINE = ShmEngine.inline_bytes
+INLINE = tuning.SHM_INLINE_BYTES
 SHM_EAGER = aiomooncake.Options().shm_eager_threshold  # the eager limit towards a same-host peer
 
 # around the boundaries: eager, inline on the loop, one pool chunk, several chunks
 SIZES = [0, 1, 4097, SHM_EAGER, SHM_EAGER + 1, EAGER_THRESHOLD + 1, 256 * KiB + 3, INLINE, INLINE + 1,
-         3 * MiB + 7, ShmEngine.chunk_bytes, 2 * ShmEngine.chunk_bytes + 3, 64 * MiB + 1]
+         3 * MiB + 7, tuning.SHM_CHUNK_BYTES, 2 * tuning.SHM_CHUNK_BYTES + 3, 64 * MiB + 1]
 
 
 # ------------------------------------------------------------------------- two processes
@@ -76,13 +78,13 @@ async def test_same_host_peers_take_the_shm_path(remote: Remote) -> None:
 
 
 @pytest.mark.parametrize("nbytes", [SHM_EAGER, SHM_EAGER + 1, EAGER_THRESHOLD, 300 * KiB + 5, INLINE,
-                                    INLINE + 1, 3 * ShmEngine.chunk_bytes + 5])
+                                    INLINE + 1, 3 * tuning.SHM_CHUNK_BYTES + 5])
 async def test_every_rendezvous_is_pulled_by_the_receiver(remote: Remote, nbytes: int) -> None:
     """RTS offers the source; the receiver copies it with process_vm_readv (on the loop up to the
     inline size, by its threads beyond) and ACKs: no CTS, no write into the receiver. Eager
     messages are not pulled."""
     sp = u8(nbytes, seed=nbytes % 253)
-    eng = ShmEngine.instance()
+    eng = ShmPlane.instance()
     async with remote.scenario(steps=[do.send(2, sp), do.send(3, sp)], options=AUTO) as sc:
         p0 = eng.pulls
         got = await sc.peer.recv(torch.full((nbytes,), 0xA5, dtype=torch.uint8), 2)
@@ -104,7 +106,7 @@ async def test_a_pull_the_kernel_refuses_falls_back_to_the_senders_write(
 
     monkeypatch.setattr(shm, "copy_from", refuse)
     async with pair() as (a, b):
-        eng = ShmEngine.instance()
+        eng = ShmPlane.instance()
         w0, p0 = eng.writes_submitted, eng.pulls
         src = torch.arange(nbytes // 8, dtype=torch.int64)
         got = await asyncio.wait_for(asyncio.gather(a.send(src, 5), b.recv(torch.zeros_like(src), 5)), 30)
@@ -391,22 +393,25 @@ async def test_loop_stays_responsive_during_a_large_copy() -> None:
 
 
 # ------------------------------------------------------------------------------- units
-def test_engine_overrides_every_public_engine_method() -> None:
-    """ShmEngine stands in for Engine on a link: anything public Engine grows must be provided."""
-    missing = [n for n in dir(Engine) if not n.startswith("_") and n not in ("existing", "get")
-               and n not in ShmEngine.__dict__]
-    assert not missing, f"ShmEngine lacks {missing}"
+def test_planes_implement_the_copy_entry_points() -> None:
+    """Every plane stands in for another on a link: the entry points the base leaves abstract
+    (it raises NotImplementedError for them) must be provided by each."""
+    for cls in (ShmPlane, TePlane):
+        assert issubclass(cls, DataPlane)
+        missing = [n for n in ("write", "pull") if getattr(cls, n) is getattr(DataPlane, n)]
+        assert not missing, f"{cls.__name__} lacks {missing}"
 
 
-def test_listed_with_the_engines() -> None:
-    eng = ShmEngine.instance()
-    assert eng in Engine.existing() and eng.kind == "shm"
+def test_listed_with_the_other_planes() -> None:
+    eng = ShmPlane.instance()
+    assert eng in planes.existing() and eng.kind == "shm" and eng.name == "shm"
     assert eng.segment == f"pid:{os.getpid()}"
-    assert eng.acquire(torch.ones(3)).size == 0 and eng.epoch == 0 and eng.gen == 0
+    region = eng.acquire(torch.ones(3))
+    assert region.size == 0 and eng.announce(region) == planes.Announcement(0, 0, None)
 
 
 async def test_writes_only_to_verified_pids() -> None:
-    eng = ShmEngine.instance()
+    eng = ShmPlane.instance()
     src, dst = torch.ones(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
     for seg in ("pid:1", "pid:x", "127.0.0.1:1234", f"pid:{os.getpid() + 1}"):
         job = eng.write(seg, [(src.data_ptr(), dst.data_ptr(), 8)], 1)

@@ -95,3 +95,37 @@ def _side(info: Any, who: str) -> tuple[set[str], str]:
             or not isinstance(want, str)):
         raise HandshakeError(f"the {who} sent malformed capabilities: {info!r:.120}")
     return set(caps), want
+
+
+def roles(plan: dict[str, str], local: dict[str, Any], remote: dict[str, Any],
+          local_segments: dict[str, str], remote_segments: dict[str, str],
+          one_copier: bool = True) -> dict[str, tuple[bool, bool]]:
+    """Who runs the copies on each link, as ``(offers, pulls)`` for this side: ``offers`` -- this
+    side's rendezvous sends offer their source for the remote to pull; ``pulls`` -- this side pulls
+    sources the remote offers (else the sender writes after a CTS).
+
+    * ``shm``: the receiver pulls (no other process ever writes into our memory);
+    * ``nvlink`` between two processes on one GPU (same GPU UUID): one of them, the lower engine
+      segment, runs every copy between them (two processes issuing copies on one GPU pay a context
+      switch each time theirs alternate); ``one_copier=False`` lets each sender write instead.
+    * otherwise the sender writes.
+    """
+    out: dict[str, tuple[bool, bool]] = {}
+    same_gpu = isinstance(local.get("gpu"), str) and local.get("gpu") == remote.get("gpu")
+    for name, transport in plan.items():
+        if transport == _SHM:
+            out[name] = (True, True)
+        elif transport == "nvlink" and one_copier and same_gpu:
+            copier = local_segments[transport] < remote_segments[transport]
+            out[name] = (not copier, copier)
+        else:
+            out[name] = (False, False)
+    return out
+
+
+def link_for(local_device: str, remote_device: str, links: Any) -> str:
+    """The link a message takes: "cuda" when its bytes live on CUDA on both sides and the peers
+    have a CUDA link, else "cpu" (a CUDA tensor is then staged through host memory)."""
+    if local_device == "cuda" and remote_device == "cuda" and "cuda" in links:
+        return "cuda"
+    return "cpu"

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
 from aiomooncake import Options, _trace, gcpause
+from aiomooncake.hostid import host_id
 from aiomooncake.tensors import record_ready
-from aiomooncake.transport.handshake import host_id
 
 from . import rendezvous
 from .errors import BackendError, InvalidArgument

@@ -27,23 +27,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import aiomooncake
+from aiomooncake import tuning
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _STOP_TIMEOUT = 10.0
-# Woken with a batch already arriving (3+ ops queued), the loop thread waits (GIL released) while
-# the caller still adds to it, up to BURST_MAX_S: the ops of one batch_isend_irecv then cross in
-# one go instead of the two threads taking turns at the GIL per op. A lone op or a send/recv pair
-# is handled at once. Measured on the H100 host (16 cores), on against off in the same processes,
-# seven paired rounds in five launches through batch_isend_irecv: 16 x 100 MB ahead in 6 of 7
-# (medians 425 against 337 GB/s), a 2 x 32-tensor exchange ahead in 6 of 7 (medians 16.9 against
-# 17.5 ms). On a 2-core machine the four threads of two ranks compete for
-# cores instead (64 x 7 KB batches 4.0-4.3 against 3.6-3.75 ms), so it is off there.
-# BURST_GAP_S = 0 disables it.
-BURST_GAP_S = 30e-6 if (os.cpu_count() or 1) > 2 else 0.0
-BURST_MAX_S = 0.001
+# The burst wait (tuning.TORCH_BURST_GAP_S, TORCH_BURST_MAX_S): woken with a batch already arriving
+# (3+ ops queued), the loop thread waits (GIL released) while the caller still adds to it, so the
+# ops of one batch_isend_irecv cross in one go instead of the two threads taking turns at the GIL
+# per op. Measured on the H100 host (16 cores), on against off in the same processes, seven paired
+# rounds in five launches through batch_isend_irecv: 16 x 100 MB ahead in 6 of 7 (medians 425
+# against 337 GB/s), a 2 x 32-tensor exchange ahead in 6 of 7 (medians 16.9 against 17.5 ms). On a
+# 2-core machine the four threads of two ranks compete for cores instead (64 x 7 KB batches 4.0-4.3
+# against 3.6-3.75 ms), so it is off there.
 
 
 class Closable(Protocol):
@@ -176,7 +174,7 @@ class LoopThread:
             raise
 
     def _drain(self) -> None:
-        if BURST_GAP_S > 0 and len(self._queue) >= 3:
+        if tuning.TORCH_BURST_GAP_S > 0 and len(self._queue) >= 3:
             self._await_burst()
         while True:
             with self._qlock:
@@ -193,10 +191,10 @@ class LoopThread:
 
     def _await_burst(self) -> None:
         """Let a caller that is posting a batch finish it: sleep while the queue keeps growing."""
-        deadline = time.perf_counter() + BURST_MAX_S
+        deadline = time.perf_counter() + tuning.TORCH_BURST_MAX_S
         seen = len(self._queue)
         while time.perf_counter() < deadline:
-            time.sleep(BURST_GAP_S)
+            time.sleep(tuning.TORCH_BURST_GAP_S)
             now = len(self._queue)
             if now == seen:
                 return

@@ -11,7 +11,7 @@ as soon as the group exists and run in the background; an operation on a pair th
 yet waits in that pair's :class:`_Lane` and starts the moment it is.
 
 Ordering. The core matches messages per peer and tag in posting order. Every operation is posted
-on its peer synchronously (``Peer._post_send`` / ``_post_recv``: no task per operation), in
+on its peer synchronously (``Peer.post_send`` / ``post_recv``: no task per operation), in
 submission order: at once when its lane is open and empty, or when the lane opens, in the order
 they queued. The frames of one burst leave together at the end of the loop turn.
 
@@ -275,17 +275,16 @@ class Mesh:
             _trace.mark("mesh:transfer")
         try:
             self._order_after_caller(op)
-            peer._batch_frames(op.wire.nbytes)  # a burst's frames leave together
-            if op.kind == SEND:
-                posted: Posted = (peer, *peer._post_send(op.wire, op.tag))
+            posted: Posted
+            if op.kind == SEND:  # burst: a burst's frames leave together
+                posted = peer.post_send(op.wire, op.tag, burst=True)
             else:
-                peer._check_recv_dest(op.wire)
-                posted = (peer, *peer._post_recv(op.wire, None, op.tag))
+                posted = peer.post_recv(op.wire, op.tag, burst=True)
         except BaseException as e:
             self._finish(op, error=e)
             return
         op.posted = posted
-        posted[1].add_done_callback(functools.partial(self._posted_done, op))
+        posted.future.add_done_callback(functools.partial(self._posted_done, op))
 
     def _posted_done(self, op: Op, fut: asyncio.Future[Any]) -> None:
         if op.expired is not None:
@@ -299,8 +298,7 @@ class Mesh:
 
     async def _withdraw(self, op: Op, posted: Posted) -> None:
         """Withdraw a posted receive and finish it only once no byte can land in its buffer."""
-        peer, _, pop, ctx = posted
-        await peer._cancel_recv(pop, ctx)
+        await posted.cancel()
         self._finish(op, error=op.expired)
 
     def _order_after_caller(self, op: Op) -> None:
@@ -332,10 +330,9 @@ class Mesh:
                     # Post ours (which claims the message) before releasing the receives queued
                     # behind this one: they post at once.
                     self._order_after_caller(op)
-                    peer._check_recv_dest(op.wire)
-                    fut, pop, ctx = peer._post_recv(op.wire, None, op.tag)
+                    pending = peer.post_recv(op.wire, op.tag)
                     self._seq_remove(op)
-                    await peer._recv_posted(fut, pop, ctx)
+                    await pending.wait()
                     return lane.rank
             await self._wait_arrival(op.tag)
 
@@ -470,13 +467,12 @@ class Mesh:
             return
         posted = op.posted
         if posted is not None:
-            peer, fut, pop, ctx = posted
-            if fut.done():
+            if posted.future.done():
                 return  # it completed; its callback finishes it
             op.expired = err
-            fut.cancel()
+            posted.future.cancel()
             if op.kind == SEND:
-                peer._withdraw_send(pop, ctx)
+                posted.withdraw()
                 self._finish(op, error=err)
             else:
                 self._spawn_background(self._withdraw(op, posted))

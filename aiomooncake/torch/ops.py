@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 
+from aiomooncake import PendingRecv, PendingSend
 from aiomooncake.tensors import recycle
 
-# (peer, future, the core's op, its context): what Peer._post_send / _post_recv gave
-Posted = tuple[Any, "asyncio.Future[Any]", Any, Any]
+# what Peer.post_send / post_recv gave
+Posted = Union[PendingSend, PendingRecv]  # noqa: UP007 (a runtime alias)
 
 SEND, RECV, RECV_ANY, BARRIER = "send", "recv", "recv from any source", "barrier"
 
@@ -39,7 +40,7 @@ class Op:
     timer: asyncio.TimerHandle | None = None
     expired: BaseException | None = None
     finished: asyncio.Future[int] | None = None
-    posted: Posted | None = None  # a transfer posted on its peer (peer, future, core op, context)
+    posted: Posted | None = None  # a transfer posted on its peer
 
     def __del__(self) -> None:
         # Nothing can wait on the done event of an op nobody holds: it may be recorded again.

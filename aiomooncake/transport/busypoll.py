@@ -15,6 +15,8 @@ import time
 import weakref
 from typing import ClassVar
 
+from .. import tuning
+
 
 class BusyPoller:
     _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BusyPoller]] = (
@@ -38,18 +40,16 @@ class BusyPoller:
             bp.window = max(bp.window, window)
         return bp
 
-    max_hold = 0.02  # the longest expect() may keep the loop hot; 0 disables it (A/B switch)
-
     def kick(self) -> None:
         """Activity happened: keep the loop hot for another window."""
         self._hold(self.window)
 
     def expect(self, seconds: float) -> None:
         """A frame is due within about ``seconds`` (a DONE after the remote's GPU write): keep the
-        loop hot until then, at most ``max_hold``, so it need not wake from sleep when it comes
-        (on the lent H100's VM a frame reached a loop idle for a few ms 80-200 us after it left, one
-        in a tight ping-pong 13-22 us)."""
-        self._hold(max(self.window, min(seconds, self.max_hold)))
+        loop hot until then, at most ``tuning.BUSY_EXPECT_MAX_S``, so it need not wake from sleep
+        when it comes (on the lent H100's VM a frame reached a loop idle for a few ms 80-200 us
+        after it left, one in a tight ping-pong 13-22 us)."""
+        self._hold(max(self.window, min(seconds, tuning.BUSY_EXPECT_MAX_S)))
 
     def _hold(self, seconds: float) -> None:
         """Spin for at least ``seconds`` from now (never cutting short a longer hold)."""

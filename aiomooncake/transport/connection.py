@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .. import _trace
 from ..core.messages import Ack, Bye, Done, Message, Ping, Pong
@@ -26,12 +27,26 @@ _CONTROL = (Ping, Pong, Bye)
 LostHandler = Callable[[AiomooncakeError], None]
 
 
-class Connection(asyncio.Protocol):
-    # Replies to one read leave in one syscall; a class-level switch for measurements (and
-    # tests/test_framing.py, which checks both ways).
-    batch_replies = True
+@dataclass(frozen=True)
+class Policy:
+    """How a connection batches its writes once the handshake is over (given to :meth:`start`).
 
-    def __init__(self, max_frame: int) -> None:
+    busy: the loop's busy poller, kicked by traffic (None: the loop sleeps between frames).
+    ack_now: ACKs alone leave at once instead of waiting up to two loop turns for a reply to ride
+        with (the remote busy-polls, or ``Options.hold_acks`` is off).
+    burst_hooks: called before and after the frames of one read are handled, when there are several
+        (the peer holds the copies they start, to submit them together).
+    batch_replies: the replies to the frames of one read leave in one syscall.
+    """
+
+    busy: BusyPoller | None = None
+    ack_now: bool = False
+    burst_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+    batch_replies: bool = True
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, max_frame: int, policy: Policy | None = None) -> None:
         self._decoder = FrameDecoder(max_frame)
         self._transport: asyncio.Transport | None = None
         self._handshake: asyncio.Queue[Message | AiomooncakeError] = asyncio.Queue()
@@ -41,9 +56,7 @@ class Connection(asyncio.Protocol):
         self._last_rx = time.monotonic()
         self._heartbeat: asyncio.Task[None] | None = None
         self._paused: asyncio.Future[None] | None = None
-        self.busy: BusyPoller | None = None
-        # ACKs alone need not wait for a reply to ride on: the remote busy-polls, or hold_acks=False
-        self.ack_now = False
+        self._rules = policy if policy is not None else Policy()
         self._wbuf: list[Message] = []
         self._turn_corked = False
         self._write_scheduled = False
@@ -55,9 +68,6 @@ class Connection(asyncio.Protocol):
         # flooding a listener before it authenticated must not make it buffer without limit.
         self.handshake_backlog: int | None = 8
         self._probes: dict[float, asyncio.Future[bool]] = {}  # ping stamp -> is the peer alive?
-        # Called before and after the frames of one read are handled, when there are several: the
-        # peer holds the engine submissions they cause, to submit them in one engine call.
-        self.burst_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     # ---------------------------------------------------------- asyncio API
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,9 +87,9 @@ class Connection(asyncio.Protocol):
         except ProtocolError as e:
             self._protocol_error(e)
             return
-        if len(msgs) > 1 and self.batch_replies:  # replies to one read leave together, in one syscall
+        if len(msgs) > 1 and self._rules.batch_replies:  # replies to one read leave together
             self._corks += 1
-            hooks = self.burst_hooks
+            hooks = self._rules.burst_hooks
             if hooks is not None:
                 hooks[0]()
             try:
@@ -94,8 +104,9 @@ class Connection(asyncio.Protocol):
     def _dispatch(self, msgs: list[Message]) -> None:
         for m in msgs:
             if self._handler is not None and type(m) not in _CONTROL:
-                if self.busy is not None:  # traffic (not a heartbeat): keep the loop hot a moment
-                    self.busy.kick()
+                busy = self._rules.busy
+                if busy is not None:  # traffic (not a heartbeat): keep the loop hot a moment
+                    busy.kick()
                 try:
                     self._handler(m)
                 except ProtocolError as e:
@@ -159,8 +170,9 @@ class Connection(asyncio.Protocol):
         if self._closed is not None or self._transport is None:
             return
         self._wbuf.extend(msgs)
-        if self.busy is not None and type(msgs[0]) not in _CONTROL:
-            self.busy.kick()
+        busy = self._rules.busy
+        if busy is not None and type(msgs[0]) not in _CONTROL:
+            busy.kick()
         if not self._corks:
             self._policy(msgs)
 
@@ -190,7 +202,7 @@ class Connection(asyncio.Protocol):
         reports a whole stream at once) and one polling round's DONEs then leave in one syscall.
         (Holding a CUDA send's RTS for a turn, to send a gathered batch in one syscall, measured
         slower: 16 x 100 MB streamed at 699-728 GB/s against 752-794 on the H100.)"""
-        if not self.ack_now and all(type(m) is Ack for m in msgs):
+        if not self._rules.ack_now and all(type(m) is Ack for m in msgs):
             self._write_later(2)
         elif all(type(m) is Done for m in msgs):
             self._write_later(1)
@@ -218,6 +230,11 @@ class Connection(asyncio.Protocol):
             for m in buf:
                 pack_into(parts, m)
             self._transport.writelines(parts)
+
+    @property
+    def paused(self) -> bool:
+        """Whether the socket's write buffer is over its high-water mark (see :meth:`drain`)."""
+        return self._paused is not None
 
     async def drain(self) -> None:
         """Wait while the socket's write buffer is over its high-water mark."""
@@ -248,8 +265,12 @@ class Connection(asyncio.Protocol):
         self.send(Ping(stamp))
         return await fut
 
-    def start(self, handler: Handler, on_lost: LostHandler, interval: float, timeout: float) -> None:
-        """Leave the handshake: deliver frames to ``handler`` and start heartbeats."""
+    def start(self, handler: Handler, on_lost: LostHandler, interval: float, timeout: float,
+              policy: Policy | None = None) -> None:
+        """Leave the handshake: deliver frames to ``handler``, write under ``policy`` and start
+        heartbeats."""
+        if policy is not None:
+            self._rules = policy
         self._handler = handler
         self._on_lost = on_lost
         while not self._handshake.empty():  # frames that arrived right behind the handshake

@@ -1,5 +1,6 @@
 """The versioned, optionally authenticated handshake: prove the shared secret, then agree on the
-protocol version and the data-plane links.
+protocol version and the data planes (what goes into those messages, and what is made of the
+answer, is :mod:`aiomooncake.planes.negotiate`'s).
 
 ::
 
@@ -25,118 +26,22 @@ Without secrets the same five messages flow, with ``auth: "none"`` and no proofs
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import socket
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from .. import shm
-from ..core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
-from ..core.negotiation import plan_links
-from ..engine import Engine, _sync_segment_cache, capabilities
-from ..errors import AiomooncakeError, HandshakeError, ProtocolError
-from ..options import Options
-from . import auth
-from .connection import Connection
+from .core.messages import PROTOCOL_VERSION, Hello, Ready, Refuse, Welcome
+from .errors import AiomooncakeError, HandshakeError, ProtocolError
+from .options import Options
+from .planes import negotiate
+from .planes.negotiate import Agreement
+from .transport import auth
+from .transport.connection import Connection
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Link:
-    name: str  # "cpu" or "cuda"
-    transport: str
-    engine: Engine
-    remote_segment: str
-
-
-@dataclass(frozen=True)
-class Agreement:
-    links: dict[str, Link]
-    remote: dict[str, Any]
-    local: dict[str, Any]  # what this side advertised (its GPU's UUID, ...), as the peer saw it
-
-
-def host_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
-
-
-def gpu_uuid() -> str | None:
-    """The UUID of this thread's current CUDA device (None without CUDA). Two peers that share a
-    GPU let one of them run every copy between them (see Peer)."""
-    try:
-        if not torch.cuda.is_available():
-            return None
-        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-    except Exception:  # an old torch without .uuid, a broken driver: just no election
-        return None
-
-
-def _local_info(options: Options) -> dict[str, Any]:
-    caps = capabilities()
-    info: dict[str, Any] = {"caps": caps, "transport": options.transport, "host_id": host_id(),
-                            "pid": os.getpid(), "max_frame": options.max_frame,
-                            "busy_poll": options.busy_poll}
-    if "nvlink" in caps:
-        info["gpu"] = gpu_uuid()
-    shm.advertise(info, options.host_transport)  # the same-host CPU path, where possible
-    return info
-
-
-async def _engines(plan: dict[str, str], host: str) -> dict[str, Engine]:
-    return {t: await Engine.get(t, host) for t in sorted(set(plan.values()))}
-
-
 def _engine_host(conn: Connection, options: Options) -> str:
     return options.engine_host or conn.sockname[0] or "127.0.0.1"
-
-
-def _links(plan: dict[str, str], engines: dict[str, Engine], segments: Any) -> dict[str, Link]:
-    if not isinstance(segments, dict):
-        raise ProtocolError("handshake: segments must be a map")
-    out = {}
-    for name, t in plan.items():
-        seg = segments.get(t)
-        if not isinstance(seg, str):
-            raise ProtocolError(f"handshake: the peer sent no segment for transport {t!r}")
-        out[name] = Link(name, t, engines[t], seg)
-    return out
-
-
-# Remote segment name -> the process ("host_id/pid") that held it when we last linked to it.
-_segment_owners: dict[str, str] = {}
-
-
-async def _forget_stale_segments(links: dict[str, Link], remote: dict[str, Any]) -> None:
-    """A segment name is ``host:rpc_port`` of the remote engine, and a restarted peer's engine can
-    get the port a dead one had. The engine caches descriptors by name (the dead engine's data
-    port and buffers): writes to the new peer then fail until the cache is refreshed. So when a
-    name we linked to before now belongs to another process, make the engine re-fetch its cached
-    descriptors (off the loop: it asks every cached segment, dead ones included)."""
-    owner = f"{remote.get('host_id')}/{remote.get('pid')}"
-    stale = []
-    for link in links.values():
-        seg = link.remote_segment
-        previous = _segment_owners.get(seg)
-        _segment_owners[seg] = owner
-        if previous is not None and previous != owner and hasattr(link.engine, "_te"):
-            stale.append(link)
-    for link in stale:
-        log.info("segment %s now belongs to another process (a restarted peer): refreshing the "
-                 "%s engine's cached descriptors", link.remote_segment, link.transport)
-        ok = await asyncio.get_running_loop().run_in_executor(None, _sync_segment_cache, link.engine._te)
-        if not ok:
-            log.warning("could not refresh the engine's cached descriptor of %s: writes to this "
-                        "peer may fail", link.remote_segment)
 
 
 def _refuse(conn: Connection, reason: str) -> None:
@@ -211,7 +116,7 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         raise HandshakeError(f"the listener at {conn.peername} requires a shared secret: pass "
                              "secret=... or set AIOMOONCAKE_SECRET on this side too")
     conn.handshake_backlog = None  # the server is who we meant
-    mine = _local_info(options)
+    mine = negotiate.local_info(options)
     ready["info"] = mine
     conn.send(Ready(ready))
 
@@ -223,8 +128,8 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         _refuse(conn, "protocol error: WELCOME without self or links")
         raise ProtocolError("WELCOME without self or links")
     try:
-        expected = plan_links(mine, remote)
-        shm.confirm(expected, remote, conn.sockname, conn.peername)
+        expected = negotiate.plan(mine, remote)
+        negotiate.confirm(expected, remote, conn.sockname, conn.peername)
     except HandshakeError as e:
         _refuse(conn, str(e))
         raise
@@ -233,14 +138,12 @@ async def client_handshake(conn: Connection, options: Options) -> Agreement:
         _refuse(conn, reason)
         raise HandshakeError(reason)
     try:
-        engines = await _engines(plan, _engine_host(conn, options))
+        planes = await negotiate.start(plan, _engine_host(conn, options))
     except AiomooncakeError as e:
         _refuse(conn, f"the client could not start its data plane: {e}")
         raise
-    conn.send(Ready({"segments": {t: e.segment for t, e in engines.items()}}))
-    links = _links(plan, engines, msg.info.get("segments"))
-    await _forget_stale_segments(links, remote)
-    return Agreement(links, remote, mine)
+    conn.send(Ready({"segments": negotiate.segments(planes)}))
+    return await negotiate.links(plan, planes, msg.info.get("segments"), mine, remote, options)
 
 
 async def server_handshake(conn: Connection, options: Options) -> Agreement:
@@ -280,21 +183,19 @@ async def server_handshake(conn: Connection, options: Options) -> Agreement:
     # Both proved the secret (or neither has one): only now reveal anything and start engines. The
     # client may stream data frames right behind its last READY: stop bounding the backlog.
     conn.handshake_backlog = None
-    mine = _local_info(options)
-    shm.screen(mine, remote, conn.sockname, conn.peername)  # drops "shm" unless the client checks out
+    mine = negotiate.local_info(options)
+    negotiate.screen(mine, remote, conn.sockname, conn.peername)  # what the client cannot reach goes
     try:
-        plan = plan_links(remote, mine)
+        plan = negotiate.plan(remote, mine)
     except HandshakeError as e:
         _refuse(conn, str(e))
         raise
     try:
-        engines = await _engines(plan, _engine_host(conn, options))
+        planes = await negotiate.start(plan, _engine_host(conn, options))
     except AiomooncakeError as e:
         _refuse(conn, f"the listener could not start its data plane: {e}")
         raise
     conn.send(Welcome(PROTOCOL_VERSION, {"self": mine, "links": plan,
-                                         "segments": {t: e.segment for t, e in engines.items()}}))
+                                         "segments": negotiate.segments(planes)}))
     final: Ready = await _expect(conn, options, Ready, "READY")
-    links = _links(plan, engines, final.info.get("segments"))
-    await _forget_stale_segments(links, remote)
-    return Agreement(links, remote, mine)
+    return await negotiate.links(plan, planes, final.info.get("segments"), mine, remote, options)

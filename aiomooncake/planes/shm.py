@@ -2,18 +2,17 @@
 
 When both peers run on one host under one uid, a rendezvous on the "cpu" link needs no network
 stack: the receiver pulls the sender's tensor straight into its own with ``process_vm_readv(2)``
-(:meth:`ShmEngine.read`, the source offered in the RTS), once, with no socket, no staging buffer
+(:meth:`ShmPlane.read`, the source offered in the RTS), once, with no socket, no staging buffer
 and no registration. Where the kernel refuses that read, the sender writes instead with
-``process_vm_writev(2)`` (:meth:`ShmEngine.write`; the receiver's "registration" is a no-op and the
+``process_vm_writev(2)`` (:meth:`ShmPlane.write`; the receiver's "registration" is a no-op and the
 sender still checks every write against the ``[addr, addr + capacity)`` the receiver announced).
 Loopback TCP, which the Transfer Engine uses otherwise, copies twice through socket buffers and
 measured at about half of gloo on a 2-core host.
 
-:class:`ShmEngine` offers the :class:`~aiomooncake.engine.Engine` interface the peer uses
-(``acquire``/``release``/``target``/``write``/``epoch``/``gen``/``segment``/``kind``), so a link
-carried by it needs nothing special in the peer. Copies of up to :attr:`ShmEngine.inline_bytes`
+:class:`ShmPlane` implements the :class:`~aiomooncake.planes.base.DataPlane` interface, so a link
+carried by it needs nothing special in the peer. Copies of up to ``tuning.SHM_INLINE_BYTES``
 (1 MiB, a fraction of a millisecond) run on the event loop, cheaper than a thread hand-off; larger
-copies are cut into pieces of at most :attr:`ShmEngine.chunk_bytes` copied by a small thread pool
+copies are cut into pieces of at most ``tuning.SHM_CHUNK_BYTES`` copied by a small thread pool
 (the syscall releases the GIL), several at once, and the job's future resolves on the loop when the
 last piece landed. Memory per copy is constant (a list of piece addresses): nothing is staged.
 
@@ -41,11 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import torch
-
-from .core.regions import Region, RegionCache
-from .engine import Engine, Stats, WriteJob
-from .errors import HandshakeError, TransferFailed
+from .. import tuning
+from ..errors import HandshakeError, TransferFailed
+from . import base
+from .base import DataPlane, Job, Piece, Stats
 
 log = logging.getLogger(__name__)
 
@@ -163,86 +161,41 @@ def _check_local() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------- engine
-_NO_REGION = Region(0, 0, None)
+# -------------------------------------------------------------------------------- plane
+class ShmPlane(DataPlane):
+    """The process-wide same-host CPU plane: no Transfer Engine, no registration (the kernel
+    reaches any mapped page), copies only to and from processes the handshake verified."""
 
+    kind = KIND
 
-class ShmEngine(Engine):
-    """The process-wide same-host engine. It subclasses :class:`Engine` only to share its
-    interface (a link's ``engine``); no Transfer Engine is involved."""
-
-    # Measured on a 2-core VM (scripts/bench_shm.py, /tmp tuning runs): copying up to 1 MiB on the
-    # loop (~0.1-0.2 ms) beat a thread hand-off by ~40 % at 1 MiB; above, two pool threads copying
-    # 4 MiB pieces doubled one thread's bandwidth (~9 vs ~4.5 GB/s at 64-256 MiB); 2 MiB pieces and
-    # a third thread on two cores were no better.
-    inline_bytes = 1024 * 1024  # copies up to this size run on the loop
-    chunk_bytes = 4 * 1024 * 1024  # larger writes: pieces of at most this size for the pool
-
-    def __init__(self) -> None:  # deliberately not Engine.__init__: no Transfer Engine here
-        self.kind = KIND
+    def __init__(self) -> None:
+        super().__init__()
         self.host = ""
         self.segment = f"pid:{os.getpid()}"
-        self._regions = RegionCache()  # stays empty (engine.unregister looks into it)
-        self._reg_lock = threading.Lock()
-        self.registrations = 0
-        self.unregistrations = 0
         self.writes_submitted = 0  # copies made (syscall batches), for statistics
         self.pulls = 0  # receives completed by pulling from the sender (read, read_sync)
         self._count_lock = threading.Lock()
-        self.peers = 0
         self._allowed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._workers = max(1, min(4, len(os.sched_getaffinity(0))))
 
     @classmethod
-    def instance(cls) -> ShmEngine:
-        """The process's same-host engine, listed with the Transfer Engines (``Engine.existing``,
-        ``Engine.get("shm", ...)``) so pinning, statistics and the handshake find it."""
-        with Engine._lock:
-            inst = Engine._instances.get(KIND)
-            if not isinstance(inst, ShmEngine):
-                inst = Engine._instances[KIND] = cls()
-            return inst
+    def instance(cls) -> ShmPlane:
+        """The process's same-host plane, listed with the others (``planes.existing()``)."""
+        return base.instance(KIND, cls)
 
     # ------------------------------------------------------------ peers
     def allow(self, pid: int) -> None:
-        """Let writes go to ``pid`` (a peer the handshake verified)."""
+        """Let copies go to and from ``pid`` (a peer the handshake verified)."""
         self._allowed.add(pid)
 
     def _pid_of(self, segment: str) -> int:
         kind, _, num = segment.partition(":")
         pid = int(num) if kind == "pid" and num.isdigit() else -1
         if pid not in self._allowed:
-            raise TransferFailed(f"refusing a same-host write to {segment!r}: not a peer this process "
+            raise TransferFailed(f"refusing a same-host copy with {segment!r}: not a peer this process "
                                  "verified during a handshake")
         return pid
-
-    # ------------------------------------------------- the Engine interface
-    def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
-        return _NO_REGION  # nothing to register: the kernel reaches any mapped page
-
-    def release(self, r: Region, pin: bool = False) -> None:
-        pass
-
-    @property
-    def epoch(self) -> int:
-        return 0
-
-    @property
-    def gen(self) -> int:
-        return 0
-
-    def target(self, segment: str, epoch: int, gen: int) -> str:
-        return segment
-
-    def attach(self) -> None:
-        self.peers += 1
-
-    def detach(self) -> None:
-        self.peers = max(0, self.peers - 1)
-
-    def trim(self, *args: Any, **kwargs: Any) -> int:
-        return 0  # nothing registered
 
     def stats(self) -> Stats:
         return Stats(0, 0, 0, self.writes_submitted)
@@ -268,42 +221,35 @@ class ShmEngine(Engine):
         with self._count_lock:
             self.writes_submitted += n
 
-    @property
-    def in_order(self) -> bool:
-        """Pool threads finish copies in any order."""
-        return False
-
-    def write(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
-              lane: int = -1) -> ShmJob:
+    def write(self, target: Any, pieces: Sequence[Piece], window: int, lane: int = -1) -> ShmJob:
         """Copy ``pieces`` of ``(src_addr, dst_addr, length)`` into the peer behind ``segment``.
         ``window`` and ``lane`` are ignored: the pool decides how many copies run at once."""
-        return self._start(ShmJob(self, segment, list(pieces), max(1, window)))
+        return self._start(ShmJob(self, target, list(pieces), max(1, window)))
 
     def read(self, segment: str, src: int, dst: int, length: int) -> ShmJob:
         """Pull ``length`` bytes from ``src`` in the peer behind ``segment`` into ``dst`` here, like
         :meth:`write` (inline up to ``inline_bytes``, else by the pool), for a receive whose RTS
         offered its source: no remote process ever writes into our memory, and stopping the job
         and awaiting it is all it takes to be sure nothing more lands."""
-        return self._start(ShmJob(self, segment, [(src, dst, length)], 1, pull=True))
+        return self._start(ShmJob(self, segment, [(src, dst, length)], 1, read=True))
 
-    def pull(self, segment: str, pieces: Sequence[tuple[int, int, int]], window: int,
-             lane: int = -1) -> ShmJob:
+    def pull(self, target: Any, pieces: Sequence[Piece], window: int, lane: int = -1) -> ShmJob:
         """:meth:`read` in the engine's form: ``pieces`` of ``(local_dst, remote_src, length)``."""
         if len(pieces) != 1:
             raise ValueError("a same-host pull copies one piece")
         dst, src, n = pieces[0]
-        return self.read(segment, src, dst, n)
+        return self.read(target, src, dst, n)
 
     def _start(self, job: ShmJob) -> ShmJob:
-        copy = copy_from if job.pull else copy_to
+        copy = copy_from if job.read else copy_to
         try:
-            job.pid = self._pid_of(job.segment)
+            job.pid = self._pid_of(job.target)
         except TransferFailed as e:
             job.error = str(e)
             job.settle()
             return job
         total = sum(n for _, _, n in job.pieces)
-        if total <= self.inline_bytes:
+        if total <= tuning.SHM_INLINE_BYTES:
             try:
                 for src, dst, n in job.pieces:
                     copy(job.pid, src, dst, n)
@@ -316,7 +262,7 @@ class ShmEngine(Engine):
             return job
         # at least one piece per worker, each a multiple of 4 KiB, none over chunk_bytes
         share = -(-total // self._workers)  # ceil
-        step = min(self.chunk_bytes, max(256 * 1024, (share + 4095) // 4096 * 4096))
+        step = min(tuning.SHM_CHUNK_BYTES, max(256 * 1024, (share + 4095) // 4096 * 4096))
         job.chunks = [(src + off, dst + off, min(step, n - off))
                       for src, dst, n in job.pieces for off in range(0, n, step)]
         workers = min(self._workers, len(job.chunks))
@@ -335,11 +281,11 @@ class ShmEngine(Engine):
 
 
 @dataclass(eq=False)
-class ShmJob(WriteJob):
-    """One copy job (a write, or a pull when ``pull``): resolves ``future`` on the loop once every
-    piece landed, failed or stopped."""
+class ShmJob(Job):
+    """One copy job (a write, or a pull when ``read``: pieces are then (remote source, local
+    destination, length)): resolves ``future`` on the loop once every piece landed, failed or
+    stopped. Never polled: the last pool thread (or the loop, for small copies) settles it."""
 
-    pull: bool = False  # pieces are (remote src, local dst, n): copy from the peer, not to it
     pid: int = -1
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     cursor: int = 0  # next chunk to claim
@@ -351,7 +297,7 @@ class ShmJob(WriteJob):
 
     def drain(self) -> None:
         """Pool thread: copy chunks until none is left, the job stopped, or one failed."""
-        copy = copy_from if self.pull else copy_to
+        copy = copy_from if self.read else copy_to
         try:
             while not self.stopped and self.error is None:
                 with self.lock:
@@ -363,7 +309,7 @@ class ShmJob(WriteJob):
                 copy(self.pid, src, dst, n)
                 with self.lock:
                     self.copies += 1
-                cast(ShmEngine, self.engine)._count(1)
+                cast(ShmPlane, self.plane)._count(1)
         except OSError as e:
             self.error = self.error or _explain(e, self.pid)
         except BaseException as e:  # never leave the future pending
@@ -387,12 +333,10 @@ class ShmJob(WriteJob):
         if self.error is not None:
             self.future.set_exception(TransferFailed(self.error))
         else:
-            if self.pull and self.next:
-                cast(ShmEngine, self.engine).pulls += 1
+            if self.read and self.next:
+                cast(ShmPlane, self.plane).pulls += 1
             self.future.set_result(None)
 
-    def step(self) -> bool:  # the TE poller's hook; shm jobs never go to the poller
-        return self.future.done()
 
 
 _warned_perm = False
@@ -417,8 +361,8 @@ def _explain(e: OSError, pid: int) -> str:
 
 
 def _after_fork_in_child() -> None:
-    inst = Engine._instances.get(KIND)
-    if isinstance(inst, ShmEngine):
+    inst = base._instances.get(KIND)
+    if isinstance(inst, ShmPlane):
         inst._after_fork()
 
 
@@ -434,7 +378,7 @@ def advertise(info: dict[str, Any], host_transport: str) -> None:
     info["host_transport"] = host_transport
     if host_transport == "te" or unavailable() is not None:
         return
-    ShmEngine.instance()
+    ShmPlane.instance()
     info["caps"] = [*info.get("caps", []), KIND]
     info["uid"] = os.getuid()
     info["shm_probe"] = [ctypes.addressof(_probe), int(_probe[0])]
@@ -492,7 +436,7 @@ def verify(theirs: Any, sockname: tuple[str, int], peername: str) -> str | None:
         return f"cannot access process {pid}'s memory ({e.strerror})"
     if word[0] != probe[1]:
         return f"process {pid}'s probe word differs from what it announced"
-    ShmEngine.instance().allow(pid)
+    ShmPlane.instance().allow(pid)
     return None
 
 
