@@ -38,6 +38,7 @@ def echo_peer(port_q: mp.Queue, device: str, sizes: list[int], iters: int) -> No
 
 
 async def measure(port: int, device: str, sizes: list[int], iters: int) -> list[tuple[int, float, float]]:
+    """Per size: (bytes, median round trip in us, messages per second streamed one way)."""
     rows = []
     async with await aiomooncake.connect("127.0.0.1", port) as peer:
         ack = torch.empty(1)
@@ -56,7 +57,7 @@ async def measure(port: int, device: str, sizes: list[int], iters: int) -> list[
             await asyncio.gather(*(peer.send(src, tag=3) for _ in range(iters)))
             await peer.recv(ack, tag=4)
             elapsed = time.perf_counter() - t
-            rows.append((n, statistics.median(rtts) * 1e6, n * iters / elapsed / 1e9))
+            rows.append((n, statistics.median(rtts) * 1e6, iters / elapsed))
     return rows
 
 
@@ -66,6 +67,18 @@ def human(n: int) -> str:
             return f"{n} {unit}"
         n //= 1024
     return f"{n} TiB"
+
+
+def scaled(v: float, unit: str) -> str:
+    """``v`` with the decimal prefix that leaves 1 to 999 in front (82900 -> '82.9 k<unit>',
+    4.2e9 -> '4.20 G<unit>'), so small messages never print as 0.000 GB/s."""
+    prefix = ""
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(v) < 999.5 or prefix == "T":
+            break
+        v /= 1000
+    digits = 0 if abs(v) >= 99.95 else 1 if abs(v) >= 9.995 else 2
+    return f"{v:.{digits}f} {prefix}{unit}"
 
 
 def main() -> None:
@@ -87,10 +100,10 @@ def main() -> None:
             proc.kill()
     print(f"aiomooncake {aiomooncake.__version__}: two processes on localhost, {args.device} tensors, "
           f"median of {args.iters}")
-    print(f"{'size':>10} | {'round trip (us)':>15} | {'one-way stream (GB/s)':>21}")
-    print(f"{'-' * 10}-+-{'-' * 15}-+-{'-' * 21}")
-    for n, rtt, gbps in rows:
-        print(f"{human(n):>10} | {rtt:>15.1f} | {gbps:>21.3f}")
+    print(f"{'size':>10} | {'round trip (us)':>15} | {'one-way stream':>14} | {'messages/s':>10}")
+    print(f"{'-' * 10}-+-{'-' * 15}-+-{'-' * 14}-+-{'-' * 10}")
+    for n, rtt, msgs in rows:
+        print(f"{human(n):>10} | {rtt:>15.1f} | {scaled(n * msgs, 'B/s'):>14} | {msgs:>10,.0f}")
 
 
 if __name__ == "__main__":

@@ -204,12 +204,12 @@ def stranded_regions() -> list[tuple[int, int]]:
 
 
 def load_script(name: str) -> Any:
-    """Import ``scripts/<name>.py`` as module ``name`` (the stress, soak and fuzz scripts the tests
+    """Import ``tests/tools/<name>.py`` as module ``name`` (the stress, soak and fuzz tools the tests
     drive in a small configuration)."""
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec_ = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", f"{name}.py"))
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
+    spec_ = importlib.util.spec_from_file_location(name, os.path.join(tools, f"{name}.py"))
     assert spec_ is not None and spec_.loader is not None
     mod = importlib.util.module_from_spec(spec_)
     sys.modules[name] = mod

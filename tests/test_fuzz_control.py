@@ -4,7 +4,7 @@
    handler is a real rendezvous :class:`Session` (what a Peer does, minus the data plane). Whatever
    arrives, ``data_received`` never raises; an undecodable frame closes the connection with a
    logged ProtocolError; frames before it are delivered in order.
-2. Live, small: ``scripts/fuzz_control.py`` against a listener in another process, while a
+2. Live, small: ``tests/tools/fuzz_control.py`` against a listener in another process, while a
    well-behaved peer keeps doing checksummed round trips with it (the full run is in
    docs/reliability.md).
 """

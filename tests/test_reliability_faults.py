@@ -1,6 +1,6 @@
 """Faults between real processes, the CI-sized runs (the full figures are in docs/reliability.md).
 
-* ``scripts/stress_kill.py``, a handful of trials: kill -9 the receiver and the sender mid-transfer,
+* ``tests/tools/stress_kill.py``, a handful of trials: kill -9 the receiver and the sender mid-transfer,
   freeze a sender; the survivor fails the pending operation with PeerClosed in time, nothing lands
   in its buffer after a recv failed (dead sender), and it keeps working with its other peer and with
   the restarted one (same port and new port), every round trip checksummed.

@@ -1,4 +1,4 @@
-"""Load, the CI-sized run of ``scripts/soak.py``: 1,000 messages in flight across 4 peer processes,
+"""Load, the CI-sized run of ``tests/tools/soak.py``: 1,000 messages in flight across 4 peer processes,
 mixed sizes (empty to 4 MiB, eager and rendezvous), every message checked by its receiver and echoed
 back and checked again: nothing lost, nothing corrupted. The 100,000-message soak with its memory
 figures is in docs/reliability.md."""

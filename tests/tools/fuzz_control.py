@@ -20,8 +20,8 @@ ProtocolError (or a handshake failure) for every connection it closed, and its r
 reported. Frames counted are the frames the target parsed (harmless prefix, the hostile frame, the
 probe when answered).
 
-    python scripts/fuzz_control.py --cases 60000          # >= 100,000 frames
-    python scripts/fuzz_control.py --cases 2000 --json out.json
+    python tests/tools/fuzz_control.py --cases 60000          # >= 100,000 frames
+    python tests/tools/fuzz_control.py --cases 2000 --json out.json
 
 Exit status 0 only if every property held.
 """
@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import msgpack
 import torch

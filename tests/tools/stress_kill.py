@@ -17,8 +17,8 @@ with a *bystander* peer connected for the whole run, and with a restarted victim
 same port as the killed one (same identity) on even trials and on a new port on odd ones. Every
 round trip compares the bytes that came back with the bytes sent. Children are always reaped.
 
-    python scripts/stress_kill.py --trials 50 --kinds receiver,sender
-    python scripts/stress_kill.py --trials 20 --kinds hang --json out.json
+    python tests/tools/stress_kill.py --trials 50 --kinds receiver,sender
+    python tests/tools/stress_kill.py --trials 20 --kinds hang --json out.json
 
 The default options are used unless given (heartbeat 0.5 s / 2 s), so detection times are those a
 user gets. Exit status 0 only if every trial met every check.
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Test the checkout this script lives in, whatever the environment has installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 

@@ -13,7 +13,7 @@ Resident memory (RSS) of the hub and of every child is sampled at each percent o
 1 %: before, nothing has moved yet); the growth reported is the mean over the last 10 % of the
 samples against the mean over the first 10 %.
 
-    python scripts/soak.py --messages 100000 --peers 4 --inflight 1000 --json soak.json
+    python tests/tools/soak.py --messages 100000 --peers 4 --inflight 1000 --json soak.json
 
 Exit status 0 only if nothing was lost or corrupted and every process grew less than --max-growth.
 """
@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 

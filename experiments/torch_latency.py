@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Where the torch layer's small-message round trip goes: gloo against the "aiomooncake" backend,
-and the bare cost of one thread hand-off on this machine (docs/torch.md).
+and the bare cost of one thread hand-off on this machine (the figures in docs/torch.md).
 
-    python scripts/torch_latency.py                      # both backends, 2,000 round trips each
-    python scripts/torch_latency.py --backends aiomooncake --iters 600 --trace
+    python experiments/torch_latency.py                      # both backends, 2,000 round trips each
+    python experiments/torch_latency.py --backends aiomooncake --iters 600
 
 Two spawned ranks exchange an 8 B CPU tensor (``isend(t).wait(); irecv(t).wait()`` against the
 mirror image); rank 0 prints the median round trip after 200 warm-up trips and the median time of
-each of its four calls. First it times ``call_soon_threadsafe`` onto a uvloop thread followed by
-``concurrent.futures.Future.result()`` (main -> loop -> main, two hand-offs). ``--trace`` (the
-aiomooncake backend only) sets AIOMOONCAKE_TRACE=1 and prints one round trip of both ranks'
-marks on one clock.
+each of its four calls. First it times ``call_soon_threadsafe`` onto an aiomooncake event loop
+running in a thread, followed by ``concurrent.futures.Future.result()`` (main -> loop -> main, two
+hand-offs: what the torch backend pays per operation). Public API only. For the core's own round
+trip next to gloo and the backend, use the benchmark:
+
+    python -m aiomooncake.bench --device cpu --impls aiomooncake,aiomooncake-torch,gloo \
+        --modes pingpong --sizes 8
 """
 
 from __future__ import annotations
@@ -18,11 +21,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
-import os
 import socket
 import statistics
-import tempfile
 import threading
 import time
 from typing import Any
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import aiomooncake
 
 WARMUP = 200
 
@@ -42,8 +44,6 @@ def _free_port() -> int:
 
 def handoff_us(n: int = 3000) -> float:
     """Median of main -> event-loop thread -> main, as the torch layer does per operation."""
-    import aiomooncake
-
     loop = aiomooncake.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     ts = []
@@ -57,9 +57,7 @@ def handoff_us(n: int = 3000) -> float:
     return statistics.median(ts[500:]) * 1e6
 
 
-def _worker(rank: int, backend: str, port: int, iters: int, trace_dir: str | None, q: Any) -> None:
-    if trace_dir is not None:
-        os.environ["AIOMOONCAKE_TRACE"] = "1"
+def _worker(rank: int, backend: str, port: int, iters: int, q: Any) -> None:
     if backend == "aiomooncake":
         import aiomooncake.torch  # noqa: F401  (registers the backend)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -72,22 +70,23 @@ def _worker(rank: int, backend: str, port: int, iters: int, trace_dir: str | Non
         if rank == 0:
             w = dist.isend(t, 1)
             ta = time.perf_counter()
+            assert w is not None
             w.wait()
             tb = time.perf_counter()
             w = dist.irecv(t, 1)
             tc = time.perf_counter()
+            assert w is not None
             w.wait()
             td = time.perf_counter()
             parts.append((ta - t0, tb - ta, tc - tb, td - tc))
         else:
-            dist.irecv(t, 0).wait()
-            dist.isend(t, 0).wait()
+            w = dist.irecv(t, 0)
+            assert w is not None
+            w.wait()
+            w = dist.isend(t, 0)
+            assert w is not None
+            w.wait()
         trips.append(time.perf_counter() - t0)
-    if trace_dir is not None:
-        from aiomooncake import _trace
-
-        with open(os.path.join(trace_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(_trace.take()[-200:], f)
     if rank == 0:
         split = [statistics.median(p[i] for p in parts[WARMUP:]) * 1e6 for i in range(4)]
         q.put((statistics.median(trips[WARMUP:]) * 1e6, split))
@@ -95,44 +94,24 @@ def _worker(rank: int, backend: str, port: int, iters: int, trace_dir: str | Non
     dist.destroy_process_group()
 
 
-def _print_trace(trace_dir: str) -> None:
-    marks = []
-    for rank, pad in ((0, "A "), (1, "B       ")):
-        with open(os.path.join(trace_dir, f"rank{rank}.json")) as f:
-            marks += [(t, pad + name) for name, t in json.load(f)]
-    marks.sort()
-    i = len(marks) // 2
-    while marks[i][1] != "A torch:op":
-        i += 1
-    t0 = marks[i][0]
-    for t, name in marks[i:i + 36]:
-        print(f"{(t - t0) * 1e6:8.1f} us  {name}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--backends", default="gloo,aiomooncake")
     ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--trace", action="store_true")
     args = ap.parse_args()
     print(f"hand-off main -> loop -> main: {handoff_us():.1f} us (median)", flush=True)
     ctx = mp.get_context("spawn")
     for backend in args.backends.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            trace_dir = tmp if args.trace and backend == "aiomooncake" else None
-            q = ctx.Queue()
-            port = _free_port()
-            procs = [ctx.Process(target=_worker, args=(r, backend, port, args.iters, trace_dir, q))
-                     for r in range(2)]
-            for p in procs:
-                p.start()
-            rtt, split = q.get(timeout=300)
-            for p in procs:
-                p.join(60)
-            print(f"{backend}: round trip {rtt:.1f} us; rank 0's isend / wait / irecv / wait "
-                  f"{' / '.join(f'{x:.1f}' for x in split)} us", flush=True)
-            if trace_dir is not None:
-                _print_trace(trace_dir)
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, backend, port, args.iters, q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        rtt, split = q.get(timeout=300)
+        for p in procs:
+            p.join(60)
+        print(f"{backend}: round trip {rtt:.1f} us; rank 0's isend / wait / irecv / wait "
+              f"{' / '.join(f'{x:.1f}' for x in split)} us", flush=True)
 
 
 if __name__ == "__main__":
