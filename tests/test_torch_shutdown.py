@@ -85,10 +85,10 @@ def test_exit_without_destroy() -> None:
 def test_loop_thread_takes_a_burst_whole_and_in_order(monkeypatch: Any) -> None:
     """Handed-over work arriving in a burst (the loop waits it out on many-core hosts) all runs, in
     submission order, whether the burst wait is on or off."""
-    import aiomooncake.torch.loop as tl
+    from aiomooncake import tuning
 
     for gap in (30e-6, 0.0):
-        monkeypatch.setattr(tl, "BURST_GAP_S", gap)
+        monkeypatch.setattr(tuning, "TORCH_BURST_GAP_S", gap)
         lt = LoopThread.acquire()
         try:
             seen: list[int] = []

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch
 
 import aiomooncake
-from aiomooncake.engine import Engine
+from aiomooncake import planes
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -200,7 +200,7 @@ class Pool:
 
 
 def writes_submitted() -> int:
-    return sum(e.stats().writes_submitted for e in Engine.existing())
+    return sum(e.stats().writes_submitted for e in planes.existing())
 
 
 async def wait_until(pred: Any, timeout: float, interval: float = 0.001) -> bool:
