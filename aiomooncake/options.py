@@ -9,19 +9,21 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-_TRANSPORTS = ("auto", "tcp", "rdma", "nvlink")
+_TRANSPORTS = ("auto", "tcp", "rdma", "nvlink", "cuda-ipc")
 _HOST_TRANSPORTS = ("auto", "te", "shm")
 # "shm" copies a message in one piece (the plane cuts its own pieces for its threads)
 _AUTO_CHUNK = {"tcp": 256 * 1024 * 1024, "nvlink": 256 * 1024 * 1024, "rdma": 64 * 1024 * 1024,
-               "shm": 1 << 62}
+               "shm": 1 << 62, "cuda-ipc": 1 << 62}
 
 
 @dataclass(frozen=True)
 class Options:
     """Every knob, with the default that suits most users.
 
-    transport: "auto" picks intra-node NVLink for same-host CUDA peers, RDMA where both hosts have
-        HCAs, TCP otherwise; a fixed value must be possible for both peers or the handshake fails.
+    transport: "auto" picks the same-host CUDA plane ("cuda-ipc": CUDA IPC mappings and our own
+        device copies) for CUDA peers of one host where it works, else the Transfer Engine's
+        intra-node NVLink, RDMA where both hosts have HCAs, TCP otherwise; a fixed value ("cuda-ipc",
+        "nvlink", "rdma", "tcp") must be possible for both peers or the handshake fails.
     eager_threshold: messages up to this many bytes travel inside the control frame.
     shm_eager_threshold: the same, towards a peer on the same-host CPU path, where the receiver's
         one-copy pull beats the frame's copies above about 16 KiB (measured: 64 KiB streamed at

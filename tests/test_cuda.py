@@ -1,6 +1,8 @@
-"""CUDA tests: two processes sharing one GPU, same-host peers on the intra-node NVLink transport.
+"""CUDA tests: two processes sharing one GPU, over each same-host CUDA plane: ours (CUDA IPC,
+the default) and the Transfer Engine's intra-node NVLink transport.
 
-Skipped without a GPU (CI); ``scripts/gpu-check`` runs them on a GPU machine.
+Skipped without a GPU (CI); ``scripts/gpu-check`` runs them on a GPU machine. tests/test_cuda_ipc.py
+holds what only the CUDA IPC plane does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 import aiomooncake
 from aiomooncake import planes
-from aiomooncake.planes.te import TePlane
+from aiomooncake.planes.base import DataPlane
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,9 +34,15 @@ def remote() -> Iterator[object]:
     r.stop()
 
 
+@pytest.fixture(scope="module", params=["cuda-ipc", "nvlink"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The plane every test of this module runs over (the client forces it; the remote is "auto")."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def peer(remote: object) -> AsyncIterator[aiomooncake.Peer]:
-    p = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
+async def peer(remote: object, kind: str) -> AsyncIterator[aiomooncake.Peer]:
+    p = await aiomooncake.connect("127.0.0.1", remote.port, transport=kind)  # type: ignore[attr-defined]
     yield p
     await p.close()
 
@@ -67,9 +75,10 @@ def inline_remote() -> Iterator[object]:
 
 
 @pytest.fixture
-async def inline_peer(inline_remote: object) -> AsyncIterator[aiomooncake.Peer]:
+async def inline_peer(inline_remote: object, kind: str) -> AsyncIterator[aiomooncake.Peer]:
     """Both sides send small ready CUDA tensors inline (off by default between peers on one GPU)."""
-    p = await aiomooncake.connect("127.0.0.1", inline_remote.port, inline_cuda=True)  # type: ignore[attr-defined]
+    p = await aiomooncake.connect("127.0.0.1", inline_remote.port,  # type: ignore[attr-defined]
+                                  inline_cuda=True, transport=kind)
     yield p
     await p.close()
 
@@ -92,8 +101,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(raw(a), raw(b)))
 
 
-def engine() -> TePlane:
-    return next(e for e in planes.existing() if isinstance(e, TePlane) and e.kind == "nvlink")
+def plane_of(kind: str) -> DataPlane:
+    return next(e for e in planes.existing() if e.kind == kind)
 
 
 def dtypes() -> list[torch.dtype]:
@@ -112,8 +121,14 @@ def dtypes() -> list[torch.dtype]:
     return out
 
 
-async def test_transport_is_nvlink(peer: aiomooncake.Peer) -> None:
-    assert peer.transports["cuda"] == "nvlink"
+async def test_the_plane_is_the_one_asked_for(peer: aiomooncake.Peer, kind: str) -> None:
+    assert peer.transports["cuda"] == kind
+    assert peer.data_path == ("cuda-ipc" if kind == "cuda-ipc" else "te:nvlink")
+
+
+async def test_auto_takes_cuda_ipc(remote: object) -> None:
+    async with await aiomooncake.connect("127.0.0.1", remote.port) as p:  # type: ignore[attr-defined]
+        assert p.data_path == "cuda-ipc", p.data_paths
 
 
 @pytest.mark.parametrize("nbytes", [1, 4097, 64 * 1024 + 1, MiB, 64 * MiB + 3])
@@ -139,11 +154,11 @@ async def test_every_dtype(peer: aiomooncake.Peer) -> None:
             assert back.dtype == dt and same_bytes(back, x), dt
 
 
-async def test_views_slices_and_shared_segment(peer: aiomooncake.Peer) -> None:
+async def test_views_slices_and_shared_segment(peer: aiomooncake.Peer, kind: str) -> None:
     base = torch.randint(0, 256, (8 * MiB,), dtype=torch.uint8, device="cuda")
-    eng = engine()
+    eng = plane_of(kind)
     await echo(peer, base)
-    regs = eng.registrations
+    regs = eng.stats().registrations
     for off in (1, 4095, 3 * MiB + 17):
         view = base[off:off + 2 * MiB]  # interior, unaligned pointers in an already registered segment
         assert same_bytes(await echo(peer, view), view)
@@ -151,24 +166,24 @@ async def test_views_slices_and_shared_segment(peer: aiomooncake.Peer) -> None:
     assert same_bytes(await echo(peer, strided), strided.contiguous())
     # several tensors of one caching-allocator segment register that segment once
     small = [torch.full((100_000,), i, dtype=torch.uint8, device="cuda") for i in range(8)]
-    before = eng.registrations
+    before = eng.stats().registrations
     for t in small:
         assert same_bytes(await echo(peer, t), t)
-    assert eng.registrations - before <= 2, "tensors of one segment must not register one by one"
-    assert eng.registrations - regs <= 2 + 2
+    assert eng.stats().registrations - before <= 2, "tensors of one segment must not register one by one"
+    assert eng.stats().registrations - regs <= 2 + 2
 
 
-async def test_freed_and_reallocated_between_sends(peer: aiomooncake.Peer) -> None:
-    eng = engine()
+async def test_freed_and_reallocated_between_sends(peer: aiomooncake.Peer, kind: str) -> None:
+    eng = plane_of(kind)
     x = torch.randint(0, 256, (16 * MiB,), dtype=torch.uint8, device="cuda")
     await echo(peer, x)
-    regs = eng.registrations
+    regs = eng.stats().registrations
     for i in range(20):
         del x
         x = torch.full((16 * MiB,), i, dtype=torch.uint8, device="cuda")  # same caching-allocator block
         back = await echo(peer, x)
         assert int(back[0]) == i and same_bytes(back, x)
-    assert eng.registrations == regs, "the same segment must not be registered again"
+    assert eng.stats().registrations == regs, "the same segment must not be registered again"
     # segments given back to the driver and new ones (often at the same address): no stale mapping
     del x, back
     aiomooncake.empty_cache()
@@ -280,31 +295,33 @@ async def test_recv_tensor_on_gpu(peer: aiomooncake.Peer) -> None:
     assert got.is_cuda and got.shape == x.shape and same_bytes(got, x)
 
 
-async def test_memory_flat_over_1000_sends(remote: object) -> None:
-    peer = await aiomooncake.connect("127.0.0.1", remote.port)  # type: ignore[attr-defined]
+async def test_memory_flat_over_1000_sends(remote: object, kind: str) -> None:
+    peer = await aiomooncake.connect("127.0.0.1", remote.port, transport=kind)  # type: ignore[attr-defined]
+    eng = plane_of(kind)
     xs = [torch.randint(0, 256, (3 * MiB + i,), dtype=torch.uint8, device="cuda") for i in range(4)]
     backs = [torch.empty_like(x) for x in xs]
     for i in range(50):
         await asyncio.gather(peer.send(xs[i % 4], tag=0), peer.recv(backs[i % 4], tag=0))
     torch.cuda.synchronize()
     free0, _ = torch.cuda.mem_get_info()
-    regs0 = engine().registrations
+    regs0 = eng.stats().registrations
     for i in range(1000):
         await asyncio.gather(peer.send(xs[i % 4], tag=0), peer.recv(backs[i % 4], tag=0))
     torch.cuda.synchronize()
     free1, _ = torch.cuda.mem_get_info()
-    assert engine().registrations == regs0
+    assert eng.stats().registrations == regs0
     assert free0 - free1 < 64 * MiB, f"GPU memory fell by {(free0 - free1) / MiB:.0f} MiB over 1000 sends"
     assert all(same_bytes(b, x) for b, x in zip(backs, xs, strict=True))
     # Device registrations outlive the peer (torch keeps the segments; re-registering them would
     # make the next peer's sender re-open IPC mappings): closing neither grows nor leaks them.
-    cached = engine().stats().cached_regions
+    cached = eng.stats().cached_regions
     await peer.close()
-    assert engine().stats().cached_regions == cached
-    assert aiomooncake.empty_cache() >= 1  # what the user calls to give them back
+    assert eng.stats().cached_regions == cached
+    if kind == "nvlink":
+        assert aiomooncake.empty_cache() >= 1  # what the user calls to give them back
 
 
-async def test_burst_of_mixed_sizes_both_ways() -> None:
+async def test_burst_of_mixed_sizes_both_ways(kind: str) -> None:
     """An EPLB-like burst (64 messages each way, 3.5 KB to 1.4 MB, all in flight): every byte
     lands where it belongs, and the copier submitted the copies started by one read of frames in
     shared engine batches (counted across both processes: either may be the copier)."""
@@ -312,8 +329,8 @@ async def test_burst_of_mixed_sizes_both_ways() -> None:
 
     r = BurstRemote()
     try:
-        peer = await aiomooncake.connect("127.0.0.1", r.port)
-        eng = engine()
+        peer = await aiomooncake.connect("127.0.0.1", r.port, transport=kind)
+        eng = plane_of(kind)
         before = eng.stats()
         outs = [burst_pattern(0, i, n) for i, n in enumerate(BURST_SIZES)]
         ins = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in BURST_SIZES]

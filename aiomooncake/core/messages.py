@@ -18,7 +18,7 @@ from typing import Any, Union
 from ..errors import ProtocolError
 
 # 2: CTS carries the receiver's registration epoch and generation; 3: RTS may offer a pull source
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class Kind(IntEnum):
@@ -70,6 +70,7 @@ class Rts:
     src: int = 0  # nonzero: the source's address, offered for a same-host pull (then ACK ends it)
     epoch: int = 0  # with src over the engine: the sender's registration state (see Cts)
     gen: int = 0
+    desc: bytes = b""  # with src: what the plane needs to reach it (a CUDA IPC handle), opaque here
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -80,6 +81,7 @@ class Cts:
     link: str  # which data-plane link to write over ("cpu" or "cuda")
     epoch: int = 0  # the receiver engine's registration count: the sender refreshes its view on change
     gen: int = 0  # the receiver engine's unregistration count: cached remote mappings may be stale
+    desc: bytes = b""  # what the plane needs to reach the destination (a CUDA IPC handle), opaque here
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -169,9 +171,9 @@ def encode(msg: Message) -> list[Any]:
         return [Kind.EAGER, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.data, msg.device]
     if isinstance(msg, Rts):
         return [Kind.RTS, msg.op, msg.tag, msg.dtype, list(msg.shape), msg.nbytes, msg.device, msg.src,
-                msg.epoch, msg.gen]
+                msg.epoch, msg.gen, msg.desc]
     if isinstance(msg, Cts):
-        return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen]
+        return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen, msg.desc]
     if isinstance(msg, Ack):
         return [Kind.ACK, msg.op]
     if isinstance(msg, Nack):
@@ -229,6 +231,15 @@ def _info(v: Any) -> dict[str, Any]:
     return v
 
 
+MAX_DESC = 256
+
+
+def _desc(v: Any) -> bytes:
+    if type(v) is not bytes or len(v) > MAX_DESC:
+        raise ProtocolError(f"bad plane descriptor: {v!r:.80}")
+    return v
+
+
 def _code(v: Any) -> Code:
     try:
         return Code(_int(v, "code"))
@@ -263,12 +274,12 @@ def _eager(f: list[Any]) -> Eager:
 
 _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.EAGER: (6, _eager),
-    Kind.RTS: (9, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
-                                _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
-                                _str(f[6], "device"), _int(f[7], "src"), _int(f[8], "epoch"),
-                                _int(f[9], "gen"))),
-    Kind.CTS: (6, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
-                                _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"))),
+    Kind.RTS: (10, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
+                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
+                                 _str(f[6], "device"), _int(f[7], "src"), _int(f[8], "epoch"),
+                                 _int(f[9], "gen"), _desc(f[10]))),
+    Kind.CTS: (7, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
+                                _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"), _desc(f[7]))),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),
     Kind.NACK: (3, lambda f: Nack(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
     Kind.DONE: (1, lambda f: Done(_int(f[1], "op"))),

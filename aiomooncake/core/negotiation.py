@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import HandshakeError
 
 _SHM = "shm"
+_IPC = "cuda-ipc"  # the same-host CUDA plane (CUDA IPC mappings, our own device copies)
 
 
 def plan_links(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
@@ -51,7 +52,7 @@ def _use_shm(client: dict[str, Any], server: dict[str, Any]) -> bool:
                                  "use host_transport='te' or 'auto'")
         return True
     return possible and {client.get("transport", "auto"), server.get("transport", "auto")} <= {
-        "auto", "nvlink"}
+        "auto", "nvlink", _IPC}
 
 
 def _host_side(info: dict[str, Any], who: str) -> str:
@@ -70,20 +71,25 @@ def _plan_engine(client: dict[str, Any], server: dict[str, Any]) -> dict[str, st
         raise HandshakeError(f"transport mismatch: the client asks for {want_c!r}, the server for "
                              f"{want_s!r}; configure both peers with the same transport (or 'auto')")
     want = want_s if want_c == "auto" else want_c
-    common = (ccaps & scaps) - {_SHM}  # the same-host path is no Transfer Engine transport
+    common = ccaps & scaps
     host_t = "rdma" if "rdma" in common else "tcp"
     if want == "auto":
-        dev_t = "nvlink" if same_host and "nvlink" in common else host_t
+        dev_t = host_t
+        if same_host:  # the same-host CUDA plane where both offer it, else the engine's NVLink
+            dev_t = _IPC if _IPC in common else "nvlink" if "nvlink" in common else host_t
         return {"cpu": host_t, "cuda": dev_t}
+    if want == _SHM:
+        raise HandshakeError("transport 'shm' is not available as a Transfer Engine transport: set "
+                             "host_transport='shm' for the same-host CPU path")
     if want not in common:
         lacking = [side for side, caps in (("client", ccaps), ("server", scaps)) if want not in caps]
         raise HandshakeError(f"transport {want!r} is not available on the {' and '.join(lacking)} "
                              f"(client can do {sorted(ccaps)}, server {sorted(scaps)})")
-    if want == "nvlink":
+    if want in ("nvlink", _IPC):
         if not same_host:
-            raise HandshakeError("transport 'nvlink' needs both peers on the same host; use 'rdma' or "
+            raise HandshakeError(f"transport {want!r} needs both peers on the same host; use 'rdma' or "
                                  "'tcp' across hosts")
-        return {"cpu": host_t, "cuda": "nvlink"}
+        return {"cpu": host_t, "cuda": want}
     return {"cpu": want, "cuda": want}
 
 
@@ -107,7 +113,9 @@ def roles(plan: dict[str, str], local: dict[str, Any], remote: dict[str, Any],
     * ``shm``: the receiver pulls (no other process ever writes into our memory);
     * ``nvlink`` between two processes on one GPU (same GPU UUID): one of them, the lower engine
       segment, runs every copy between them (two processes issuing copies on one GPU pay a context
-      switch each time theirs alternate); ``one_copier=False`` lets each sender write instead.
+      switch each time theirs alternate); ``one_copier=False`` lets each sender write instead;
+    * ``cuda-ipc``: on one GPU likewise one copier; otherwise (different GPUs, or ``one_copier``
+      off) the receiver pulls, so a frozen or dead sender can never write into a receive that failed;
     * otherwise the sender writes.
     """
     out: dict[str, tuple[bool, bool]] = {}
@@ -115,9 +123,11 @@ def roles(plan: dict[str, str], local: dict[str, Any], remote: dict[str, Any],
     for name, transport in plan.items():
         if transport == _SHM:
             out[name] = (True, True)
-        elif transport == "nvlink" and one_copier and same_gpu:
+        elif transport in ("nvlink", _IPC) and one_copier and same_gpu:
             copier = local_segments[transport] < remote_segments[transport]
             out[name] = (not copier, copier)
+        elif transport == _IPC:
+            out[name] = (True, True)
         else:
             out[name] = (False, False)
     return out

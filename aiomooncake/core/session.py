@@ -100,6 +100,7 @@ class SendOp:
     context: object = None  # the adapter's handle (future, tensor, ...)
     cancelled_by: str = ""  # "sender" or "receiver" once a cancellation stopped the writes
     src: int = 0  # the source address offered for a pull (rendezvous on a same-host link)
+    desc: bytes = b""  # the receiver's plane descriptor of the destination (from its CTS)
 
 
 @dataclass(eq=False, slots=True)
@@ -204,7 +205,8 @@ class Session:
 
     # ------------------------------------------------------------------ sending
     def post_send(self, tag: int, dtype: str, shape: tuple[int, ...], nbytes: int, device: str,
-                  payload: bytes | None, src: int = 0, epoch: int = 0, gen: int = 0) -> SendOp:
+                  payload: bytes | None, src: int = 0, epoch: int = 0, gen: int = 0,
+                  desc: bytes = b"") -> SendOp:
         """Start a send. Pass ``payload`` (the bytes) for an eager send, ``None`` for rendezvous.
         A rendezvous may offer ``src``, the source's address, for the receiver to pull from (a
         same-host link; over the engine with the sender's registration ``epoch`` and ``gen``): it
@@ -224,7 +226,8 @@ class Session:
         if payload is not None:
             self.outbox.append(Eager(op.id, tag, dtype, shape, payload, device))
         else:
-            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src, epoch, gen))
+            self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src, epoch, gen,
+                                   desc if op.src else b""))
         return op
 
     def is_eager(self, nbytes: int) -> bool:
@@ -290,7 +293,8 @@ class Session:
             self._match(op, msg)
         return op
 
-    def accept(self, op: RecvOp, link: str, addr: int, capacity: int, epoch: int = 0, gen: int = 0) -> None:
+    def accept(self, op: RecvOp, link: str, addr: int, capacity: int, epoch: int = 0, gen: int = 0,
+               desc: bytes = b"") -> None:
         """The destination of a matched rendezvous receive is ready at ``addr``."""
         if op.state is not RecvState.MATCHED or not isinstance(op.msg, Rts):
             raise RuntimeError(f"accept() on a receive in state {op.state.value}")
@@ -298,7 +302,7 @@ class Session:
             return
         op.state = RecvState.CTS_SENT
         op.link = link
-        self.outbox.append(Cts(op.remote_op, addr, capacity, link, epoch, gen))
+        self.outbox.append(Cts(op.remote_op, addr, capacity, link, epoch, gen, desc))
 
     def delivered(self, op: RecvOp) -> None:
         """The eager payload of ``op`` was copied into the destination."""
@@ -417,6 +421,7 @@ class Session:
                 f"{s.nbytes} B; nothing was written"))
             return
         s.addr, s.capacity, s.link, s.epoch, s.gen = msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen
+        s.desc = msg.desc
         s.state = SendState.WRITING
         self.events.append(WriteRequested(s))
 

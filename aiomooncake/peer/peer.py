@@ -106,9 +106,9 @@ class Peer:
         self._staging = Staging(eager)
         self._closing = False
         self._jobs: set[Job] = set()  # copies into the remote in flight from this peer
-        self._planes = {id(link.plane): link.plane for link in self._links.values()}
-        for plane in self._planes.values():
-            plane.attach()
+        self._planes = {id(link.plane): link for link in self._links.values()}
+        for link in self._planes.values():
+            link.plane.attach(link.remote_segment)
         self._detached = False
         quarantine.prune()
         # Small CUDA tensors whose producer is done travel in the frame (see post_send), unless the
@@ -121,7 +121,7 @@ class Peer:
         self._busy = BusyPoller.for_loop(options.busy_poll)
         remote_busy = agreement.remote.get("busy_poll")  # absent from older peers: assume sleeping
         hooks = None
-        if any(p.in_order for p in self._planes.values()):
+        if any(link.plane.in_order for link in self._planes.values()):
             # The copies that the RTS and CTS frames of one socket read start go to their plane in
             # batches: on the NVLink transport about half the cost per request of lone submits.
             p = poller()
@@ -157,7 +157,7 @@ class Peer:
         """The data plane this peer's tensors take: that of CUDA tensors when both sides can
         exchange them directly, else that of CPU tensors (see :attr:`data_paths`)."""
         cuda = self._links.get("cuda")
-        if cuda is not None and cuda.transport == "nvlink":
+        if cuda is not None and cuda.transport in ("nvlink", "cuda-ipc"):
             return cuda.plane.name
         return self._links["cpu"].plane.name
 
@@ -279,8 +279,8 @@ class Peer:
         quarantine.prune()
         if not self._detached:
             self._detached = True
-            for plane in self._planes.values():
-                plane.detach()
+            for link in self._planes.values():
+                link.plane.detach(link.remote_segment)
 
     async def __aenter__(self) -> Peer:
         return self
@@ -336,9 +336,13 @@ class Peer:
         elif link is not None and link.offers and (ready is None or _settled(ready)):
             ready = None
             plane = link.plane
-            region = plane.acquire(src)
-            held = (plane, region)
-            pull_src, offered = src.data_ptr(), plane.announce(region)
+            try:
+                region = plane.acquire(src)
+            except AiomooncakeError as e:  # memory the plane cannot expose: the receiver asks us to write
+                log.debug("not offering a source to %s: %s", self.address, e)
+            else:
+                held = (plane, region)
+                pull_src, offered = src.data_ptr(), plane.announce(region)
         fut: asyncio.Future[None] = self._loop.create_future()
         if _trace.on:
             _trace.mark("send:post")
@@ -346,7 +350,7 @@ class Peer:
             self._busy.kick()
         try:
             op = s.post_send(tag, dtype_name(src.dtype), tuple(src.shape), nbytes, dev, payload, pull_src,
-                             offered.epoch, offered.gen)
+                             offered.epoch, offered.gen, offered.desc or b"")
         except BaseException:
             if held is not None:
                 held[0].release(held[1])
@@ -411,11 +415,11 @@ class Peer:
                 raise TransferCancelled("cancelled before any byte was written")
             src = p.src
             plane = link.plane
-            region = plane.acquire(src)
+            region = plane.prepare_local(src)
             base = src.data_ptr()
             pieces = [(base + c.offset, check_write(op.addr, op.capacity, c), c.length)
                       for c in plan_chunks(op.nbytes, self.options.chunk_for(link.transport))]
-            target = plane.target(link.remote_segment, Announcement(op.epoch, op.gen))
+            target = plane.target(link.remote_segment, Announcement(op.epoch, op.gen, op.desc))
             if _trace.on:
                 _trace.mark("send:submit")
             job = p.job = plane.write(target, pieces, self.options.window, src.get_device())
@@ -603,8 +607,8 @@ class Peer:
         link = self._links[link_for("cpu" if work.is_cpu else "cuda", msg.device, self._links)]
         plane = link.plane
         try:
-            p.region = (plane, plane.acquire(work))
-            target = plane.target(link.remote_segment, Announcement(msg.epoch, msg.gen))
+            p.region = (plane, plane.prepare_local(work))
+            target = plane.target(link.remote_segment, Announcement(msg.epoch, msg.gen, msg.desc))
             base = work.data_ptr()
             pieces = [(base + c.offset, msg.src + c.offset, c.length)
                       for c in plan_chunks(work.nbytes, self.options.chunk_for(link.transport))]
@@ -665,7 +669,7 @@ class Peer:
         if _trace.on:
             _trace.mark("recv:cts")
         ann = plane.announce(region)
-        self._session.accept(op, link_name, work.data_ptr(), work.nbytes, ann.epoch, ann.gen)
+        self._session.accept(op, link_name, work.data_ptr(), work.nbytes, ann.epoch, ann.gen, ann.desc or b"")
         if link_name == "cuda" and self._busy is not None:
             # The DONE follows the sender's device write (~90 us per 100 MB, queued behind its other
             # writes): stay awake for it. Not on host links, whose planes need the CPU we would spin.

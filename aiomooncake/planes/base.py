@@ -122,11 +122,12 @@ class DataPlane:
         return self.kind
 
     # ------------------------------------------------------------ peers
-    def attach(self) -> None:
+    def attach(self, remote: str = "") -> None:
+        """A peer linked to the remote plane ``remote`` through this plane."""
         self.peers += 1
 
-    def detach(self) -> None:
-        """A peer closed; when none is left a plane may drop what it cached for them."""
+    def detach(self, remote: str = "") -> None:
+        """A peer closed (its copies settled); when none is left a plane may drop what it cached."""
         self.peers = max(0, self.peers - 1)
 
     # ---------------------------------------------------------- exposure
@@ -137,6 +138,12 @@ class DataPlane:
 
     def release(self, r: Region, pin: bool = False) -> None:
         """One user of ``r`` is done."""
+
+    def prepare_local(self, t: torch.Tensor) -> Region:
+        """Make ``t``'s memory usable by this process's own copies (the source of a write, the
+        destination of a pull); :meth:`release` it after. Planes whose remote copies need nothing of
+        it (CUDA IPC) skip the exposure :meth:`acquire` would make."""
+        return self.acquire(t)
 
     def announce(self, r: Region) -> Announcement:
         """What the remote needs to reach memory in ``r`` (sent with the CTS or the pull offer)."""

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.negotiation import plan_links, roles
-from ..errors import ProtocolError
+from ..errors import HandshakeError, ProtocolError
 from ..hostid import gpu_uuid, host_id
 from ..options import Options
-from . import shm, te
+from . import cuda_ipc, shm, te
 from .base import DataPlane
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,13 @@ def local_info(options: Options) -> dict[str, Any]:
     caps = te.capabilities()
     info: dict[str, Any] = {"caps": caps, "transport": options.transport, "host_id": host_id(),
                             "pid": os.getpid(), "max_frame": options.max_frame,
-                            "busy_poll": options.busy_poll}
-    if "nvlink" in caps:
+                            "busy_poll": options.busy_poll, "one_copier": options.one_copier}
+    if options.transport in ("auto", cuda_ipc.KIND):  # the same-host CUDA plane, where possible
+        probe = cuda_ipc.probe_info()
+        if probe is not None:
+            caps.insert(0, cuda_ipc.KIND)
+            info["ipc_probe"] = probe
+    if "nvlink" in caps or cuda_ipc.KIND in caps:
         info["gpu"] = gpu_uuid()
     shm.advertise(info, options.host_transport)  # the same-host CPU path, where possible
     return info
@@ -57,8 +62,16 @@ def local_info(options: Options) -> dict[str, Any]:
 
 def screen(mine: dict[str, Any], remote: Any, sockname: tuple[str, int], peername: str) -> None:
     """Server side, before planning: drop from ``mine`` what the client's process cannot be
-    reached by (the same-host path, unless the client is verified)."""
+    reached by (the same-host paths, unless they really work with the client: tried here)."""
     shm.screen(mine, remote, sockname, peername)
+    caps = remote.get("caps") if isinstance(remote, dict) else None
+    if (cuda_ipc.KIND in mine.get("caps", ()) and isinstance(caps, list) and cuda_ipc.KIND in caps
+            and remote.get("host_id") == mine.get("host_id")):
+        why = cuda_ipc.check_remote(remote.get("ipc_probe"), remote.get("pid"))
+        if why is not None:
+            log.info("CUDA IPC with %s does not work (%s): CUDA tensors take the Transfer Engine",
+                     peername, why)
+            mine["caps"] = [c for c in mine["caps"] if c != cuda_ipc.KIND]
 
 
 def plan(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
@@ -69,13 +82,24 @@ def plan(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
 def confirm(chosen: dict[str, str], remote: Any, sockname: tuple[str, int], peername: str) -> None:
     """Client side: check that the planes the server chose reach the server's process."""
     shm.confirm(chosen, remote, sockname, peername)
+    if chosen.get("cuda") == cuda_ipc.KIND:
+        why = cuda_ipc.check_remote(remote.get("ipc_probe") if isinstance(remote, dict) else None,
+                                    remote.get("pid") if isinstance(remote, dict) else None)
+        if why is not None:
+            raise HandshakeError(f"the server at {peername} chose CUDA IPC, but this process cannot map "
+                                 f"its memory ({why}); connect with transport='nvlink' or 'tcp'")
 
 
 async def start(chosen: dict[str, str], host: str) -> dict[str, DataPlane]:
     """This process's plane of each kind in ``chosen`` (started on first use)."""
     out: dict[str, DataPlane] = {}
     for kind in sorted(set(chosen.values())):
-        out[kind] = shm.ShmPlane.instance() if kind == shm.KIND else await te.start(kind, host)
+        if kind == shm.KIND:
+            out[kind] = shm.ShmPlane.instance()
+        elif kind == cuda_ipc.KIND:
+            out[kind] = cuda_ipc.CudaIpcPlane.instance()
+        else:
+            out[kind] = await te.start(kind, host)
     return out
 
 
@@ -90,7 +114,8 @@ async def links(chosen: dict[str, str], planes: dict[str, DataPlane], remote_seg
     if not isinstance(remote_segments, dict) or not all(
             isinstance(remote_segments.get(t), str) for t in chosen.values()):
         raise ProtocolError(f"handshake: the peer sent no segment for each of {sorted(set(chosen.values()))}")
-    who = roles(chosen, agreement_local, remote, segments(planes), remote_segments, options.one_copier)
+    one_copier = options.one_copier and remote.get("one_copier", True) is not False  # both must agree
+    who = roles(chosen, agreement_local, remote, segments(planes), remote_segments, one_copier)
     out = {}
     for name, kind in chosen.items():
         offers, pulls = who[name]

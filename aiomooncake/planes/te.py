@@ -258,13 +258,13 @@ class TePlane(DataPlane):
         cached segment, dead ones included)."""
         return await asyncio.get_running_loop().run_in_executor(None, _sync_segment_cache, self._te)
 
-    def detach(self) -> None:
+    def detach(self, remote: str = "") -> None:
         """A peer closed: when none is left, release the cached registrations of host memory.
 
         Device registrations stay: a CUDA segment lives as long as torch's caching allocator keeps
         it, and unregistering it would only make the next peer's sender re-open its IPC mapping
         under a new alias (mappings the engine never closes)."""
-        super().detach()
+        super().detach(remote)
         if self.peers == 0:
             n = self.trim(cpu_only=True)
             if n:
