@@ -84,7 +84,7 @@ async def inline_peer(inline_remote: object, kind: str) -> AsyncIterator[aiomoon
 
 
 @pytest.fixture(params=["engine", "inline"])
-def either_peer(request: pytest.FixtureRequest) -> aiomooncake.Peer:
+def either_peer(request: pytest.FixtureRequest, kind: str) -> aiomooncake.Peer:
     """The test runs over both paths of a small CUDA tensor."""
     return request.getfixturevalue("peer" if request.param == "engine" else "inline_peer")  # type: ignore[no-any-return]
 

@@ -376,6 +376,8 @@ class Peer:
 
     def _withdraw_send(self, p: PendingSend) -> None:
         """The caller gave up on a send: abort it, or stop its copies (idempotent)."""
+        if p.op is None:  # it is over
+            return
         if self._session.cancel_send(p.op):
             p.stop = True
             if p.job is not None:
@@ -505,7 +507,7 @@ class Peer:
 
     def _withdraw_recv(self, p: PendingRecv) -> None:
         """Withdraw a receive (no await, idempotent): see :meth:`PendingRecv.withdraw`."""
-        if p.withdrawn or (p.future.done() and not p.future.cancelled()):
+        if p.withdrawn or p.op is None or (p.future.done() and not p.future.cancelled()):
             return
         p.withdrawn = True
         p.future.cancel()
@@ -527,8 +529,8 @@ class Peer:
         try:
             await asyncio.wait_for(asyncio.shield(p.released), self.options.cancel_timeout)
         except asyncio.TimeoutError:
-            log.error("%s did not confirm it stopped writing into a cancelled recv (tag %s) within "
-                      "%g s; closing the connection", self.address, p.op.tag, self.options.cancel_timeout)
+            log.error("%s did not confirm it stopped writing into a cancelled recv within %g s; "
+                      "closing the connection", self.address, self.options.cancel_timeout)
             self._conn.close(PeerClosed("the peer did not answer a cancellation"))
 
     def _matched(self, op: RecvOp) -> None:
@@ -705,7 +707,7 @@ class Peer:
     def _release_or_quarantine(self, p: PendingRecv) -> None:
         """Release a failed receive's memory, unless the connection died while the sender may still
         be writing into it (its CTS went out): then it is quarantined (see :mod:`.quarantine`)."""
-        if p.region is None or self._session.closed is None or not p.op.link:
+        if p.region is None or self._session.closed is None or p.op is None or not p.op.link:
             self._release(p)  # also a pull's: our own copies, stopped and settled, wrote the bytes
             return
         quarantine.hold(self.quarantine_s, p.region, (p.work, p.dest, p.device_work))
@@ -750,15 +752,18 @@ class Peer:
         if t is SendComplete:
             sp: PendingSend = ev.op.context  # type: ignore[attr-defined]
             _drop_held(sp)
+            sp.op = None  # no cycle (op.context <-> p.op) keeps the tensor past its operation
             if not sp.future.done():
                 sp.future.set_result(None)
         elif t is RecvMatched:
             self._matched(ev.op)  # type: ignore[attr-defined]
         elif t is RecvComplete:
             self._completed(ev.op)  # type: ignore[attr-defined]
+            ev.op.context.op = None  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
             fp: PendingSend = ev.op.context  # type: ignore[assignment]
             _drop_held(fp)
+            fp.op = None
             _set_exc(fp.future, ev.error)
         elif isinstance(ev, WriteRequested):
             self._start_write(ev.op)
@@ -774,9 +779,11 @@ class Peer:
                 return
             self._release_or_quarantine(rp)
             _set_exc(rp.future, ev.error)
+            rp.op = None
         elif isinstance(ev, RecvReleased):
             rp = ev.op.context  # type: ignore[assignment]
             self._release_or_quarantine(rp)
+            rp.op = None
             if rp.released is not None and not rp.released.done():
                 rp.released.set_result(None)
         elif isinstance(ev, MessageArrived):
@@ -788,6 +795,7 @@ class Peer:
         await self._after_pull(p)
         self._release_or_quarantine(p)
         _set_exc(p.future, error)
+        p.op = None
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)

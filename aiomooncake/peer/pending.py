@@ -36,7 +36,7 @@ class PendingSend:
         self.src = src  # what the plane reads (a contiguous tensor, or its host copy)
         self.ready = ready  # the caller's stream mark the copy must wait for (CUDA)
         self.held = held  # our source's exposure, offered for the remote to pull
-        self.op: SendOp = None  # type: ignore[assignment]  # set right after posting
+        self.op: SendOp | None = None  # set right after posting; None again once it is over
         self.job: Job | None = None
         self.stop = False
         self.retries = 0
@@ -74,7 +74,7 @@ class PendingRecv:
         self.device = device  # recv_tensor's requested device
         self.ready = ready  # the caller's stream mark the copy must wait for (CUDA)
         self.stream = stream  # the caller's current CUDA stream at post time
-        self.op: RecvOp = None  # type: ignore[assignment]  # set right after posting
+        self.op: RecvOp | None = None  # set right after posting; None again once it is over
         self.work: torch.Tensor | None = None  # the contiguous tensor the bytes land in
         self.device_work: torch.Tensor | None = None  # the CUDA destination of a host-staged receive
         self.region: tuple[DataPlane, Region] | None = None

@@ -238,7 +238,8 @@ class CudaIpcPlane(DataPlane):
         self.segment = f"ipc:{os.getpid()}"
         self._lock = threading.Lock()
         self._regions = RegionCache()
-        self._maps: dict[int, list[_Mapping]] = {}  # remote pid -> its segments mapped here
+        # remote pid -> its segments mapped here, by (base, buffer id): one lookup per copy
+        self._maps: dict[int, dict[tuple[int, int], _Mapping]] = {}
         self._peers_of: dict[int, int] = {}  # remote pid -> attached peers
         self._streams: dict[int, Any] = {}
         self._events: list[Any] = []
@@ -386,16 +387,19 @@ class CudaIpcPlane(DataPlane):
         """This process's mapping of the remote segment ``announced`` describes (opened once)."""
         pid = self._pid_of(segment)
         desc = unpack_desc(announced.desc)
-        maps = self._maps.setdefault(pid, [])
-        for m in maps:
-            if m.desc == desc:
-                return m
+        maps = self._maps.get(pid)
+        if maps is None:
+            maps = self._maps[pid] = {}
+        m = maps.get((desc.base, desc.ident))
+        if m is not None and m.desc == desc:
+            return m
         # A live segment of that process cannot overlap another: an overlapping mapping is of
         # memory it freed since. Close it (a new one of the same addresses follows).
         end = desc.base + desc.size
-        for m in [m for m in maps if m.desc.base < end and desc.base < m.desc.base + m.desc.size]:
-            self._close(m)
-            maps.remove(m)
+        for key, old in list(maps.items()):
+            if old.desc.base < end and desc.base < old.desc.base + old.desc.size:
+                self._close(old)
+                del maps[key]
         d = _driver()
         self._context()
         h = d.CUipcMemHandle()
@@ -403,7 +407,7 @@ class CudaIpcPlane(DataPlane):
         ptr = _ok(d.cuIpcOpenMemHandle(h, d.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
                   "opening the remote's CUDA memory (cuIpcOpenMemHandle)")
         m = _Mapping(desc, pid, int(ptr))
-        maps.append(m)
+        maps[(desc.base, desc.ident)] = m
         self.mappings_opened += 1
         return m
 
@@ -433,7 +437,7 @@ class CudaIpcPlane(DataPlane):
             self._peers_of[pid] = left
             return
         self._peers_of.pop(pid, None)
-        for m in self._maps.pop(pid, []):
+        for m in self._maps.pop(pid, {}).values():
             self._close(m)
 
     # ------------------------------------------------------------ copies

@@ -1,0 +1,99 @@
+"""Where the host time of an EPLB exchange goes: two processes exchange ``--experts`` DeepSeek-V3
+experts both ways with ``Peer.batch()``, ``--iters`` times, under cProfile in both, and print the
+median exchange time, its rate, and each rank's top functions by own time.
+
+    python experiments/eplb_profile.py --device cuda --experts 64 --iters 10
+
+Public API only. The copier (on one GPU, the process that runs every copy) is the rank whose data
+plane reports copies in ``aiomooncake.planes.existing()`` statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import multiprocessing as mp
+import pstats
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import aiomooncake
+from aiomooncake import planes
+from aiomooncake.bench.common import eplb_tensors
+
+
+async def _exchange(peer: aiomooncake.Peer, outs: list[torch.Tensor], ins: list[torch.Tensor]) -> None:
+    async with peer.batch() as b:
+        for i, t in enumerate(outs):
+            b.send(t, tag=i)
+        for i, t in enumerate(ins):
+            b.recv(t, tag=i)
+
+
+async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
+    dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if rank == 1:
+        lst = await aiomooncake.listen("127.0.0.1", 0)
+        q.put(lst.port)
+        peer = await lst.accept()
+        await lst.close()
+    else:
+        peer = await aiomooncake.connect("127.0.0.1", q.get(timeout=60))
+    outs = eplb_tensors(args.experts, args.scale, dev)
+    ins = [torch.empty_like(t) for t in outs]
+    nbytes = 2 * sum(t.nbytes for t in outs)
+    for _ in range(2):
+        await _exchange(peer, outs, ins)
+    times = []
+    prof = cProfile.Profile()
+    for _ in range(args.iters):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prof.enable()
+        await _exchange(peer, outs, ins)
+        prof.disable()
+        times.append(time.perf_counter() - t0)
+    link = "cuda" if dev.type == "cuda" else "cpu"
+    copies = sum(p.stats().writes_submitted for p in planes.existing() if p.kind == peer.transports[link])
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
+    await peer.close()
+    med = statistics.median(times)
+    return {"rank": rank, "data_path": peer.data_path, "median_ms": med * 1e3,
+            "gbps": nbytes / med / 1e9, "copies": copies, "profile": text.getvalue()}
+
+
+def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
+    out.put(aiomooncake.run(_rank(rank, q, args)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(r, q, out, args)) for r in (1, 0)]
+    for pr in procs:
+        pr.start()
+    results = sorted((out.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
+    for pr in procs:
+        pr.join(60)
+    for r in results:
+        role = "copier" if r["copies"] else "other"
+        print(f"== rank {r['rank']} ({role}, {r['data_path']}): median {r['median_ms']:.2f} ms per "
+              f"exchange, {r['gbps']:.0f} GB/s both ways, {r['copies']} copies")
+        print(r["profile"])
+
+
+if __name__ == "__main__":
+    main()
