@@ -431,8 +431,7 @@ class Peer:
                 link.plane.release(region)
             self._write_done(op, None, len(pieces), _as_error(e))
             return
-        job.future.add_done_callback(
-            lambda f: self._write_finished_cb(op, link.plane, region, len(pieces), f))
+        job.then(lambda: self._write_finished_cb(op, link.plane, region, len(pieces), job.future))
 
     def _write_finished_cb(self, op: SendOp, plane: DataPlane, region: Any, n: int,
                            fut: asyncio.Future[None]) -> None:
@@ -622,7 +621,7 @@ class Peer:
             self._pulled(op, p, job.future.exception())
             return
         p.pull = job
-        job.future.add_done_callback(lambda f: self._pull_settled(op, p, f))
+        job.then(lambda: self._pull_settled(op, p, job.future))
 
     def _pull_settled(self, op: RecvOp, p: PendingRecv, fut: asyncio.Future[None]) -> None:
         """A pull settled. If the receive failed or was cancelled meanwhile, whoever stopped the

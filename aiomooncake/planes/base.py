@@ -26,6 +26,7 @@ Adding a plane is one module implementing :class:`DataPlane` plus one entry in t
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from typing import Any, TypeVar
 import torch
 
 from ..core.regions import Region
+from ..errors import TransferFailed
+
+log = logging.getLogger(__name__)
 
 # (local address, remote address, length) for a pull; (local source, remote destination, length)
 # for a write. Remote addresses are in the remote process's address space.
@@ -78,9 +82,40 @@ class Job:
     next: int = 0  # pieces submitted so far
     error: str | None = None
     stopped: bool = False
+    _then: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` as soon as the job settles, from the code that settles it (no loop turn per
+        job, as a future's done callback would take): at once if it already has."""
+        if self.future.done():
+            fn()
+        else:
+            self._then = fn
+
+    def settle(self, error: str | None = None) -> None:
+        """Resolve the job (with ``error``, if any), then run what :meth:`then` registered."""
+        if self.future.done():
+            return
+        if error is not None:
+            self.error = self.error or error
+            self.future.set_exception(TransferFailed(self.error))
+            self.future.exception()  # retrieved: ``then`` reports it
+        else:
+            self.future.set_result(None)
+        fn, self._then = self._then, None
+        if fn is not None:
+            try:
+                fn()
+            except Exception:  # the caller's handler must not break whoever settled the job
+                log.exception("a copy job's completion handler failed")
+
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        """Jobs with one key may be handed to :meth:`DataPlane.submit_together` as one group."""
+        return (id(self.target), self.read, self.lane)
 
     def stop(self) -> None:
         """Submit nothing more; the future resolves once in-flight copies settle."""

@@ -549,15 +549,14 @@ class IpcJob(Job):
             return False
         return self._finish(self.burst.error if state < 0 else None)
 
+    @property
+    def batch_key(self) -> tuple[object, ...]:
+        return (self.lane,)  # every copy of a device goes on one stream, whatever it targets
+
     def _finish(self, error: str | None) -> bool:
         self.settled = True
         if self.burst is not None:
             assert isinstance(self.plane, CudaIpcPlane)
             self.plane._done_with(self.burst)
-        if not self.future.done():
-            if error is not None:
-                self.error = error
-                self.future.set_exception(TransferFailed(error))
-            else:
-                self.future.set_result(None)
+        self.settle(error)
         return True

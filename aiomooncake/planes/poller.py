@@ -27,7 +27,6 @@ from collections import deque
 from typing import ClassVar
 
 from .. import _trace, tuning
-from ..errors import TransferFailed
 from .base import Job
 
 log = logging.getLogger(__name__)
@@ -92,9 +91,9 @@ class Poller:
 
     def _submit_held(self) -> None:
         held, self.held = self.held, []
-        groups: dict[tuple[int, int, bool, int], list[Job]] = {}
+        groups: dict[tuple[object, ...], list[Job]] = {}
         for j in held:
-            groups.setdefault((id(j.plane), id(j.target), j.read, j.lane), []).append(j)
+            groups.setdefault((id(j.plane), *j.batch_key), []).append(j)
         for js in groups.values():
             together = len(js) > 1 and _safe_submit_together(js)
             for j in js:
@@ -139,12 +138,13 @@ class Poller:
                 del self.lanes[key]
         if self.jobs:
             left: list[Job] = []
-            for j in self.jobs:
+            current, self.jobs = self.jobs, []  # completion handlers may add jobs meanwhile
+            for j in current:
                 finished, moved = _advance(j)
                 progressed = progressed or moved
                 if not finished:
                     left.append(j)
-            self.jobs = left
+            self.jobs = left + self.jobs
         return progressed
 
 
@@ -174,6 +174,5 @@ def _safe_step(job: Job) -> bool:
         return job.step()
     except Exception as e:  # never let one job kill the poller
         log.exception("copy job failed")
-        if not job.future.done():
-            job.future.set_exception(TransferFailed(f"data plane error: {e}"))
+        job.settle(f"data plane error: {e}")
         return True

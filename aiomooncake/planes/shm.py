@@ -246,7 +246,7 @@ class ShmPlane(DataPlane):
             job.pid = self._pid_of(job.target)
         except TransferFailed as e:
             job.error = str(e)
-            job.settle()
+            job.finish()
             return job
         total = sum(n for _, _, n in job.pieces)
         if total <= tuning.SHM_INLINE_BYTES:
@@ -258,7 +258,7 @@ class ShmPlane(DataPlane):
                 job.error = _explain(e, job.pid)
             self._count(job.copies)
             job.done = job.copies
-            job.settle()
+            job.finish()
             return job
         # at least one piece per worker, each a multiple of 4 KiB, none over chunk_bytes
         share = -(-total // self._workers)  # ceil
@@ -321,21 +321,18 @@ class ShmJob(Job):
             if last:
                 self.done = self.copies
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                    self.loop.call_soon_threadsafe(self.settle)
+                    self.loop.call_soon_threadsafe(self.finish)
 
-    def settle(self) -> None:
-        """On the loop: resolve the future."""
+    def finish(self) -> None:
+        """On the loop: resolve the job."""
         total = len(self.chunks) if self.chunks else len(self.pieces)
         # the peer reads ``next < len(pieces)`` after a stop as "not every byte was written"
         self.next = len(self.pieces) if self.done >= total else 0
         if self.future.done():
             return
-        if self.error is not None:
-            self.future.set_exception(TransferFailed(self.error))
-        else:
-            if self.read and self.next:
-                cast(ShmPlane, self.plane).pulls += 1
-            self.future.set_result(None)
+        if self.error is None and self.read and self.next:
+            cast(ShmPlane, self.plane).pulls += 1
+        self.settle(self.error)
 
 
 

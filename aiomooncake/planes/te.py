@@ -450,9 +450,5 @@ class TeJob(Job):
             return False
         if _trace.on:
             _trace.mark("engine:done")
-        if not self.future.done():
-            if self.error is not None:
-                self.future.set_exception(TransferFailed(self.error))
-            else:
-                self.future.set_result(None)
+        self.settle(self.error)
         return True
