@@ -53,6 +53,8 @@ class Options:
         it at once: the torch backend's choice, whose replies come from another thread long after
         two turns, while a held ACK can lose the GIL to that thread for milliseconds.
     batch_replies: the replies to the frames of one socket read leave in one syscall.
+    batch_frames: the messages of one burst (a batch's posts, the replies to one read) travel as
+        one BATCH frame (one msgpack call each way, instead of one per message).
     one_copier: two peers on one GPU let one of them run every copy between them (two processes
         issuing copies on one GPU pay a context switch whenever theirs alternate; H100 4 KiB round
         trip 455-483 against 821-840 us). False: each sender writes.
@@ -82,6 +84,7 @@ class Options:
     max_handshakes: int = 64
     hold_acks: bool = True
     batch_replies: bool = True
+    batch_frames: bool = True
     one_copier: bool = True
     inline_cuda: bool | None = None
 

@@ -229,3 +229,39 @@ async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> No
     conn.connection_made(rec)  # type: ignore[arg-type]
     conn.send(m.Ack(4))
     assert len(rec.calls) == 3 and FrameDecoder(CAP).feed(rec.calls[2]) == [m.Ack(4)]
+
+
+def test_a_burst_travels_as_one_batch_frame_and_comes_back_in_order() -> None:
+    from aiomooncake.transport.framing import pack_batch_into
+
+    burst = [m.Rts(i, i % 3, "uint8", (1 << 20,), 1 << 20, "cuda", 0x1000 * i, 1, 2, bytes(88))
+             for i in range(1, 300)] + [m.Ack(7), m.Done(8)]
+    parts: list[bytes] = []
+    pack_batch_into(parts, burst, CAP)
+    assert len(parts) == 2, "one frame (a header and a body) for the whole burst"
+    assert FrameDecoder(CAP).feed(b"".join(parts)) == burst
+    # a frame cap smaller than the burst: several BATCH frames, each within it, same messages
+    small: list[bytes] = []
+    pack_batch_into(small, burst, 4096)
+    assert len(small) > 2 and all(len(b) <= 4096 for b in small[1::2])
+    assert all(int.from_bytes(h, "big") == len(b) and len(h) == HEADER
+               for h, b in zip(small[::2], small[1::2], strict=True))
+    assert FrameDecoder(CAP).feed(b"".join(small)) == burst
+
+
+def test_a_message_larger_than_the_batch_limit_goes_alone() -> None:
+    from aiomooncake.transport.framing import pack_batch_into
+
+    big = m.Eager(1, 0, "uint8", (60_000,), bytes(60_000))
+    msgs = [m.Ack(1), big, m.Ack(2)]
+    parts: list[bytes] = []
+    pack_batch_into(parts, msgs, 8192)
+    assert FrameDecoder(CAP).feed(b"".join(parts)) == msgs
+
+
+@pytest.mark.parametrize("body", [[12, 5], [12, [[12, []]]], [12, [[4, 1], "x"]], [12, [[4, "a"]]]],
+                         ids=["not-a-list", "nested", "not-a-message", "bad-field"])
+def test_malformed_batch_frames_are_protocol_errors(body: object) -> None:
+    raw = msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(ProtocolError):
+        FrameDecoder(CAP).feed(len(raw).to_bytes(4, "big") + raw)

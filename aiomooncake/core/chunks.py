@@ -34,6 +34,21 @@ def plan_chunks(nbytes: int, chunk_bytes: int, min_chunks: int = 1) -> list[Chun
     return [Chunk(off, min(size, nbytes - off)) for off in range(0, nbytes, size)]
 
 
+def plan_copies(local: int, remote: int, nbytes: int, chunk_bytes: int,
+                capacity: int | None = None) -> list[tuple[int, int, int]]:
+    """The pieces ``(local + offset, remote + offset, length)`` of one message's copy, chunks of at
+    most ``chunk_bytes``; with ``capacity`` (the destination the receiver announced at ``remote``)
+    every piece is checked against it (:func:`check_write`). One piece needs no chunk objects."""
+    if nbytes <= chunk_bytes:
+        if capacity is not None:
+            check_write(remote, capacity, Chunk(0, nbytes))
+        return [(local, remote, nbytes)] if nbytes else []
+    chunks = plan_chunks(nbytes, chunk_bytes)
+    if capacity is None:
+        return [(local + c.offset, remote + c.offset, c.length) for c in chunks]
+    return [(local + c.offset, check_write(remote, capacity, c), c.length) for c in chunks]
+
+
 def check_write(addr: int, capacity: int, chunk: Chunk) -> int:
     """Return the remote address of ``chunk``, or raise if it would land outside the destination."""
     if chunk.offset < 0 or chunk.length < 0 or chunk.offset + chunk.length > capacity:

@@ -34,6 +34,7 @@ class Kind(IntEnum):
     PING = 9
     PONG = 10
     BYE = 11
+    # 12 is the framing layer's BATCH (several of these in one frame: transport/framing.py)
     # handshake messages
     HELLO = 20
     WELCOME = 21

@@ -20,7 +20,7 @@ import torch
 
 from .. import _trace, gcpause, tuning
 from ..batch import Batch
-from ..core.chunks import check_write, plan_chunks
+from ..core.chunks import plan_copies
 from ..core.messages import Eager, Message, Rts
 from ..core.negotiation import link_for
 from ..core.session import (
@@ -120,6 +120,10 @@ class Peer:
         self._inline_cuda = options.inline_cuda if options.inline_cuda is not None else not shared_gpu
         self._busy = BusyPoller.for_loop(options.busy_poll)
         remote_busy = agreement.remote.get("busy_poll")  # absent from older peers: assume sleeping
+        # A burst's frames travel as BATCH frames no larger than either side accepts.
+        batch_bytes = options.max_frame
+        if isinstance(remote_cap, int) and remote_cap > 1024:
+            batch_bytes = min(batch_bytes, remote_cap)
         hooks = None
         if any(link.plane.in_order for link in self._planes.values()):
             # The copies that the RTS and CTS frames of one socket read start go to their plane in
@@ -130,7 +134,8 @@ class Peer:
                    Policy(busy=self._busy,
                           ack_now=not options.hold_acks or (isinstance(remote_busy, (int, float))
                                                             and remote_busy > 0),
-                          burst_hooks=hooks, batch_replies=options.batch_replies))
+                          burst_hooks=hooks, batch_replies=options.batch_replies,
+                          batch_bytes=batch_bytes if options.batch_frames else 0))
         log.info("connected to %s: data plane %s", conn.peername,
                  ", ".join(f"{k} tensors {v}" for k, v in self.data_paths.items()))
 
@@ -418,9 +423,8 @@ class Peer:
             src = p.src
             plane = link.plane
             region = plane.prepare_local(src)
-            base = src.data_ptr()
-            pieces = [(base + c.offset, check_write(op.addr, op.capacity, c), c.length)
-                      for c in plan_chunks(op.nbytes, self.options.chunk_for(link.transport))]
+            pieces = plan_copies(src.data_ptr(), op.addr, op.nbytes, self.options.chunk_for(link.transport),
+                                 op.capacity)
             target = plane.target(link.remote_segment, Announcement(op.epoch, op.gen, op.desc))
             if _trace.on:
                 _trace.mark("send:submit")
@@ -610,9 +614,8 @@ class Peer:
         try:
             p.region = (plane, plane.prepare_local(work))
             target = plane.target(link.remote_segment, Announcement(msg.epoch, msg.gen, msg.desc))
-            base = work.data_ptr()
-            pieces = [(base + c.offset, msg.src + c.offset, c.length)
-                      for c in plan_chunks(work.nbytes, self.options.chunk_for(link.transport))]
+            chunk = self.options.chunk_for(link.transport)
+            pieces = plan_copies(work.data_ptr(), msg.src, work.nbytes, chunk)
             job = plane.pull(target, pieces, self.options.window, work.get_device())
         except Exception as e:
             self._pulled(op, p, e)

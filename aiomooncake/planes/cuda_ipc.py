@@ -213,6 +213,7 @@ class _Mapping:
     desc: SegmentDesc
     pid: int
     local_base: int
+    closed: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -241,6 +242,7 @@ class CudaIpcPlane(DataPlane):
         # remote pid -> its segments mapped here, by (base, buffer id): one lookup per copy
         self._maps: dict[int, dict[tuple[int, int], _Mapping]] = {}
         self._peers_of: dict[int, int] = {}  # remote pid -> attached peers
+        self._known: dict[bytes, tuple[str, _Mapping]] = {}  # descriptor bytes -> its mapping
         self._streams: dict[int, Any] = {}
         self._events: list[Any] = []
         self._ctx: dict[int, Any] = {}
@@ -335,7 +337,8 @@ class CudaIpcPlane(DataPlane):
         ident = alloc.ident[1] if isinstance(alloc.ident, tuple) else 0
         desc = SegmentDesc(ctypes.string_at(h.getPtr(), _HANDLE), alloc.base, alloc.size, int(ident))
         self.exports += 1
-        r = Region(alloc.base, alloc.size, alloc.ident, handle=(alloc, desc))
+        ann = Announcement(0, 0, pack_desc(desc))
+        r = Region(alloc.base, alloc.size, alloc.ident, handle=(alloc, desc, ann))
         self._regions.add(r)
         return r
 
@@ -359,8 +362,8 @@ class CudaIpcPlane(DataPlane):
                 r.pinned -= 1
 
     def announce(self, r: Region) -> Announcement:
-        desc: SegmentDesc = r.handle[1]  # type: ignore[index]
-        return Announcement(0, 0, pack_desc(desc))
+        ann: Announcement = r.handle[2]  # type: ignore[index]  # packed once, at export
+        return ann
 
     def trim(self, cpu_only: bool = False) -> int:
         """Forget exported segments nothing uses (a handle needs no release)."""
@@ -385,6 +388,9 @@ class CudaIpcPlane(DataPlane):
 
     def target(self, segment: str, announced: Announcement) -> _Mapping:
         """This process's mapping of the remote segment ``announced`` describes (opened once)."""
+        hit = self._known.get(announced.desc)
+        if hit is not None and hit[0] == segment:
+            return hit[1]
         pid = self._pid_of(segment)
         desc = unpack_desc(announced.desc)
         maps = self._maps.get(pid)
@@ -392,6 +398,7 @@ class CudaIpcPlane(DataPlane):
             maps = self._maps[pid] = {}
         m = maps.get((desc.base, desc.ident))
         if m is not None and m.desc == desc:
+            self._remember(announced.desc, segment, m)
             return m
         # A live segment of that process cannot overlap another: an overlapping mapping is of
         # memory it freed since. Close it (a new one of the same addresses follows).
@@ -409,9 +416,18 @@ class CudaIpcPlane(DataPlane):
         m = _Mapping(desc, pid, int(ptr))
         maps[(desc.base, desc.ident)] = m
         self.mappings_opened += 1
+        self._remember(announced.desc, segment, m)
         return m
 
+    def _remember(self, blob: bytes, segment: str, m: _Mapping) -> None:
+        """The mapping of a descriptor seen before, by its bytes: no parsing on the hot path."""
+        if len(self._known) > 4096:
+            self._known.clear()
+        self._known[blob] = (segment, m)
+
     def _close(self, m: _Mapping) -> None:
+        m.closed = True
+        self._known = {k: v for k, v in self._known.items() if v[1] is not m}
         d = _driver()
         err, = d.cuIpcCloseMemHandle(m.local_base)
         self.mappings_closed += 1

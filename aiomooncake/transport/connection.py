@@ -18,7 +18,7 @@ from .. import _trace
 from ..core.messages import Ack, Bye, Done, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
 from .busypoll import BusyPoller
-from .framing import FrameDecoder, pack_into
+from .framing import FrameDecoder, pack_batch_into, pack_into
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,15 @@ class Policy:
     burst_hooks: called before and after the frames of one read are handled, when there are several
         (the peer holds the copies they start, to submit them together).
     batch_replies: the replies to the frames of one read leave in one syscall.
+    batch_bytes: several messages written together travel as BATCH frames of at most this many
+        bytes (0: one frame per message); at most what the remote accepts in a frame.
     """
 
     busy: BusyPoller | None = None
     ack_now: bool = False
     burst_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
     batch_replies: bool = True
+    batch_bytes: int = 0
 
 
 class Connection(asyncio.Protocol):
@@ -227,8 +230,12 @@ class Connection(asyncio.Protocol):
             _trace.mark("tx")
         if self._closed is None and self._transport is not None and buf:
             parts: list[bytes] = []
-            for m in buf:
-                pack_into(parts, m)
+            limit = self._rules.batch_bytes
+            if limit and len(buf) > 1:
+                pack_batch_into(parts, buf, limit)
+            else:
+                for m in buf:
+                    pack_into(parts, m)
             self._transport.writelines(parts)
 
     @property
