@@ -206,7 +206,7 @@ async def test_kill_9_of_the_remote_mid_batch(pulls: bool) -> None:
     backs = [torch.zeros(n, dtype=torch.uint8, device="cuda") for _ in range(count)]
     ops = [asyncio.ensure_future(peer.send(x, tag=0)) for x in outs]
     ops += [asyncio.ensure_future(peer.recv(y, tag=0)) for y in backs]
-    await asyncio.sleep(0.02)
+    await asyncio.wait(ops, return_when=asyncio.FIRST_COMPLETED)  # the batch is under way
     os.kill(r.proc.pid, signal.SIGKILL)
     t0 = time.perf_counter()
     outcomes = await asyncio.wait_for(asyncio.gather(*ops, return_exceptions=True), 10)
