@@ -54,14 +54,17 @@ async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        prof.enable()
+        if args.top:
+            prof.enable()
         await _exchange(peer, outs, ins)
-        prof.disable()
+        if args.top:
+            prof.disable()
         times.append(time.perf_counter() - t0)
     link = "cuda" if dev.type == "cuda" else "cpu"
     copies = sum(p.stats().writes_submitted for p in planes.existing() if p.kind == peer.transports[link])
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
+    if args.top:
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
     await peer.close()
     med = statistics.median(times)
     return {"rank": rank, "data_path": peer.data_path, "median_ms": med * 1e3,
@@ -78,7 +81,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--top", type=int, default=25, help="functions to list; 0: no profiler (plain timing)")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()

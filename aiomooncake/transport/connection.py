@@ -105,11 +105,12 @@ class Connection(asyncio.Protocol):
             self._dispatch(msgs)
 
     def _dispatch(self, msgs: list[Message]) -> None:
+        busy = self._rules.busy
         for m in msgs:
             if self._handler is not None and type(m) not in _CONTROL:
-                busy = self._rules.busy
                 if busy is not None:  # traffic (not a heartbeat): keep the loop hot a moment
                     busy.kick()
+                    busy = None  # once per read
                 try:
                     self._handler(m)
                 except ProtocolError as e:
@@ -173,9 +174,6 @@ class Connection(asyncio.Protocol):
         if self._closed is not None or self._transport is None:
             return
         self._wbuf.extend(msgs)
-        busy = self._rules.busy
-        if busy is not None and type(msgs[0]) not in _CONTROL:
-            busy.kick()
         if not self._corks:
             self._policy(msgs)
 
@@ -228,6 +226,9 @@ class Connection(asyncio.Protocol):
             return
         if _trace.on:
             _trace.mark("tx")
+        busy = self._rules.busy
+        if busy is not None and type(buf[-1]) not in _CONTROL:  # traffic: keep the loop hot a moment
+            busy.kick()
         if self._closed is None and self._transport is not None and buf:
             parts: list[bytes] = []
             limit = self._rules.batch_bytes
