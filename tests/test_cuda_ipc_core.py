@@ -10,7 +10,15 @@ import pytest
 
 from aiomooncake.core.negotiation import link_for, plan_links, roles
 from aiomooncake.errors import TransferFailed
-from aiomooncake.planes.cuda_ipc import DESC_BYTES, SegmentDesc, pack_desc, translate, unpack_desc
+from aiomooncake.planes.cuda_ipc import (
+    DESC_BYTES,
+    SegmentDesc,
+    VmmDesc,
+    pack_desc,
+    ranges_of,
+    translate,
+    unpack_desc,
+)
 
 DESC = SegmentDesc(bytes(range(64)), 0x7F00_0000_0000, 20 << 20, 42)
 
@@ -36,8 +44,8 @@ def test_handles_have_64_bytes() -> None:
 def test_copies_are_translated_into_the_local_mapping() -> None:
     local = 0x1000_0000
     pieces = [(0xA000, DESC.base, 4096), (0xB000, DESC.base + DESC.size - 8, 8)]
-    assert translate(pieces, DESC, local) == [(0xA000, local, 4096),
-                                              (0xB000, local + DESC.size - 8, 8)]
+    assert translate(pieces, DESC, ranges_of(DESC, [local])) == [(0xA000, local, 4096),
+                                                                 (0xB000, local + DESC.size - 8, 8)]
 
 
 @pytest.mark.parametrize("remote,n", [
@@ -49,7 +57,40 @@ def test_copies_are_translated_into_the_local_mapping() -> None:
 ])
 def test_a_copy_outside_the_announced_segment_is_refused(remote: int, n: int) -> None:
     with pytest.raises(TransferFailed, match="outside the remote segment"):
-        translate([(0xA000, remote, n)], DESC, 0x1000_0000)
+        translate([(0xA000, remote, n)], DESC, ranges_of(DESC, [0x1000_0000]))
+
+
+MiB = 1 << 20
+VMM = VmmDesc(0x7F00_0000_0000 + 3 * MiB, 50 * MiB,  # a tensor 3 MiB into the first of three chunks
+              ((7, 0x7F00_0000_0000, 20 * MiB, 1), (8, 0x7F00_0000_0000 + 20 * MiB, 20 * MiB, 2),
+               (9, 0x7F00_0000_0000 + 40 * MiB, 20 * MiB, 3)))
+
+
+def test_a_virtual_memory_descriptor_round_trips() -> None:
+    assert unpack_desc(pack_desc(VMM)) == VMM
+
+
+@pytest.mark.parametrize("chunks", [
+    ((7, 0x1000, 4096, 1), (8, 0x3000, 4096, 2)),  # a gap between chunks
+    ((7, 0x1000, 4096, 1), (8, 0x1000, 4096, 2)),  # overlapping chunks
+    ((7, 0x1000, 0, 1),),  # an empty chunk
+    ((7, 0x2000, 4096, 1),),  # not covering the span's start
+], ids=["gap", "overlap", "empty", "short"])
+def test_virtual_memory_descriptors_must_cover_their_span(chunks: Any) -> None:
+    with pytest.raises(TransferFailed):
+        unpack_desc(pack_desc(VmmDesc(0x1000, 4096, chunks)))
+
+
+def test_a_copy_across_chunks_is_split_where_the_mappings_are_not_contiguous() -> None:
+    locals_ = [0xA0_0000_0000, 0xB0_0000_0000, 0xC0_0000_0000]  # each chunk mapped on its own here
+    ranges = ranges_of(VMM, locals_)
+    out = translate([(0x5000_0000, VMM.base, VMM.size)], VMM, ranges)
+    assert out == [(0x5000_0000, locals_[0] + 3 * MiB, 17 * MiB),
+                   (0x5000_0000 + 17 * MiB, locals_[1], 20 * MiB),
+                   (0x5000_0000 + 37 * MiB, locals_[2], 13 * MiB)]
+    assert sum(n for _, _, n in out) == VMM.size
+    with pytest.raises(TransferFailed, match="outside"):
+        translate([(0, VMM.base + VMM.size - 4, 8)], VMM, ranges)
 
 
 def _info(caps: list[str], host: str = "h", transport: str = "auto",

@@ -232,7 +232,7 @@ def _info(v: Any) -> dict[str, Any]:
     return v
 
 
-MAX_DESC = 256
+MAX_DESC = 16384  # a CUDA IPC descriptor of a tensor spanning hundreds of virtual-memory chunks
 
 
 def _desc(v: Any) -> bytes:

@@ -13,7 +13,8 @@ NVLink transport reached 0.055x (its ~12.5 us of CPU per request and ~75 us per 
   address by the driver's buffer id) gets one IPC handle, cached per segment, never per tensor. The
   handle travels, packed with the segment's base, size and id (:func:`pack_desc`), in the RTS that
   offers a source or the CTS that announces a destination: only once both sides proved the secret,
-  and only for segments backing tensors offered to that peer.
+  and only for segments backing tensors offered to that peer. Virtual memory (torch's expandable
+  segments) has no such handle: its chunks travel as file descriptors instead (:mod:`.cuda_vmm`).
 * **Import** (:meth:`CudaIpcPlane.target`): the remote's segment is opened once per remote process
   and buffer id (``cuIpcOpenMemHandle``) and cached; a new segment of that process overlapping an
   older mapping means the old one was freed: its mapping is closed first. A remote's mappings are
@@ -34,14 +35,14 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from ..core.regions import Region, RegionCache
 from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
-from . import base
+from . import base, cuda_vmm
 from .base import Announcement, DataPlane, Job, Piece, Stats
 from .poller import poller
 
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 
 KIND = "cuda-ipc"
 _HANDLE = 64  # bytes of a CUipcMemHandle
-_DESC = struct.Struct("<64sQQQ")  # handle, segment base, segment size, buffer id
-DESC_BYTES = _DESC.size
+_LEGACY = struct.Struct("<c64sQQQ")  # b"L", handle, segment base, segment size, buffer id
+_VMM = struct.Struct("<cQQH")  # b"V", span base, span size, chunks that follow
+_CHUNK = struct.Struct("<IQQQ")  # descriptor in the exporter, chunk base, chunk size, buffer id
+DESC_BYTES = _LEGACY.size
+MAX_CHUNKS = 512
 
 _drv: Any = None
 
@@ -83,7 +87,7 @@ def _ok(result: Any, what: str) -> Any:
 # ------------------------------------------------------------------ descriptors (pure)
 @dataclass(frozen=True, slots=True)
 class SegmentDesc:
-    """What a remote needs to map one exported allocation segment."""
+    """A segment of torch's caching allocator (one ``cudaMalloc``), shared by its IPC handle."""
 
     handle: bytes
     base: int
@@ -94,31 +98,88 @@ class SegmentDesc:
         return self.base <= addr and addr + n <= self.base + self.size
 
 
-def pack_desc(desc: SegmentDesc) -> bytes:
+@dataclass(frozen=True, slots=True)
+class VmmDesc:
+    """Virtual-memory chunks (torch's expandable segments) spanning one tensor, each shared as a
+    file descriptor of the exporter (see :mod:`.cuda_vmm`): ``(fd, base, size, buffer id)``."""
+
+    base: int
+    size: int
+    chunks: tuple[tuple[int, int, int, int], ...]
+
+    def covers(self, addr: int, n: int) -> bool:
+        return self.base <= addr and addr + n <= self.base + self.size
+
+
+Desc = Union[SegmentDesc, VmmDesc]  # noqa: UP007 (a runtime alias)
+
+
+def pack_desc(desc: Desc) -> bytes:
+    if isinstance(desc, VmmDesc):
+        return _VMM.pack(b"V", desc.base, desc.size, len(desc.chunks)) + b"".join(
+            _CHUNK.pack(*c) for c in desc.chunks)
     if len(desc.handle) != _HANDLE:
         raise ValueError("an IPC handle has 64 bytes")
-    return _DESC.pack(desc.handle, desc.base, desc.size, desc.ident)
+    return _LEGACY.pack(b"L", desc.handle, desc.base, desc.size, desc.ident)
 
 
-def unpack_desc(blob: Any) -> SegmentDesc:
+def unpack_desc(blob: Any) -> Desc:
     """The descriptor a remote announced; TransferFailed if it is not one (a malformed frame)."""
-    if type(blob) is not bytes or len(blob) != DESC_BYTES:
-        raise TransferFailed("the remote announced no valid CUDA IPC descriptor for this memory")
-    handle, base_, size, ident = _DESC.unpack(blob)
-    if size == 0 or base_ + size > 2**64:
-        raise TransferFailed("the remote announced an empty or impossible CUDA IPC segment")
-    return SegmentDesc(handle, base_, size, ident)
+    bad = TransferFailed("the remote announced no valid CUDA IPC descriptor for this memory")
+    if type(blob) is not bytes or not blob:
+        raise bad
+    if blob[:1] == b"L" and len(blob) == _LEGACY.size:
+        _, handle, base_, size, ident = _LEGACY.unpack(blob)
+        if size == 0 or base_ + size > 2**64:
+            raise TransferFailed("the remote announced an empty or impossible CUDA IPC segment")
+        return SegmentDesc(handle, base_, size, ident)
+    if blob[:1] != b"V" or len(blob) < _VMM.size:
+        raise bad
+    _, base_, size, n = _VMM.unpack_from(blob)
+    if not 0 < n <= MAX_CHUNKS or len(blob) != _VMM.size + n * _CHUNK.size or size == 0:
+        raise bad
+    chunks = tuple(_CHUNK.unpack_from(blob, _VMM.size + i * _CHUNK.size) for i in range(n))
+    # the chunks follow each other without a gap and cover the span they announce
+    at = chunks[0][1]
+    for _, cbase, csize, _ in chunks:
+        if cbase != at or csize == 0:
+            raise bad
+        at += csize
+    if not (chunks[0][1] <= base_ and base_ + size <= at):
+        raise bad
+    return VmmDesc(base_, size, chunks)
 
 
-def translate(pieces: Sequence[Piece], desc: SegmentDesc, local_base: int) -> list[Piece]:
-    """Pieces with their remote addresses turned into this process's mapping of ``desc``; raises
-    TransferFailed for a piece outside the segment (a forged or stale descriptor)."""
+def ranges_of(desc: Desc, local_bases: list[int]) -> list[tuple[int, int, int]]:
+    """``(remote base, size, local base)`` of each mapped part of ``desc`` (one for a segment)."""
+    if isinstance(desc, SegmentDesc):
+        return [(desc.base, desc.size, local_bases[0])]
+    return [(c[1], c[2], lb) for c, lb in zip(desc.chunks, local_bases, strict=True)]
+
+
+def translate(pieces: Sequence[Piece], desc: Desc, ranges: Sequence[tuple[int, int, int]]) -> list[Piece]:
+    """Pieces with their remote addresses turned into this process's mappings (``ranges``, from
+    :func:`ranges_of`), split where the mappings are not contiguous here; raises TransferFailed for
+    a piece outside what the remote announced (a forged or stale descriptor)."""
     out = []
     for a, r, n in pieces:
         if n < 0 or not desc.covers(r, n):
             raise TransferFailed(f"refusing a copy of {n} B at 0x{r:x}: outside the remote segment "
                                  f"0x{desc.base:x}+{desc.size} it announced")
-        out.append((a, local_base + (r - desc.base), n))
+        if len(ranges) == 1:
+            rb, _, lb = ranges[0]
+            out.append((a, lb + (r - rb), n))
+            continue
+        done = 0
+        for rb, size, lb in ranges:
+            if done >= n:
+                break
+            at = r + done
+            if not rb <= at < rb + size:
+                continue
+            k = min(n - done, rb + size - at)
+            out.append((a + done, lb + (at - rb), k))
+            done += k
     return out
 
 
@@ -151,7 +212,9 @@ _probe: dict[int, tuple[torch.Tensor, int]] = {}  # device -> (probe tensor, its
 
 def probe_info() -> dict[str, Any] | None:
     """This process's probe for the handshake: an exported 8-byte word with a random value that the
-    other side maps and reads, to learn by trying whether IPC works between the two processes."""
+    other side maps and reads, to learn by trying whether IPC works between the two processes (the
+    probe comes from torch's allocator: under expandable segments it exercises that path too), and
+    where this process's descriptor broker listens (:mod:`.cuda_vmm`)."""
     if unavailable() is not None:
         return None
     try:
@@ -164,38 +227,43 @@ def probe_info() -> dict[str, Any] | None:
             entry = _probe[dev] = (t, value)
         t, value = entry
         plane = CudaIpcPlane.instance()
-        desc = plane.export(t)
-        return {"desc": pack_desc(desc), "addr": t.data_ptr(), "value": value}
+        r = plane.acquire(t)
+        plane.release(r)
+        return {"desc": plane.announce(r).desc, "addr": t.data_ptr(), "value": value,
+                "broker": plane.broker_info()}
     except Exception as e:  # a driver without IPC (some containers): say so and go without
         log.info("CUDA IPC unavailable here: %s", e)
         return None
 
 
 def check_remote(probe: Any, remote_pid: Any) -> str | None:
-    """Map the remote's probe and read it: None if CUDA IPC works with that process, else why not."""
+    """Map the remote's probe and read it: None if CUDA IPC works with that process, else why not.
+    On success the plane knows the remote's descriptor broker."""
     if unavailable() is not None:
         return unavailable()
     if remote_pid == os.getpid():
         return "both peers are one process (CUDA IPC cannot map a process's own memory)"
-    if not isinstance(probe, dict):
+    if not isinstance(probe, dict) or type(remote_pid) is not int:
         return "the peer offered no CUDA IPC probe"
+    plane = CudaIpcPlane.instance()
+    segment = f"ipc:{remote_pid}"
     try:
-        desc = unpack_desc(probe.get("desc"))
+        broker = probe.get("broker")
+        if isinstance(broker, dict) and type(broker.get("name")) is str and type(broker.get("key")) is bytes:
+            plane._brokers[remote_pid] = (broker["name"], broker["key"])
+        blob = probe.get("desc")
         addr, value = probe.get("addr"), probe.get("value")
+        desc = unpack_desc(blob)
         if type(addr) is not int or type(value) is not int or not desc.covers(addr, 8):
             return "the peer's CUDA IPC probe is malformed"
-        plane = CudaIpcPlane.instance()
         plane._context()
-        d = _driver()
-        h = d.CUipcMemHandle()
-        ctypes.memmove(h.getPtr(), desc.handle, _HANDLE)
-        ptr = _ok(d.cuIpcOpenMemHandle(h, d.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-                  "cuIpcOpenMemHandle")
+        m = plane.target(segment, Announcement(0, 0, blob))
         try:
+            ((_, local, _),) = translate([(0, addr, 8)], m.desc, m.ranges)
             word = (ctypes.c_uint64 * 1)()
-            _ok(d.cuMemcpyDtoH(ctypes.addressof(word), int(ptr) + (addr - desc.base), 8), "cuMemcpyDtoH")
+            _ok(_driver().cuMemcpyDtoH(ctypes.addressof(word), local, 8), "cuMemcpyDtoH")
         finally:
-            d.cuIpcCloseMemHandle(ptr)
+            plane._drop(remote_pid, m)
     except TransferFailed as e:
         return str(e)
     except Exception as e:
@@ -207,13 +275,29 @@ def check_remote(probe: Any, remote_pid: Any) -> str | None:
 
 # -------------------------------------------------------------------------- the plane
 @dataclass(eq=False)
-class _Mapping:
-    """A remote segment opened in this process."""
+class _Part:
+    """One piece of a remote process's memory mapped here: a caching-allocator segment (legacy IPC)
+    or a virtual-memory chunk."""
 
-    desc: SegmentDesc
-    pid: int
-    local_base: int
+    base: int
+    size: int
+    local: int
+    vmm: bool
     closed: bool = False
+
+
+@dataclass(eq=False)
+class _Mapping:
+    """A remote descriptor resolved here: its parts and where they are mapped."""
+
+    desc: Desc
+    pid: int
+    parts: list[_Part]
+    ranges: list[tuple[int, int, int]]  # (remote base, size, local base) of each part
+
+    @property
+    def live(self) -> bool:
+        return not any(p.closed for p in self.parts)
 
 
 @dataclass(eq=False, slots=True)
@@ -239,8 +323,11 @@ class CudaIpcPlane(DataPlane):
         self.segment = f"ipc:{os.getpid()}"
         self._lock = threading.Lock()
         self._regions = RegionCache()
-        # remote pid -> its segments mapped here, by (base, buffer id): one lookup per copy
-        self._maps: dict[int, dict[tuple[int, int], _Mapping]] = {}
+        # remote pid -> the parts of its memory mapped here, by (base, buffer id)
+        self._parts: dict[int, dict[tuple[int, int], _Part]] = {}
+        self._brokers: dict[int, tuple[str, bytes]] = {}  # remote pid -> its broker (name, key)
+        self._vmm_exports = cuda_vmm.Exports()
+        self._broker: cuda_vmm.Broker | None = None
         self._peers_of: dict[int, int] = {}  # remote pid -> attached peers
         self._known: dict[bytes, tuple[str, _Mapping]] = {}  # descriptor bytes -> its mapping
         self._streams: dict[int, Any] = {}
@@ -295,12 +382,11 @@ class CudaIpcPlane(DataPlane):
         return _ok(d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
 
     # ------------------------------------------------------------ export
-    def export(self, t: torch.Tensor) -> SegmentDesc:
-        """The descriptor of the allocation segment holding ``t`` (exported once per segment)."""
-        r = self.acquire(t)
-        self.release(r)
-        desc: SegmentDesc = r.handle[1]  # type: ignore[index]
-        return desc
+    def broker_info(self) -> dict[str, Any]:
+        """Where peers fetch descriptors of this process's virtual-memory chunks (started once)."""
+        if self._broker is None:
+            self._broker = cuda_vmm.Broker(self._vmm_exports)
+        return self._broker.info()
 
     def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
         alloc = allocation_of(t)
@@ -308,6 +394,9 @@ class CudaIpcPlane(DataPlane):
             r = self._regions.find(alloc.base, alloc.size, alloc.ident)
             if r is not None:
                 release_allocation(alloc)
+            elif not self._legacy(alloc.base, t.get_device()):
+                release_allocation(alloc)
+                return self._export_vmm(t)  # a span of chunks per tensor: not cached per segment
             else:
                 r = self._export(alloc, t.get_device())
             if pin:
@@ -315,6 +404,23 @@ class CudaIpcPlane(DataPlane):
             else:
                 r.inflight += 1
             return r
+
+    def _legacy(self, ptr: int, device: int) -> bool:
+        """Whether the allocation at ``ptr`` has a legacy IPC handle (else: virtual memory)."""
+        d = _driver()
+        self._context(device)
+        attr = d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE
+        ok = _ok(d.cuPointerGetAttribute(attr, ptr), "cuPointerGetAttribute")
+        return bool(ok)
+
+    def _export_vmm(self, t: torch.Tensor) -> Region:
+        start, n = t.data_ptr(), t.nbytes
+        chunks = tuple(self._vmm_exports.span(start, n))
+        if self._broker is None:
+            self.broker_info()
+        desc = VmmDesc(start, max(1, n), chunks)
+        self.exports += 1
+        return Region(start, max(1, n), None, handle=(None, desc, Announcement(0, 0, pack_desc(desc))))
 
     def _export(self, alloc: Allocation, device: int) -> Region:
         for stale in self._regions.overlapping(alloc.base, alloc.size):
@@ -330,10 +436,8 @@ class CudaIpcPlane(DataPlane):
         except TransferFailed as e:
             release_allocation(alloc)
             raise ConfigurationError(
-                f"cannot share CUDA memory at 0x{alloc.base:x} through CUDA IPC ({e}): memory from "
-                "torch's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) or "
-                "another virtual-memory allocator is not exportable this way; turn that off or "
-                "connect with transport='nvlink' (the Transfer Engine)") from None
+                f"cannot share CUDA memory at 0x{alloc.base:x} through CUDA IPC ({e}); connect with "
+                "transport='nvlink' (the Transfer Engine) or 'tcp'") from None
         ident = alloc.ident[1] if isinstance(alloc.ident, tuple) else 0
         desc = SegmentDesc(ctypes.string_at(h.getPtr(), _HANDLE), alloc.base, alloc.size, int(ident))
         self.exports += 1
@@ -366,7 +470,8 @@ class CudaIpcPlane(DataPlane):
         return ann
 
     def trim(self, cpu_only: bool = False) -> int:
-        """Forget exported segments nothing uses (a handle needs no release)."""
+        """Forget exported segments nothing uses (a handle needs no release) and close the
+        descriptors of exported virtual-memory chunks (they keep the memory alive)."""
         if cpu_only:
             return 0
         n = 0
@@ -376,7 +481,7 @@ class CudaIpcPlane(DataPlane):
                     self._regions.remove(r)
                     release_allocation(r.handle[0])
                     n += 1
-        return n
+        return n + self._vmm_exports.close_all()
 
     # ------------------------------------------------------------ import
     @staticmethod
@@ -387,56 +492,90 @@ class CudaIpcPlane(DataPlane):
         return int(num)
 
     def target(self, segment: str, announced: Announcement) -> _Mapping:
-        """This process's mapping of the remote segment ``announced`` describes (opened once)."""
+        """This process's mapping of the remote memory ``announced`` describes (each part opened
+        once per remote process)."""
         hit = self._known.get(announced.desc)
-        if hit is not None and hit[0] == segment:
+        if hit is not None and hit[0] == segment and hit[1].live:
             return hit[1]
         pid = self._pid_of(segment)
         desc = unpack_desc(announced.desc)
-        maps = self._maps.get(pid)
-        if maps is None:
-            maps = self._maps[pid] = {}
-        m = maps.get((desc.base, desc.ident))
-        if m is not None and m.desc == desc:
-            self._remember(announced.desc, segment, m)
-            return m
-        # A live segment of that process cannot overlap another: an overlapping mapping is of
-        # memory it freed since. Close it (a new one of the same addresses follows).
-        end = desc.base + desc.size
-        for key, old in list(maps.items()):
-            if old.desc.base < end and desc.base < old.desc.base + old.desc.size:
-                self._close(old)
-                del maps[key]
-        d = _driver()
+        parts = self._parts.get(pid)
+        if parts is None:
+            parts = self._parts[pid] = {}
         self._context()
-        h = d.CUipcMemHandle()
-        ctypes.memmove(h.getPtr(), desc.handle, _HANDLE)
-        ptr = _ok(d.cuIpcOpenMemHandle(h, d.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-                  "opening the remote's CUDA memory (cuIpcOpenMemHandle)")
-        m = _Mapping(desc, pid, int(ptr))
-        maps[(desc.base, desc.ident)] = m
-        self.mappings_opened += 1
-        self._remember(announced.desc, segment, m)
-        return m
-
-    def _remember(self, blob: bytes, segment: str, m: _Mapping) -> None:
-        """The mapping of a descriptor seen before, by its bytes: no parsing on the hot path."""
+        # (base, size, buffer id, the exporter's descriptor: -1 for a legacy segment)
+        if isinstance(desc, SegmentDesc):
+            wanted = [(desc.base, desc.size, desc.ident, -1)]
+        else:
+            wanted = [(cbase, csize, ident, fd) for fd, cbase, csize, ident in desc.chunks]
+        got: list[_Part] = []
+        missing = [w for w in wanted if (w[0], w[2]) not in parts]
+        fetched: dict[tuple[int, int], int] = {}
+        if missing and isinstance(desc, VmmDesc):
+            broker = self._brokers.get(pid)
+            if broker is None:
+                raise TransferFailed(f"process {pid} shares virtual memory but announced no broker")
+            fds = cuda_vmm.fetch(broker[0], broker[1], [w[3] for w in missing])
+            fetched = dict(zip([(w[0], w[2]) for w in missing], fds, strict=True))
+        try:
+            for cbase, csize, ident, _ in wanted:
+                part = parts.get((cbase, ident))
+                if part is None:
+                    part = self._open(parts, desc, cbase, csize, ident, fetched.pop((cbase, ident), None))
+                got.append(part)
+        finally:
+            for fd in fetched.values():  # not used after a failure
+                os.close(fd)
+        m = _Mapping(desc, pid, got, [(p.base, p.size, p.local) for p in got])
         if len(self._known) > 4096:
             self._known.clear()
-        self._known[blob] = (segment, m)
+        self._known[announced.desc] = (segment, m)
+        return m
 
-    def _close(self, m: _Mapping) -> None:
-        m.closed = True
-        self._known = {k: v for k, v in self._known.items() if v[1] is not m}
-        d = _driver()
-        err, = d.cuIpcCloseMemHandle(m.local_base)
+    def _open(self, parts: dict[tuple[int, int], _Part], desc: Desc, cbase: int, csize: int, ident: int,
+              fd: int | None) -> _Part:
+        # A live allocation of that process cannot overlap another: an overlapping part is memory
+        # it freed since. Close it (a new one at the same addresses follows).
+        for key, old in list(parts.items()):
+            if old.base < cbase + csize and cbase < old.base + old.size:
+                self._close(old)
+                del parts[key]
+        if fd is None:
+            assert isinstance(desc, SegmentDesc)
+            d = _driver()
+            h = d.CUipcMemHandle()
+            ctypes.memmove(h.getPtr(), desc.handle, _HANDLE)
+            local = int(_ok(d.cuIpcOpenMemHandle(h, d.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                            "opening the remote's CUDA memory (cuIpcOpenMemHandle)"))
+            part = _Part(cbase, csize, local, vmm=False)
+        else:
+            part = _Part(cbase, csize, cuda_vmm.map_chunk(fd, csize, self._context()), vmm=True)
+        parts[(cbase, ident)] = part
+        self.mappings_opened += 1
+        return part
+
+    def _close(self, part: _Part) -> None:
+        part.closed = True
         self.mappings_closed += 1
+        if part.vmm:
+            cuda_vmm.unmap(part.local, part.size)
+            return
+        d = _driver()
+        err, = d.cuIpcCloseMemHandle(part.local)
         if err != d.CUresult.CUDA_SUCCESS:
-            log.warning("closing a CUDA IPC mapping of process %d failed: %s", m.pid, err)
+            log.warning("closing a CUDA IPC mapping failed: %s", err)
+
+    def _drop(self, pid: int, m: _Mapping) -> None:
+        """Close ``m``'s parts now (the handshake's probe: nothing else uses them)."""
+        parts = self._parts.get(pid, {})
+        for key, part in list(parts.items()):
+            if part in m.parts:
+                self._close(part)
+                del parts[key]
 
     def mapped(self) -> int:
-        """How many remote segments are mapped here now (diagnostics and leak checks)."""
-        return sum(len(v) for v in self._maps.values())
+        """How many parts of remote memory are mapped here now (diagnostics and leak checks)."""
+        return sum(len(v) for v in self._parts.values())
 
     def attach(self, remote: str = "") -> None:
         super().attach(remote)
@@ -453,8 +592,9 @@ class CudaIpcPlane(DataPlane):
             self._peers_of[pid] = left
             return
         self._peers_of.pop(pid, None)
-        for m in self._maps.pop(pid, {}).values():
-            self._close(m)
+        self._brokers.pop(pid, None)
+        for part in self._parts.pop(pid, {}).values():
+            self._close(part)
 
     # ------------------------------------------------------------ copies
     def write(self, target: Any, pieces: Sequence[Piece], window: int, lane: int = -1) -> IpcJob:
@@ -464,8 +604,7 @@ class CudaIpcPlane(DataPlane):
         return self._job(target, pieces, lane, read=True)
 
     def _job(self, target: _Mapping, pieces: Sequence[Piece], lane: int, read: bool) -> IpcJob:
-        job = IpcJob(self, target, translate(pieces, target.desc, target.local_base), 1 << 30, lane,
-                     read=read)
+        job = IpcJob(self, target, translate(pieces, target.desc, target.ranges), 1 << 30, lane, read=read)
         poller().add(job)
         return job
 
@@ -538,6 +677,14 @@ class CudaIpcPlane(DataPlane):
 
     def stats(self) -> Stats:
         return Stats(self.exports, 0, len(self._regions), self.copies, self.batches)
+
+
+def _after_fork_in_child() -> None:
+    base.forget(KIND)  # the parent's broker thread, streams and mappings are not the child's
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(eq=False)
