@@ -237,6 +237,11 @@ def instance(kind: str, factory: Callable[[], P]) -> P:
         return inst  # type: ignore[return-value]
 
 
+def get(kind: str) -> DataPlane | None:
+    """The process's plane for ``kind`` if it was started."""
+    return _instances.get(kind)
+
+
 def existing() -> list[DataPlane]:
     """Every plane this process started (for statistics, pinning and cache trimming)."""
     return list(_instances.values())

@@ -358,7 +358,7 @@ def _explain(e: OSError, pid: int) -> str:
 
 
 def _after_fork_in_child() -> None:
-    inst = base._instances.get(KIND)
+    inst = base.get(KIND)
     if isinstance(inst, ShmPlane):
         inst._after_fork()
 

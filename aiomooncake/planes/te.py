@@ -350,7 +350,7 @@ class TePlane(DataPlane):
 
 async def start(kind: str, host: str) -> TePlane:
     """The process-wide engine for ``kind``, created (off the loop: it takes a while) on first use."""
-    inst = base._instances.get(kind)
+    inst = base.get(kind)
     if isinstance(inst, TePlane):
         return inst
     loop = asyncio.get_running_loop()
