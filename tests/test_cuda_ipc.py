@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 MiB = 1 << 20
-PULL = {"one_copier": False, "transport": "cuda-ipc"}
+PULL: dict[str, Any] = {"one_copier": False, "transport": "cuda-ipc"}
 
 
 def ipc() -> CudaIpcPlane:
@@ -153,6 +153,7 @@ async def test_a_forged_destination_is_refused(remote: Any, monkeypatch: pytest.
             op.capacity -= 1
         elif forge and forge[-1] == "segment":
             d = unpack_desc(op.desc)
+            assert isinstance(d, SegmentDesc)
             op.desc = pack_desc(SegmentDesc(d.handle, d.base, op.addr - d.base + op.nbytes - 1, d.ident))
         real(self, op)
 
@@ -199,12 +200,12 @@ async def test_kill_9_of_the_remote_mid_batch(pulls: bool) -> None:
     from cuda_remote import EchoRemote
 
     r = EchoRemote()
-    opts = PULL if pulls else {"transport": "cuda-ipc"}
+    opts: dict[str, Any] = PULL if pulls else {"transport": "cuda-ipc"}
     peer = await aiomooncake.connect("127.0.0.1", r.port, **opts)
     n, count = 32 * MiB, 32
     outs = [torch.full((n,), 9, dtype=torch.uint8, device="cuda") for _ in range(count)]
     backs = [torch.zeros(n, dtype=torch.uint8, device="cuda") for _ in range(count)]
-    ops = [asyncio.ensure_future(peer.send(x, tag=0)) for x in outs]
+    ops: list[asyncio.Future[Any]] = [asyncio.ensure_future(peer.send(x, tag=0)) for x in outs]
     ops += [asyncio.ensure_future(peer.recv(y, tag=0)) for y in backs]
     await asyncio.wait(ops, return_when=asyncio.FIRST_COMPLETED)  # the batch is under way
     os.kill(r.proc.pid, signal.SIGKILL)
