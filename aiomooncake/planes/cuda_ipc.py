@@ -230,27 +230,28 @@ def probe_info() -> dict[str, Any] | None:
         r = plane.acquire(t)
         plane.release(r)
         return {"desc": plane.announce(r).desc, "addr": t.data_ptr(), "value": value,
-                "broker": plane.broker_info()}
+                "broker": plane.broker_info(), "segment": plane.segment}
     except Exception as e:  # a driver without IPC (some containers): say so and go without
         log.info("CUDA IPC unavailable here: %s", e)
         return None
 
 
-def check_remote(probe: Any, remote_pid: Any) -> str | None:
+def check_remote(probe: Any) -> str | None:
     """Map the remote's probe and read it: None if CUDA IPC works with that process, else why not.
     On success the plane knows the remote's descriptor broker."""
     if unavailable() is not None:
         return unavailable()
-    if remote_pid == os.getpid():
-        return "both peers are one process (CUDA IPC cannot map a process's own memory)"
-    if not isinstance(probe, dict) or type(remote_pid) is not int:
+    if not isinstance(probe, dict) or type(probe.get("segment")) is not str:
         return "the peer offered no CUDA IPC probe"
     plane = CudaIpcPlane.instance()
-    segment = f"ipc:{remote_pid}"
+    segment = probe["segment"]
+    if segment == plane.segment:
+        return "both peers are one process (CUDA IPC cannot map a process's own memory)"
     try:
+        plane._remote_of(segment)
         broker = probe.get("broker")
         if isinstance(broker, dict) and type(broker.get("name")) is str and type(broker.get("key")) is bytes:
-            plane._brokers[remote_pid] = (broker["name"], broker["key"])
+            plane._brokers[segment] = (broker["name"], broker["key"])
         blob = probe.get("desc")
         addr, value = probe.get("addr"), probe.get("value")
         desc = unpack_desc(blob)
@@ -263,7 +264,7 @@ def check_remote(probe: Any, remote_pid: Any) -> str | None:
             word = (ctypes.c_uint64 * 1)()
             _ok(_driver().cuMemcpyDtoH(ctypes.addressof(word), local, 8), "cuMemcpyDtoH")
         finally:
-            plane._drop(remote_pid, m)
+            plane._drop(segment, m)
     except TransferFailed as e:
         return str(e)
     except Exception as e:
@@ -291,7 +292,7 @@ class _Mapping:
     """A remote descriptor resolved here: its parts and where they are mapped."""
 
     desc: Desc
-    pid: int
+    pid: str  # the remote process (its segment name)
     parts: list[_Part]
     ranges: list[tuple[int, int, int]]  # (remote base, size, local base) of each part
 
@@ -320,15 +321,16 @@ class CudaIpcPlane(DataPlane):
 
     def __init__(self) -> None:
         super().__init__()
-        self.segment = f"ipc:{os.getpid()}"
+        # the pid alone is not unique across PID namespaces: a random token makes it this process's
+        self.segment = f"ipc:{os.getpid()}:{os.urandom(6).hex()}"
         self._lock = threading.Lock()
         self._regions = RegionCache()
         # remote pid -> the parts of its memory mapped here, by (base, buffer id)
-        self._parts: dict[int, dict[tuple[int, int], _Part]] = {}
-        self._brokers: dict[int, tuple[str, bytes]] = {}  # remote pid -> its broker (name, key)
+        self._parts: dict[str, dict[tuple[int, int], _Part]] = {}
+        self._brokers: dict[str, tuple[str, bytes]] = {}  # remote process -> its broker (name, key)
         self._vmm_exports = cuda_vmm.Exports()
         self._broker: cuda_vmm.Broker | None = None
-        self._peers_of: dict[int, int] = {}  # remote pid -> attached peers
+        self._peers_of: dict[str, int] = {}  # remote process (its segment) -> attached peers
         self._known: dict[bytes, tuple[str, _Mapping]] = {}  # descriptor bytes -> its mapping
         self._streams: dict[int, Any] = {}
         self._events: list[Any] = []
@@ -485,11 +487,13 @@ class CudaIpcPlane(DataPlane):
 
     # ------------------------------------------------------------ import
     @staticmethod
-    def _pid_of(segment: str) -> int:
-        kind, _, num = segment.partition(":")
-        if kind != "ipc" or not num.isdigit():
+    def _remote_of(segment: str) -> str:
+        """The remote process behind ``segment`` (``ipc:<pid>:<token>``), checked."""
+        kind, _, rest = segment.partition(":")
+        pid, _, token = rest.partition(":")
+        if kind != "ipc" or not pid.isdigit() or not token:
             raise TransferFailed(f"not a CUDA IPC segment: {segment!r}")
-        return int(num)
+        return segment
 
     def target(self, segment: str, announced: Announcement) -> _Mapping:
         """This process's mapping of the remote memory ``announced`` describes (each part opened
@@ -497,7 +501,7 @@ class CudaIpcPlane(DataPlane):
         hit = self._known.get(announced.desc)
         if hit is not None and hit[0] == segment and hit[1].live:
             return hit[1]
-        pid = self._pid_of(segment)
+        pid = self._remote_of(segment)
         desc = unpack_desc(announced.desc)
         parts = self._parts.get(pid)
         if parts is None:
@@ -565,7 +569,7 @@ class CudaIpcPlane(DataPlane):
         if err != d.CUresult.CUDA_SUCCESS:
             log.warning("closing a CUDA IPC mapping failed: %s", err)
 
-    def _drop(self, pid: int, m: _Mapping) -> None:
+    def _drop(self, pid: str, m: _Mapping) -> None:
         """Close ``m``'s parts now (the handshake's probe: nothing else uses them)."""
         parts = self._parts.get(pid, {})
         for key, part in list(parts.items()):
@@ -579,14 +583,14 @@ class CudaIpcPlane(DataPlane):
 
     def attach(self, remote: str = "") -> None:
         super().attach(remote)
-        pid = self._pid_of(remote)
+        pid = self._remote_of(remote)
         self._peers_of[pid] = self._peers_of.get(pid, 0) + 1
 
     def detach(self, remote: str = "") -> None:
         """A peer of the process behind ``remote`` closed; with its last one, close its mappings
         (copies into them have settled: the peer waits for its copies before it detaches)."""
         super().detach(remote)
-        pid = self._pid_of(remote)
+        pid = self._remote_of(remote)
         left = self._peers_of.get(pid, 0) - 1
         if left > 0:
             self._peers_of[pid] = left

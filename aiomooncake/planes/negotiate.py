@@ -67,7 +67,7 @@ def screen(mine: dict[str, Any], remote: Any, sockname: tuple[str, int], peernam
     caps = remote.get("caps") if isinstance(remote, dict) else None
     if (cuda_ipc.KIND in mine.get("caps", ()) and isinstance(caps, list) and cuda_ipc.KIND in caps
             and remote.get("host_id") == mine.get("host_id")):
-        why = cuda_ipc.check_remote(remote.get("ipc_probe"), remote.get("pid"))
+        why = cuda_ipc.check_remote(remote.get("ipc_probe"))
         if why is not None:
             log.info("CUDA IPC with %s does not work (%s): CUDA tensors take the Transfer Engine",
                      peername, why)
@@ -83,8 +83,7 @@ def confirm(chosen: dict[str, str], remote: Any, sockname: tuple[str, int], peer
     """Client side: check that the planes the server chose reach the server's process."""
     shm.confirm(chosen, remote, sockname, peername)
     if chosen.get("cuda") == cuda_ipc.KIND:
-        why = cuda_ipc.check_remote(remote.get("ipc_probe") if isinstance(remote, dict) else None,
-                                    remote.get("pid") if isinstance(remote, dict) else None)
+        why = cuda_ipc.check_remote(remote.get("ipc_probe") if isinstance(remote, dict) else None)
         if why is not None:
             raise HandshakeError(f"the server at {peername} chose CUDA IPC, but this process cannot map "
                                  f"its memory ({why}); connect with transport='nvlink' or 'tcp'")
