@@ -105,6 +105,7 @@ class Peer:
         self._arrivals: dict[int, list[asyncio.Future[None]]] = {}
         self._staging = Staging(eager)
         self._closing = False
+        self._flush_due = False
         self._jobs: set[Job] = set()  # copies into the remote in flight from this peer
         self._planes = {id(link.plane): link for link in self._links.values()}
         for link in self._planes.values():
@@ -476,7 +477,7 @@ class Peer:
         if _trace.on:
             _trace.mark("send:written")
         self._session.write_finished(op, error)
-        self._flush()
+        self._flush_soon()
 
     # ================================================================== recv
     async def _recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> torch.Tensor:
@@ -633,7 +634,7 @@ class Peer:
         error = fut.exception() if not fut.cancelled() else TransferFailed("the pull was cancelled")
         if op.state is RecvState.MATCHED:
             self._pulled(op, p, error)
-            self._flush()
+            self._flush_soon()
 
     def _pulled(self, op: RecvOp, p: PendingRecv, error: BaseException | None) -> None:
         """Complete a matched receive whose pull ended; if the copy failed, fall back to the CTS,
@@ -737,6 +738,17 @@ class Peer:
             for f in waiters:
                 if not f.done():
                     f.set_result(None)
+
+    def _flush_soon(self) -> None:
+        """Flush at the end of this loop turn: the copies of one burst complete together (one
+        event, one poller round), and their ACKs and DONEs then leave in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_due = False
+        self._flush()
 
     def _flush(self) -> None:
         s = self._session
