@@ -114,10 +114,12 @@ class Peer:
         quarantine.prune()
         # Small CUDA tensors whose producer is done travel in the frame (see post_send), unless the
         # two peers share a GPU (one of them copies for both: see core.negotiation.roles), where the
-        # host copies that costs in both processes measured slower than the one copier's engine
-        # copy (H200: 4 KiB round trip 776 against 599 us, EPLB 93 against 124 GB/s).
+        # host copies that costs in both processes measured slower than the one copier's copy
+        # (H200, over the engine: 4 KiB round trip 776 against 599 us, EPLB 93 against 124 GB/s;
+        # over CUDA IPC, 2026-12-03, experiments/cuda_latency.py, three alternating rounds: 618 /
+        # 669 / 511 us inline against 323 / 397 / 409 us, even for lone sends).
         cuda = self._links.get("cuda")
-        shared_gpu = cuda is not None and (cuda.offers or cuda.pulls) and cuda.transport != "shm"
+        shared_gpu = cuda is not None and cuda.offers != cuda.pulls  # one of the two copies for both
         self._inline_cuda = options.inline_cuda if options.inline_cuda is not None else not shared_gpu
         self._busy = BusyPoller.for_loop(options.busy_poll)
         remote_busy = agreement.remote.get("busy_poll")  # absent from older peers: assume sleeping
