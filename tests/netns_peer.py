@@ -56,6 +56,7 @@ from harness import pattern  # noqa: E402
 import aiomooncake  # noqa: E402
 from aiomooncake import shm  # noqa: E402
 from aiomooncake.engine import Engine  # noqa: E402
+from aiomooncake.peer import quarantined_bytes  # noqa: E402
 from aiomooncake.transport.handshake import host_id  # noqa: E402
 
 
@@ -104,10 +105,12 @@ async def _recv(st: State, peer: str, tag: int, nbytes: int, seed: int, buf: str
     return {"match": bool(torch.equal(got, pattern(nbytes, seed)))}
 
 
-async def _landed(st: State, buf: str, probe: int = 1 << 20) -> dict[str, Any]:
-    """How many of the first ``probe`` bytes of ``buf`` differ from the sentinel: a transfer under
-    way (the engine writes a message front to back). Cheap: the loop must keep answering pings."""
-    return {"changed": int((st.bufs[buf][:probe] != SENTINEL).sum())}
+async def _landed(st: State, buf: str, probe: int = 1 << 20, tail: bool = False) -> dict[str, Any]:
+    """How many of the first (``tail``: last) ``probe`` bytes of ``buf`` differ from the sentinel:
+    the engine writes a message front to back, so the head shows a transfer under way and the tail
+    one that finished. Cheap: the loop must keep answering pings."""
+    t = st.bufs[buf]
+    return {"changed": int(((t[-probe:] if tail else t[:probe]) != SENTINEL).sum())}
 
 
 async def _snapshot(st: State, buf: str) -> dict[str, Any]:
@@ -133,7 +136,7 @@ async def _info(st: State) -> dict[str, Any]:
     eng = Engine._instances.get(shm.KIND)
     return {"pid": os.getpid(), "host_id": host_id(), "netns": os.stat("/proc/self/ns/net").st_ino,
             "pidns": os.stat("/proc/self/ns/pid").st_ino, "shm_pulls": getattr(eng, "pulls", 0),
-            "shm": shm.unavailable()}
+            "shm": shm.unavailable(), "quarantined": quarantined_bytes()}
 
 
 async def _drop(st: State, buf: str) -> dict[str, Any]:
