@@ -131,10 +131,12 @@ def test_no_namespaces_without_privileges() -> None:
     """An unprivileged process gets a reason (which the fixture's skip shows), not an exception."""
     if os.geteuid() != 0 or subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
         pytest.skip("needs root and setpriv to drop privileges")
+    nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable]
+    if subprocess.run([*nobody, "-c", "pass"], capture_output=True, timeout=60, cwd="/").returncode != 0:
+        pytest.skip("an unprivileged user cannot run this Python interpreter")
     # the module alone (stdlib only): the unprivileged user may not read root's site-packages
     code = (f"import importlib.util as u; s = u.spec_from_file_location('n', {netns.__file__!r}); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.unavailable())")
-    proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                           sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    proc = subprocess.run([*nobody, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert "ip netns add" in proc.stdout and "needs root" in proc.stdout, proc.stdout

@@ -30,6 +30,7 @@ from aiomooncake.bench.netns import Network
 BOUND_S = 3.0  # the issue's bound on detection; heartbeat_timeout is 2 s
 OPTIONS: dict[str, Any] = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0}
 BIG = 64 << 20  # at the throttled 800 Mbit/s about 0.7 s: surely in flight when the fault hits
+UNTHROTTLED_BIG = 512 << 20  # where tc cannot throttle: a bigger message instead
 CHECK = 8 << 20  # the transfer that proves a new connection works
 THROTTLE_MBIT = 800
 QUIET_S = 1.0  # how long the receive buffer is watched after its receive failed
@@ -59,14 +60,14 @@ async def exchange(a: NsPeer, b: NsPeer, name: str, seed: int) -> None:
         await dst.call("drop", buf=f"{name}-check")
 
 
-async def start_transfer(sender: NsPeer, receiver: NsPeer, name: str) -> dict[str, list[Any]]:
+async def start_transfer(sender: NsPeer, receiver: NsPeer, name: str, nbytes: int) -> dict[str, list[Any]]:
     """The big transfer, plus operations that can only end with the connection: each side waits
     for a message never sent, and the receiver has a send of its own that nobody receives.
     Returns once bytes are landing and the transfer is still running."""
     ops: dict[str, list[Any]] = {
-        "sender": [sender.post("send", peer=name, tag=10, nbytes=BIG, seed=7),
+        "sender": [sender.post("send", peer=name, tag=10, nbytes=nbytes, seed=7),
                    sender.post("recv", peer=name, tag=11, nbytes=100, seed=0, buf=f"{name}-idle")],
-        "receiver": [receiver.post("recv", peer=name, tag=10, nbytes=BIG, seed=7, buf=f"{name}-big"),
+        "receiver": [receiver.post("recv", peer=name, tag=10, nbytes=nbytes, seed=7, buf=f"{name}-big"),
                      receiver.post("recv", peer=name, tag=12, nbytes=1 << 20, seed=0,
                                    buf=f"{name}-idle"),
                      receiver.post("send", peer=name, tag=13, nbytes=1 << 20, seed=1)]}
@@ -115,12 +116,12 @@ async def stale_write(receiver: NsPeer, buf: str) -> dict[str, Any]:
     return {"late_bytes_after_heal": late, "stale_write_done_s": done}
 
 
-async def link_down_trial(net: Network, sender: NsPeer, receiver: NsPeer, k: int,
-                          side: str) -> dict[str, Any]:
+async def link_down_trial(net: Network, sender: NsPeer, receiver: NsPeer, k: int, side: str,
+                          nbytes: int) -> dict[str, Any]:
     name, big = f"c{k}", f"c{k}-big"
     c, s = await connect(receiver, sender, name)
     assert c["data_path"] == s["data_path"] == "te:tcp", (c, s)
-    ops = await start_transfer(sender, receiver, name)
+    ops = await start_transfer(sender, receiver, name, nbytes)
     t0 = time.monotonic()
     net.link_down(receiver.host, side)
     try:
@@ -129,7 +130,7 @@ async def link_down_trial(net: Network, sender: NsPeer, receiver: NsPeer, k: int
         held = (await receiver.call("info"))["quarantined"]
     finally:
         net.link_up(receiver.host, side)
-    assert held >= BIG, "the failed receive's memory must stay held while a late write may land"
+    assert held >= nbytes, "the failed receive's memory must stay held while a late write may land"
     t = time.monotonic()
     await exchange(sender, receiver, f"{name}n", seed=k)  # a new connection works
     exchange_s = time.monotonic() - t
@@ -141,13 +142,13 @@ async def link_down_trial(net: Network, sender: NsPeer, receiver: NsPeer, k: int
 
 
 async def destroy_trial(hosts: Hosts, net: Network, survivor: NsPeer, victim: NsPeer, k: int,
-                        victim_sends: bool) -> tuple[dict[str, Any], NsPeer]:
+                        victim_sends: bool, nbytes: int) -> tuple[dict[str, Any], NsPeer]:
     """Destroy the victim's namespace mid-transfer; returns the trial and the victim's successor."""
     name = f"d{k}"
     sender, receiver = (victim, survivor) if victim_sends else (survivor, victim)
     c, s = await connect(receiver, sender, name)
     assert c["data_path"] == s["data_path"] == "te:tcp", (c, s)
-    ops = await start_transfer(sender, receiver, name)
+    ops = await start_transfer(sender, receiver, name, nbytes)
     t0 = time.monotonic()
     net.destroy(victim.host)
     mine = {"sender": ops["receiver"] if victim_sends else ops["sender"]}
@@ -180,21 +181,19 @@ async def run_link_down(hosts: Hosts, trials: int) -> list[dict[str, Any]]:
     net = hosts.network(2)
     sender, receiver = await asyncio.gather(hosts.peer(net, 0, own_pid_ns=True),
                                             hosts.peer(net, 1, own_pid_ns=True))
-    assert net.throttle(receiver.host, THROTTLE_MBIT) or True  # without tc: unthrottled, still checked
-    out = []
-    for k in range(trials):
-        out.append(await link_down_trial(net, sender, receiver, k, ("far", "host")[k % 2]))
-    return out
+    nbytes = BIG if net.throttle(receiver.host, THROTTLE_MBIT) else UNTHROTTLED_BIG
+    return [await link_down_trial(net, sender, receiver, k, ("far", "host")[k % 2], nbytes)
+            for k in range(trials)]
 
 
 async def run_destroy(hosts: Hosts, trials: int) -> list[dict[str, Any]]:
     net = hosts.network(2)
     survivor, victim = await asyncio.gather(hosts.peer(net, 0, own_pid_ns=True),
                                             hosts.peer(net, 1, own_pid_ns=True))
-    net.throttle(victim.host, THROTTLE_MBIT)
+    nbytes = BIG if net.throttle(victim.host, THROTTLE_MBIT) else UNTHROTTLED_BIG
     out = []
     for k in range(trials):
-        trial, victim = await destroy_trial(hosts, net, survivor, victim, k, victim_sends=k % 2 == 1)
+        trial, victim = await destroy_trial(hosts, net, survivor, victim, k, k % 2 == 1, nbytes)
         out.append(trial)
     return out
 
