@@ -94,15 +94,17 @@ async def _connect(st: State, peer: str, host: str, port: int, options: dict[str
     return _peer_info(p)
 
 
-async def _send(st: State, peer: str, tag: int, nbytes: int, seed: int) -> dict[str, Any]:
-    await st.peers[peer].send(pattern(nbytes, seed), tag)
+async def _send(st: State, peer: str, tag: int, nbytes: int, seed: int,
+                device: str = "cpu") -> dict[str, Any]:
+    await st.peers[peer].send(pattern(nbytes, seed).to(device), tag)
     return {}
 
 
-async def _recv(st: State, peer: str, tag: int, nbytes: int, seed: int, buf: str) -> dict[str, Any]:
-    dest = st.bufs[buf] = torch.full((nbytes,), SENTINEL, dtype=torch.uint8)
+async def _recv(st: State, peer: str, tag: int, nbytes: int, seed: int, buf: str,
+                device: str = "cpu") -> dict[str, Any]:
+    dest = st.bufs[buf] = torch.full((nbytes,), SENTINEL, dtype=torch.uint8, device=device)
     got = await st.peers[peer].recv(dest, tag)
-    return {"match": bool(torch.equal(got, pattern(nbytes, seed)))}
+    return {"match": bool(torch.equal(got.cpu(), pattern(nbytes, seed)))}
 
 
 async def _landed(st: State, buf: str, probe: int = 1 << 20, tail: bool = False) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 import pytest
+import torch
 from netns import HERE, ROOT, Hosts, NsPeer, _die_with_parent, hosts_fixture  # noqa: F401
 
 from aiomooncake.bench import netns
@@ -75,6 +76,23 @@ async def test_the_data_plane_follows_the_pid_namespaces(hosts: Hosts) -> None:
         pulled = [x - y for x, y in zip(after, pulls, strict=True)]
         # each side received the two rendezvous sizes: pulled by itself on shm, written by the engine else
         assert pulled == ([2, 2] if want == "shm" else [0, 0]), (want, pulled)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.xfail(strict=True, reason="the handshake plans NVLink (CUDA IPC) on host_id alone, also "
+                   "between PID namespaces (issue 17); remove this mark once it does not")
+async def test_separate_pid_namespaces_do_not_use_cuda_ipc(hosts: Hosts) -> None:
+    """On a GPU host, peers in separate PID namespaces (as containers) must not plan CUDA IPC, and
+    CUDA tensors must still arrive."""
+    net = hosts.network(2)
+    a, b = await asyncio.gather(hosts.peer(net, 0, own_pid_ns=True), hosts.peer(net, 1, own_pid_ns=True))
+    for side in await pair(a, b, "g"):
+        assert side["data_paths"]["cuda"] != "te:nvlink", side
+    got = a.post("recv", peer="g", tag=1, nbytes=1 << 20, seed=3, buf="g", device="cuda")
+    await b.call("send", peer="g", tag=1, nbytes=1 << 20, seed=3, device="cuda")
+    reply = await asyncio.wait_for(got, 30)
+    assert reply["match"], reply
 
 
 async def test_torch_rendezvous_across_namespaces(hosts: Hosts) -> None:
