@@ -178,13 +178,12 @@ class Network:
                 _ip("-n", self.hub, "link", "set", "br0", "up")
             for i in range(hosts):
                 self._add_host(i)
-            if self.hub is None:
+            if self.hub is None:  # both ends are made inside their namespaces: no name clash
                 a, b = self.names
-                _ip("link", "add", "amctmp0", "address", self.mac(0), "netns", a, "type", "veth", "peer",
-                    "name", "amctmp1", "address", self.mac(1), "netns", b)
-                for name, tmp, addr in ((a, "amctmp0", self.addrs[0]), (b, "amctmp1", self.addrs[1])):
-                    _ip("-n", name, "link", "set", tmp, "name", IFNAME)
-                    self._configure(name, addr)
+                _ip("link", "add", IFNAME, "address", self.mac(0), "netns", a, "type", "veth", "peer",
+                    "name", IFNAME, "address", self.mac(1), "netns", b)
+                for i, name in enumerate(self.names):
+                    self._configure(name, self.addrs[i])
         except BaseException:
             self.close()
             raise
