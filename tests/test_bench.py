@@ -122,3 +122,29 @@ def test_records_iteration_counts_and_markdown() -> None:
     text = markdown(res)
     assert "| size | aiomooncake | te-raw | aio/te-raw |" in text
     assert "2.00x" in text  # ours twice as fast
+
+
+@pytest.mark.timeout(150)
+def test_netns_runs_the_ranks_as_two_hosts(tmp_path: Path) -> None:
+    """--netns: the ranks in two network namespaces joined by a veth; both take the Transfer
+    Engine over TCP (the records say which plane), and nothing is left behind."""
+    from aiomooncake.bench import netns
+
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(f"cannot make network namespaces: {why}")
+    def ours() -> set[str]:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {w for w in out.split() if w.startswith(f"{netns.PREFIX}-")}
+
+    before = ours()
+    proc = run_bench(tmp_path, "--netns", "--impls", "aiomooncake,te-raw", "--modes", "stream",
+                     "--sizes", "1M", "--iters", "3", "--warmup", "1", "--json", "out.json",
+                     "--markdown", "out.md")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads((tmp_path / "out.json").read_text())
+    for rec in records:
+        check_schema(rec)
+    assert {(r["impl"], r["data_path"]) for r in records} == {("aiomooncake", "te:tcp"), ("te-raw", "te:tcp")}
+    assert "two network namespaces" in (tmp_path / "out.md").read_text()
+    assert ours() <= before, "the benchmark left namespaces behind"

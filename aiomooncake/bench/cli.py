@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import (
     DEFAULT_EXPERTS,
@@ -23,11 +23,19 @@ from .common import (
 from .impls import IMPLS, load
 from .runner import launch, run_torchrun, torchrun_rank, under_torchrun
 
+if TYPE_CHECKING:
+    from .netns import Network
+
+# what runs with --netns: told the rank's address through RankContext.host / $AIOMOONCAKE_HOST,
+# or (gloo) its interface through $GLOO_SOCKET_IFNAME; copy has one rank
+NETNS_IMPLS = ("aiomooncake", "aiomooncake-torch", "te-raw", "gloo", "copy")
+
 EPILOG = """\
 examples:
   python -m aiomooncake.bench --quick --device cpu --json bench.json --plot bench.png
   python -m aiomooncake.bench --impls aiomooncake,te-raw --modes stream --sizes 1M,64M,1G
   torchrun --nproc-per-node 2 -m aiomooncake.bench --device cuda --quick
+  sudo python -m aiomooncake.bench --netns --impls aiomooncake,te-raw --modes stream --sizes 1M,16M,64M
 
 gbps is GB/s (1e9 B/s) of payload crossing between the two processes (both directions summed for
 bidir and eplb); pingpong also reports the round trip (rtt_us). Every number is a median.
@@ -105,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds one point may take before its processes are killed "
                          "(default 120, --quick 60)")
     ap.add_argument("--host", default="127.0.0.1", help="address the processes use (default 127.0.0.1)")
+    ap.add_argument("--netns", action="store_true",
+                    help="two hosts on one machine: run the two ranks in two network namespaces joined by "
+                         "a veth pair (needs root), so traffic crosses a link between two network stacks; "
+                         "aiomooncake's CPU tensors then take the Transfer Engine over TCP, as between "
+                         f"two hosts. Implementations: {', '.join(NETNS_IMPLS)}")
     ap.add_argument("--json", metavar="FILE", help="write the records as JSON")
     ap.add_argument("--plot", metavar="FILE.png", help="plot bandwidth and latency against size")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
@@ -117,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def make_config(args: argparse.Namespace) -> tuple[BenchConfig, list[Point]]:
+def make_config(args: argparse.Namespace, net: Network | None = None) -> tuple[BenchConfig, list[Point]]:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +147,8 @@ def make_config(args: argparse.Namespace) -> tuple[BenchConfig, list[Point]]:
         max_bytes=(args.max_bytes[0] if args.max_bytes else (512 * MiB if q else 2 * GiB)),
         host=args.host,
         verbose=args.verbose,
+        netns=tuple(net.names) if net is not None else (),
+        addrs=tuple(net.addrs) if net is not None else (),
     )
     points: list[Point] = []
     for mode in (m for m in MODES if m in args.modes):
@@ -144,6 +159,25 @@ def make_config(args: argparse.Namespace) -> tuple[BenchConfig, list[Point]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    torchrun = under_torchrun()
+    net = None
+    if args.netns:
+        from . import netns
+
+        why = "it runs its own two processes, not under torchrun" if torchrun else netns.unavailable()
+        if why is not None:
+            print(f"--netns: {why}", file=sys.stderr)
+            return 2
+        netns.sweep()
+        net = netns.Network(2, bridge=False)
+    try:
+        return _main(args, net, torchrun)
+    finally:
+        if net is not None:
+            net.close()
+
+
+def _main(args: argparse.Namespace, net: Network | None, torchrun: bool) -> int:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -156,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import report
 
-    cfg, points = make_config(args)
-    torchrun = under_torchrun()
+    cfg, points = make_config(args, net)
     if torchrun and not cfg.verbose:
         os.environ.setdefault("MC_LOG_LEVEL", "ERROR")  # before any engine loads in this process
     lead = not torchrun or torchrun_rank() == 0
@@ -166,11 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Console(quiet=not lead, width=None if sys.stdout.isatty() else 200)
 
     results = report.Results(cfg, list(args.impls), points)
+    if net is not None:
+        results.machine += (f"; ranks in two network namespaces joined by a veth pair ({net.addrs[0]}, "
+                            f"{net.addrs[1]}; --netns)")
     plan: list[tuple[str, list[Point]]] = []
     with console.status("checking which implementations can run..."):
         for name in args.impls:
             impl = load(name)
             reason = impl.available(cfg.device)
+            if reason is None and net is not None and name not in NETNS_IMPLS:
+                reason = f"not adapted to --netns (only {', '.join(NETNS_IMPLS)})"
             if reason is None and torchrun and name == "mooncake-pg":
                 reason = "runs only under the built-in launcher (a crash would take torchrun's ranks down)"
             if reason is not None:

@@ -118,6 +118,13 @@ class BenchConfig:
     max_bytes: int = 2 * GiB  # payload budget of one point's timed iterations (iters shrink above it)
     host: str = "127.0.0.1"
     verbose: bool = False
+    # --netns: rank r runs in network namespace netns[r] and has address addrs[r] (else: host)
+    netns: tuple[str, ...] = ()
+    addrs: tuple[str, ...] = ()
+
+    def addr(self, rank: int) -> str:
+        """The address of rank ``rank``'s process: its namespace's with ``--netns``, else ``host``."""
+        return self.addrs[rank] if rank < len(self.addrs) else self.host
 
     def nbytes(self, p: Point) -> int:
         """The ``bytes`` of a record: the message size, or the bytes one rank sends in an eplb batch."""
@@ -173,11 +180,22 @@ class RankContext:
     store: Any
     sink: Callable[[Message], None]
     current: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # added to this rank's records
     _seq: int = field(default=0, repr=False)
 
     @property
     def peer(self) -> int:
         return 1 - self.rank
+
+    @property
+    def host(self) -> str:
+        """This rank's address (listen and advertise on it)."""
+        return self.cfg.addr(self.rank)
+
+    @property
+    def peer_host(self) -> str:
+        """The other rank's address (connect to it)."""
+        return self.cfg.addr(self.peer)
 
     def device(self) -> torch.device:
         if self.cfg.device != "cuda":
@@ -221,7 +239,7 @@ class RankContext:
 
     def finish(self, p: Point, samples: Sequence[float]) -> None:
         if self.rank == 0:
-            self.sink(("record", p.idx, self.cfg.record(self.impl, p, samples)))
+            self.sink(("record", p.idx, {**self.cfg.record(self.impl, p, samples), **self.notes}))
         self.current = None
 
 

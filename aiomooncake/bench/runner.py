@@ -103,6 +103,8 @@ def _child(name: str, rank: int, world: int, port: int, prefix: str, cfg: BenchC
         from torch._C._distributed_c10d import PrefixStore, TCPStore
 
         store = TCPStore(cfg.host, port, None, False, timeout=timedelta(seconds=cfg.timeout))
+        if cfg.netns:
+            _enter_host(cfg, rank)  # after connecting to the launcher's store, which stays reachable
         ctx = RankContext(name, rank, world, cfg, points, PrefixStore(prefix, store), q.put)
         load(name).run(ctx)
         q.put(("done", rank))
@@ -115,6 +117,19 @@ def _child(name: str, rank: int, world: int, port: int, prefix: str, cfg: BenchC
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: engine threads and process groups can hang it
+
+
+def _enter_host(cfg: BenchConfig, rank: int) -> None:
+    """``--netns``: move this rank into its own network namespace, as if on a host of its own.
+    Sockets made before (the store's, the result queue's pipe) stay where they were. Every
+    implementation is pointed at this namespace's address and interface, and aiomooncake's CPU
+    tensors at the Transfer Engine: both ranks still share one PID namespace, where the same-host
+    copy (process_vm_readv) would work, and two hosts could not use it."""
+    from .netns import IFNAME, enter
+
+    os.environ.update(AIOMOONCAKE_HOST=cfg.addrs[rank], GLOO_SOCKET_IFNAME=IFNAME,
+                      AIOMOONCAKE_HOST_TRANSPORT="te")
+    enter(cfg.netns[rank])
 
 
 def _run_impl(name: str, points: list[Point], cfg: BenchConfig, port: int, events: Events,

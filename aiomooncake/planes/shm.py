@@ -439,7 +439,9 @@ def verify(theirs: Any, sockname: tuple[str, int], peername: str) -> str | None:
 
 def _owns_connection(pid: int, sockname: tuple[str, int], peername: str) -> bool:
     """Whether ``pid`` has the TCP socket whose local end is ``peername`` and remote end ``sockname``
-    (the other side of our control connection) open."""
+    (the other side of our control connection) open. The socket is looked up in ``pid``'s own view
+    of the network (``/proc/<pid>/net``): in another network namespace (a peer reached over a veth)
+    our ``/proc/net`` does not list it."""
     host, _, port = peername.rpartition(":")
     try:
         theirs = (_norm(host.strip("[]")), int(port))
@@ -447,7 +449,7 @@ def _owns_connection(pid: int, sockname: tuple[str, int], peername: str) -> bool
     except ValueError:
         return False
     inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         try:
             with open(table) as f:
                 next(f, None)

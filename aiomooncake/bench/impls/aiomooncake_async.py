@@ -47,13 +47,14 @@ async def _main(ctx: RankContext) -> None:
     # The benchmark blocks its loop while it allocates big buffers: be patient with heartbeats.
     opts: dict[str, Any] = {"heartbeat_interval": 1.0, "heartbeat_timeout": max(30.0, ctx.cfg.timeout)}
     if ctx.rank == 1:
-        lst = await aiomooncake.listen(ctx.cfg.host, 0, **opts)
+        lst = await aiomooncake.listen(ctx.host, 0, **opts)
         ctx.put("port", lst.port)
         peer = await lst.accept()
         await lst.close()
     else:
         port = await asyncio.to_thread(ctx.get, "port")
-        peer = await aiomooncake.connect(ctx.cfg.host, port, **opts)
+        peer = await aiomooncake.connect(ctx.peer_host, port, **opts)
+    ctx.notes["data_path"] = peer.data_path
     try:
         for p in ctx.points:
             ctx.begin(p)

@@ -64,10 +64,12 @@ class _Raw:
         self.ctx = ctx
         self.dev = ctx.device()
         self.te: Any = te.TransferEngine()
-        host = ctx.cfg.host
-        rc = self.te.initialize(host, "P2PHANDSHAKE", _protocol(ctx.cfg.device), "")
+        host = ctx.host
+        protocol = _protocol(ctx.cfg.device)
+        rc = self.te.initialize(host, "P2PHANDSHAKE", protocol, "")
         if rc != 0:
             raise RuntimeError(f"TransferEngine.initialize({host!r}, P2PHANDSHAKE) failed: rc={rc}")
+        ctx.notes["data_path"] = "te:nvlink" if ctx.cfg.device == "cuda" else f"te:{protocol}"
         self.peer_segment: str = ctx.exchange("segment", f"{host}:{self.te.get_rpc_port()}")
         # Flags: inbox[0] is written by the peer; outbox holds 1, 2, 3, ... so notifying never
         # has to modify memory first (which on CUDA would need a synchronize).
