@@ -54,10 +54,10 @@ import torch  # noqa: E402
 from harness import pattern  # noqa: E402
 
 import aiomooncake  # noqa: E402
-from aiomooncake import shm  # noqa: E402
-from aiomooncake.engine import Engine  # noqa: E402
+from aiomooncake import planes  # noqa: E402
+from aiomooncake.hostid import host_id  # noqa: E402
 from aiomooncake.peer import quarantined_bytes  # noqa: E402
-from aiomooncake.transport.handshake import host_id  # noqa: E402
+from aiomooncake.planes import shm  # noqa: E402
 
 
 class State:
@@ -135,7 +135,7 @@ async def _close(st: State, peer: str) -> dict[str, Any]:
 
 
 async def _info(st: State) -> dict[str, Any]:
-    eng = Engine._instances.get(shm.KIND)
+    eng = next((p for p in planes.existing() if p.kind == shm.KIND), None)
     return {"pid": os.getpid(), "host_id": host_id(), "netns": os.stat("/proc/self/ns/net").st_ino,
             "pidns": os.stat("/proc/self/ns/pid").st_ino, "shm_pulls": getattr(eng, "pulls", 0),
             "shm": shm.unavailable(), "quarantined": quarantined_bytes()}

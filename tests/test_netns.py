@@ -80,15 +80,15 @@ async def test_the_data_plane_follows_the_pid_namespaces(hosts: Hosts) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="the handshake plans NVLink (CUDA IPC) on host_id alone, also "
-                   "between PID namespaces (issue 17); remove this mark once it does not")
 async def test_separate_pid_namespaces_do_not_use_cuda_ipc(hosts: Hosts) -> None:
-    """On a GPU host, peers in separate PID namespaces (as containers) must not plan CUDA IPC, and
-    CUDA tensors must still arrive."""
+    """On a GPU host, peers in separate PID and network namespaces (as containers) do not take the
+    engine's NVLink transport on the word of host_id alone: CUDA IPC is tried in the handshake (its
+    probe mapped and read back) and, where it does not work, CUDA tensors take the engine's network
+    path; either way they arrive."""
     net = hosts.network(2)
     a, b = await asyncio.gather(hosts.peer(net, 0, own_pid_ns=True), hosts.peer(net, 1, own_pid_ns=True))
     for side in await pair(a, b, "g"):
-        assert side["data_paths"]["cuda"] != "te:nvlink", side
+        assert side["data_paths"]["cuda"] in ("cuda-ipc", "te:tcp", "te:rdma"), side
     got = a.post("recv", peer="g", tag=1, nbytes=1 << 20, seed=3, buf="g", device="cuda")
     await b.call("send", peer="g", tag=1, nbytes=1 << 20, seed=3, device="cuda")
     reply = await asyncio.wait_for(got, 30)

@@ -69,9 +69,11 @@ def screen(mine: dict[str, Any], remote: Any, sockname: tuple[str, int], peernam
             and remote.get("host_id") == mine.get("host_id")):
         why = cuda_ipc.check_remote(remote.get("ipc_probe"))
         if why is not None:
-            log.info("CUDA IPC with %s does not work (%s): CUDA tensors take the Transfer Engine",
-                     peername, why)
-            mine["caps"] = [c for c in mine["caps"] if c != cuda_ipc.KIND]
+            # The engine's NVLink transport maps memory through CUDA IPC too: it would fail the
+            # same way (containers that hide each other), so CUDA tensors take its network path.
+            log.info("CUDA IPC with %s does not work (%s): CUDA tensors take the Transfer Engine's "
+                     "network transport", peername, why)
+            mine["caps"] = [c for c in mine["caps"] if c not in (cuda_ipc.KIND, "nvlink")]
 
 
 def plan(client: dict[str, Any], server: dict[str, Any]) -> dict[str, str]:
