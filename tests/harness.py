@@ -123,7 +123,8 @@ def spec_dtype(sp: dict[str, Any]) -> torch.dtype:
 
 
 def spec_nbytes(sp: dict[str, Any]) -> int:
-    return math.prod(sp["shape"]) * element_size(spec_dtype(sp))
+    shape: tuple[int, ...] = sp["shape"]
+    return math.prod(shape) * element_size(spec_dtype(sp))
 
 
 def pattern(nbytes: int, seed: int = 0) -> torch.Tensor:
@@ -357,7 +358,7 @@ class Control:
         sid = self.sid
 
         def match(m: tuple[Any, ...]) -> bool:
-            return m[1] == sid and (m[0] == "abort" or (m[0] == "tell" and m[2] == kind))
+            return bool(m[1] == sid and (m[0] == "abort" or (m[0] == "tell" and m[2] == kind)))
 
         m = await self.ch.get(match, timeout)
         if m[0] == "abort":
@@ -648,6 +649,7 @@ class Scenario:
 
     def tell(self, kind: str, payload: Any = None) -> None:
         """Deliver ``kind`` to the scenario's ``ctl.wait(kind)`` (a script's ``do.wait``)."""
+        assert self.remote.ch is not None, "the remote process is not running"
         self.remote.ch.send(("tell", self.sid, kind, payload))
 
     async def result(self, timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -801,7 +803,11 @@ class Remote:
                     if sc.final is None:
                         self.broken = True
                 if failure is not None:
-                    failure.add_note(self._final_note(sc))
+                    note = self._final_note(sc)
+                    if sys.version_info >= (3, 11):
+                        failure.add_note(note)
+                    else:  # no BaseException.add_note before 3.11; pytest prints __notes__ either way
+                        setattr(failure, "__notes__", [*getattr(failure, "__notes__", []), note])  # noqa: B010
                 ch.purge(sid)
                 ch.detach()
 

@@ -234,8 +234,9 @@ async def test_a_lone_ack_waits_two_loop_turns_unless_acks_leave_at_once() -> No
 def test_a_burst_travels_as_one_batch_frame_and_comes_back_in_order() -> None:
     from aiomooncake.transport.framing import pack_batch_into
 
-    burst = [m.Rts(i, i % 3, "uint8", (1 << 20,), 1 << 20, "cuda", 0x1000 * i, 1, 2, bytes(88))
-             for i in range(1, 300)] + [m.Ack(7), m.Done(8)]
+    burst: list[m.Message] = [m.Rts(i, i % 3, "uint8", (1 << 20,), 1 << 20, "cuda", 0x1000 * i, 1, 2,
+                                    bytes(88)) for i in range(1, 300)]
+    burst += [m.Ack(7), m.Done(8)]
     parts: list[bytes] = []
     pack_batch_into(parts, burst, CAP)
     assert len(parts) == 2, "one frame (a header and a body) for the whole burst"
@@ -253,7 +254,7 @@ def test_a_message_larger_than_the_batch_limit_goes_alone() -> None:
     from aiomooncake.transport.framing import pack_batch_into
 
     big = m.Eager(1, 0, "uint8", (60_000,), bytes(60_000))
-    msgs = [m.Ack(1), big, m.Ack(2)]
+    msgs: list[m.Message] = [m.Ack(1), big, m.Ack(2)]
     parts: list[bytes] = []
     pack_batch_into(parts, msgs, 8192)
     assert FrameDecoder(CAP).feed(b"".join(parts)) == msgs

@@ -5,6 +5,7 @@ an exception in the block, or cancellation. The other peer is a separate process
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -67,8 +68,8 @@ async def test_batch_frames_leave_in_one_write(remote: Remote) -> None:
         writes: list[int] = []  # messages per write (BATCH frames carry several)
         real = transport.writelines
 
-        def counting(parts: Any) -> None:
-            parts = list(parts)
+        def counting(list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+            parts = list(list_of_data)
             writes.append(len(FrameDecoder(1 << 30).feed(b"".join(parts))))
             real(parts)
         transport.writelines = counting  # type: ignore[method-assign]

@@ -42,7 +42,7 @@ async def pair() -> AsyncIterator[Pair]:
 def frombuffer(buf: object) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "The given buffer is not writable"
-        return torch.frombuffer(buf, dtype=torch.uint8)  # type: ignore[call-overload]
+        return torch.frombuffer(buf, dtype=torch.uint8)
 
 
 async def still_works(a: aiomooncake.Peer, b: aiomooncake.Peer, tag: int = 99) -> None:
@@ -122,8 +122,9 @@ def test_writable_tensors_pass_the_check() -> None:
         outside = [torch.from_numpy(np.zeros(rng.randint(1, 3000))) for _ in range(200)]
         outside += [frombuffer(bytearray(rng.randint(1, 20000))) for _ in range(200)]
         del junk
-        alarms = [(t.shape, t.data_ptr(), why) for t in outside if (why := _unwritable(t)) is not None]
-        assert not alarms, alarms
+        outside_alarms = [(t.shape, t.data_ptr(), why) for t in outside
+                          if (why := _unwritable(t)) is not None]
+        assert not outside_alarms, outside_alarms
     for n in (1, 100, 5000, 100_000):  # while a live bytes object is still seen
         assert _unwritable(frombuffer(bytes(n))) is not None, n
 

@@ -434,7 +434,8 @@ def test_verify_checks_pid_socket_and_probe() -> None:
         host, port = b.getsockname()
         peer = f"{host}:{port}"
         # b is the other end of a, and this process holds it: a peer "in this process" passes
-        good = {"pid": os.getpid(), "shm_probe": [ctypes.addressof(shm._probe), int(shm._probe[0])]}
+        good: dict[str, Any] = {"pid": os.getpid(),
+                                "shm_probe": [ctypes.addressof(shm._probe), int(shm._probe[0])]}
         assert shm.verify(good, ours, peer) is None
         bad_nonce = {**good, "shm_probe": [good["shm_probe"][0], good["shm_probe"][1] ^ 1]}
         assert "probe word differs" in str(shm.verify(bad_nonce, ours, peer))
@@ -444,6 +445,7 @@ def test_verify_checks_pid_socket_and_probe() -> None:
         assert why is not None and ("does not hold" in why or "another user" in why or "inspect" in why)
         # the other end of some other connection is refused
         assert "does not hold" in str(shm.verify(good, ours, "127.0.0.1:1"))
+        junk: object
         for junk in ({}, {"pid": "1"}, {"pid": True}, {"pid": -4}, {"pid": os.getpid()},
                      {**good, "shm_probe": [1]}, {**good, "shm_probe": ["a", 1]}, None, []):
             assert shm.verify(junk, ours, peer) is not None, junk

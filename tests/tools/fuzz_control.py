@@ -312,9 +312,9 @@ def hostile(draw: st.DrawFn) -> tuple[str, bytes]:
         n = draw(st.integers(0, 9).filter(lambda x: x != ARITY[kind]))
         body = msgpack.packb([kind, *draw(st.lists(objects, min_size=n, max_size=n))], use_bin_type=True)
     elif cat == "unknown-kind":
-        kind = draw(st.one_of(ints.filter(lambda k: k not in KINDS), st.text(max_size=5), st.none(),
-                              st.floats(), st.binary(max_size=4)))
-        body = msgpack.packb([kind, *draw(st.lists(objects, max_size=4))], use_bin_type=True)
+        bad_kind = draw(st.one_of(ints.filter(lambda k: k not in KINDS), st.text(max_size=5), st.none(),
+                                  st.floats(), st.binary(max_size=4)))
+        body = msgpack.packb([bad_kind, *draw(st.lists(objects, max_size=4))], use_bin_type=True)
     elif cat == "random-msgpack":
         body = msgpack.packb(draw(objects), use_bin_type=True)
     elif cat == "not-an-array":

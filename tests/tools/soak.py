@@ -146,10 +146,10 @@ async def run(args: Any) -> dict[str, Any]:
         pids = [h["pid"] for h in hellos]
         blk = block()
         sem = asyncio.Semaphore(args.inflight)
-        stats = {"sent": 0, "echoed": 0, "corrupted": 0, "lost": 0, "errors": [], "max_inflight": 0,
-                 "bytes": 0}
+        stats = {"sent": 0, "echoed": 0, "corrupted": 0, "lost": 0, "max_inflight": 0, "bytes": 0}
+        errors: list[str] = []
         inflight = 0
-        samples: list[dict[str, int]] = []
+        samples: list[dict[str, float]] = []
         step = max(1, args.messages // 100)
 
         async def one(i: int) -> None:
@@ -167,8 +167,8 @@ async def run(args: Any) -> dict[str, Any]:
                     stats["corrupted"] += 1
             except (aiomooncake.AiomooncakeError, asyncio.TimeoutError) as e:
                 stats["lost"] += 1
-                if len(stats["errors"]) < 10:
-                    stats["errors"].append(f"message {i}: {type(e).__name__}: {e}")
+                if len(errors) < 10:
+                    errors.append(f"message {i}: {type(e).__name__}: {e}")
             finally:
                 inflight -= 1
                 sem.release()
@@ -194,8 +194,8 @@ async def run(args: Any) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
         samples.append({"i": args.messages, "t": round(elapsed, 3), "hub": rss(),
                         **{f"child{k}": rss(pid) for k, pid in enumerate(pids)}})
-        for p in peers:
-            await p.close()
+        for peer in peers:
+            await peer.close()
         children = [await _read_json(p.stdout, 60) for p in procs]  # type: ignore[arg-type]
     finally:
         for p in procs:
@@ -220,7 +220,7 @@ async def run(args: Any) -> dict[str, Any]:
         "corrupted_at_hub": stats["corrupted"],
         "received_by_children": sum(c["received"] for c in children),
         "corrupted_at_children": sum(c["corrupted"] for c in children),
-        "child_errors": [e for c in children for e in c["errors"]][:10], "errors": stats["errors"],
+        "child_errors": [e for c in children for e in c["errors"]][:10], "errors": errors,
         "seconds": round(elapsed, 1), "messages_per_s": round(args.messages / elapsed),
         "gib_moved": round(stats["bytes"] / 2**30, 2), "rss": growth, "options": opts,
         "samples": samples,
