@@ -23,14 +23,36 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .errors import ConfigurationError, Timeout
 
-if TYPE_CHECKING:
-    from .peer import Peer, PendingRecv, PendingSend
+
+class Posted(Protocol):
+    """A posted operation (:class:`aiomooncake.PendingSend` / :class:`aiomooncake.PendingRecv`)."""
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
+
+    def withdraw(self) -> None: ...
+
+    async def cancel(self) -> None: ...
+
+
+class Poster(Protocol):
+    """What a batch needs of its peer: the public posting calls (a :class:`aiomooncake.Peer`)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def post_send(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False) -> Posted: ...
+
+    def post_recv(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False) -> Posted: ...
+
+    def post_recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
+                         burst: bool = False) -> Posted: ...
 
 
 class Batch:
@@ -38,11 +60,11 @@ class Batch:
 
     __slots__ = ("_done", "_peer", "_recvs", "_sends", "_timeout")
 
-    def __init__(self, peer: Peer, timeout: float | None = None) -> None:
+    def __init__(self, peer: Poster, timeout: float | None = None) -> None:
         self._peer = peer
         self._timeout = timeout
-        self._sends: list[PendingSend] = []
-        self._recvs: list[PendingRecv] = []
+        self._sends: list[Posted] = []
+        self._recvs: list[Posted] = []
         self._done = False
 
     def send(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[None]:

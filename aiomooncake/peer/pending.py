@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ..core.regions import Region
 from ..core.session import RecvOp, SendOp
+from ..options import Options
 from ..planes.base import DataPlane, Job
 from ..tensors import ReadyMark
 
-if TYPE_CHECKING:
-    from .peer import Peer
+
+class Owner(Protocol):
+    """The peer an operation was posted on, as its handle sees it (:class:`aiomooncake.Peer`)."""
+
+    options: Options
+
+    def _withdraw_send(self, p: PendingSend) -> None: ...
+
+    def _withdraw_recv(self, p: PendingRecv) -> None: ...
+
+    async def _cancel_recv(self, p: PendingRecv) -> None: ...
 
 
 class PendingSend:
@@ -29,7 +39,7 @@ class PendingSend:
 
     __slots__ = ("future", "held", "job", "op", "peer", "ready", "retries", "src", "stop")
 
-    def __init__(self, peer: Peer, future: asyncio.Future[None], src: torch.Tensor,
+    def __init__(self, peer: Owner, future: asyncio.Future[None], src: torch.Tensor,
                  ready: ReadyMark | None, held: tuple[DataPlane, Region] | None) -> None:
         self.peer = peer
         self.future = future
@@ -66,7 +76,7 @@ class PendingRecv:
     __slots__ = ("dest", "device", "device_work", "future", "op", "peer", "pull", "ready", "region",
                  "released", "stream", "withdrawn", "work")
 
-    def __init__(self, peer: Peer, future: asyncio.Future[torch.Tensor], dest: torch.Tensor | None,
+    def __init__(self, peer: Owner, future: asyncio.Future[torch.Tensor], dest: torch.Tensor | None,
                  device: torch.device | None, ready: ReadyMark | None, stream: Any) -> None:
         self.peer = peer
         self.future = future

@@ -44,6 +44,8 @@ from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
 from . import base, cuda_vmm
 from .base import Announcement, DataPlane, Job, Piece, Stats
+from .cuda_driver import driver as _driver
+from .cuda_driver import ok as _ok
 from .poller import poller
 
 log = logging.getLogger(__name__)
@@ -55,34 +57,6 @@ _VMM = struct.Struct("<cQQH")  # b"V", span base, span size, chunks that follow
 _CHUNK = struct.Struct("<IQQQ")  # descriptor in the exporter, chunk base, chunk size, buffer id
 DESC_BYTES = _LEGACY.size
 MAX_CHUNKS = 512
-
-_drv: Any = None
-
-
-def _driver() -> Any:
-    global _drv
-    if _drv is None:
-        try:
-            from cuda.bindings import driver as d
-        except ImportError:  # cuda-python < 12.6 layout
-            from cuda import cuda as d
-        _drv = d
-    return _drv
-
-
-def _ok(result: Any, what: str) -> Any:
-    """The value(s) of a driver call's ``(err, *values)`` result; TransferFailed on an error."""
-    d = _driver()
-    if isinstance(result, tuple):
-        err, rest = result[0], result[1:]
-    else:
-        err, rest = result, ()
-    if err != d.CUresult.CUDA_SUCCESS:
-        raise TransferFailed(f"{what} failed: {err}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else rest
-
 
 # ------------------------------------------------------------------ descriptors (pure)
 @dataclass(frozen=True, slots=True)

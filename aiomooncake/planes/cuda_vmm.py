@@ -26,23 +26,13 @@ import threading
 from typing import Any
 
 from ..errors import TransferFailed
+from .cuda_driver import driver as _driver
+from .cuda_driver import ok as _ok
 
 log = logging.getLogger(__name__)
 
 _REQ = struct.Struct("<16sI")  # key, how many descriptors follow (as uint32 each)
 MAX_FDS = 512  # per request
-
-
-def _driver() -> Any:
-    from .cuda_ipc import _driver as d
-
-    return d()
-
-
-def _ok(result: Any, what: str) -> Any:
-    from .cuda_ipc import _ok as ok
-
-    return ok(result, what)
 
 
 # ------------------------------------------------------------------------------ export side
