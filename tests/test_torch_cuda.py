@@ -38,6 +38,7 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
                 torch.cuda._sleep(SPIN)
                 src.fill_(float(tag))  # queued, not done, when isend is called
                 w = dist.isend(src, peer, tag=tag)
+                assert w is not None
             w.wait()
         else:
             buf = torch.empty(n, device=dev)
@@ -45,6 +46,7 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
                 torch.cuda._sleep(SPIN)
                 buf.fill_(-7.0)  # must not overwrite the received bytes
                 w = dist.irecv(buf, peer, tag=tag)
+                assert w is not None
                 w.wait()  # makes `side` wait for the data
                 total = buf.sum()  # queued on `side` after the wait
                 # read on `side` too: .item() outside would copy on the default stream, which does
@@ -70,7 +72,7 @@ def cuda_stream_order(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
-def core_stream_order(ctx: Ctx) -> float:
+def core_stream_order(ctx: Ctx) -> list[float]:
     """The same check on the async core itself (the group's own Peer, driven on the loop thread with
     the side stream current), to tell a core problem from a torch-layer one."""
     dev = torch.device("cuda", 0)

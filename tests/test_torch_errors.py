@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_torch_harness import Ctx, no_children_left, run_ranks
+from test_torch_harness import Ctx, must, no_children_left, run_ranks
+from torch._C._distributed_c10d import TCPStore
 
 from aiomooncake.torch import BackendError, InvalidArgument
 
@@ -33,11 +34,11 @@ def bad_arguments(ctx: Ctx) -> dict[str, Any]:
     g = dist.group.WORLD
     # both ranks run every case, so gloo's slow bad-rank failure delays both alike
     me, peer = ctx.rank, 1 - ctx.rank
-    out["bad_rank"] = _try(lambda: dist.isend(t, ctx.world).wait())
+    out["bad_rank"] = _try(lambda: must(dist.isend(t, ctx.world)).wait())
     out["neg_tag"] = _try(lambda: dist.isend(t, peer, tag=-1))
     out["noncontig"] = _try(lambda: dist.isend(torch.zeros(4, 4).t(), peer, tag=3))
     out["noncontig_recv"] = _try(lambda: dist.irecv(torch.zeros(4, 4).t(), peer, tag=3))
-    out["two_tensors"] = _try(lambda: g.send([t, t], peer, 0))
+    out["two_tensors"] = _try(lambda: must(g).send([t, t], peer, 0))
     if ctx.backend != "gloo":  # gloo raises NotImplementedError here, then crashes (double free)
         out["sparse"] = _try(lambda: dist.isend(torch.zeros(3, 3).to_sparse(), peer, tag=8))
     out["not_tensor"] = _try(lambda: dist.isend([t], peer))  # type: ignore[arg-type]
@@ -112,13 +113,15 @@ def test_gloo_still_raises_as_recorded() -> None:
     assert live == GLOO_BAD_ARGUMENTS
 
 
-def size_mismatch(ctx: Ctx) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def size_mismatch(ctx: Ctx) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}  # keyed by tag
     for n_send, n_recv, tag in ((8, 4, 1), (100_000, 50_000, 2)):  # eager and rendezvous sizes
         if ctx.rank == 0:
             w = dist.isend(torch.ones(n_send), 1, tag=tag)
+            assert w is not None
         else:
             w = dist.irecv(torch.zeros(n_recv), 0, tag=tag)
+            assert w is not None
         try:
             w.wait()
             out[tag] = "no error"
@@ -182,7 +185,8 @@ def test_invalid_argument_is_both_families() -> None:
 def self_p2p(ctx: Ctx) -> list[float]:
     b = torch.zeros(3)
     recv = dist.irecv(b, ctx.rank, tag=4)
-    dist.isend(torch.full((3,), float(ctx.rank + 7)), ctx.rank, tag=4).wait()
+    assert recv is not None
+    must(dist.isend(torch.full((3,), float(ctx.rank + 7)), ctx.rank, tag=4)).wait()
     recv.wait()
     return b.tolist()
 
@@ -195,7 +199,7 @@ def test_self_p2p() -> None:
 def bad_op_mid_batch(ctx: Ctx) -> dict[str, Any]:
     """Rank 0's batch fails at its second op; its first op, queued without waking the loop (more
     ops were to follow), must still go out before rank 0 touches the group again."""
-    store = dist.TCPStore("127.0.0.1", ctx.port, is_master=False,
+    store = TCPStore("127.0.0.1", ctx.port, is_master=False,
                           timeout=datetime.timedelta(seconds=30))
     out: dict[str, Any] = {}
     if ctx.rank == 0:
@@ -207,7 +211,8 @@ def bad_op_mid_batch(ctx: Ctx) -> dict[str, Any]:
     else:
         b = torch.zeros(6)
         try:
-            dist.irecv(b, 0, tag=5).wait(timeout=20)
+            # ours takes seconds as well as a timedelta
+            must(dist.irecv(b, 0, tag=5)).wait(timeout=20)  # type: ignore[arg-type]
             out["got"] = b.tolist()
         finally:
             store.set("rank1-got-it", "1")

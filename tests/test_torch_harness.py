@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -52,6 +52,15 @@ class Ctx:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+T = TypeVar("T")
+
+
+def must(x: T | None) -> T:
+    """``x``, which torch types as optional (a Work, a group) but must be there here."""
+    assert x is not None
+    return x
+
+
 def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -62,6 +71,7 @@ def _child(rank: int, world: int, backend: str, init: str, port: int, scenario: 
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING)
     import torch.distributed as dist
+    from torch._C._distributed_c10d import TCPStore
 
     import aiomooncake.torch  # noqa: F401  (registers the backend)
 
@@ -69,7 +79,7 @@ def _child(rank: int, world: int, backend: str, init: str, port: int, scenario: 
     try:
         timeout = datetime.timedelta(seconds=group_timeout)
         if init == "store":
-            store = dist.TCPStore(HOST, port, world, is_master=False, timeout=timeout)
+            store = TCPStore(HOST, port, world, is_master=False, timeout=timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         elif init == "tcp":
             dist.init_process_group(backend, init_method=f"tcp://{HOST}:{port}", rank=rank,
@@ -112,8 +122,8 @@ def run_ranks(scenario: Callable[[Ctx], Any], world: int = 2, *, backend: str = 
     traceback. Ranks in ``may_die`` may end without a result (crash scenarios)."""
     store = None
     if init == "store":
-        import torch.distributed as dist
-        store = dist.TCPStore(HOST, 0, world, is_master=True, wait_for_workers=False,
+        from torch._C._distributed_c10d import TCPStore
+        store = TCPStore(HOST, 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=group_timeout))
         port = int(store.port)
     else:

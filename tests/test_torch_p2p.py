@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from test_torch_harness import Ctx, no_children_left, run_ranks
+from test_torch_harness import Ctx, must, no_children_left, run_ranks
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int32,
           torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
@@ -53,7 +53,9 @@ def two_rank_semantics(ctx: Ctx) -> dict[str, Any]:
     else:
         b1, b2 = torch.empty(10), torch.empty(10)
         w2 = dist.irecv(b2, 0, tag=2)
+        assert w2 is not None
         w1 = dist.irecv(b1, 0, tag=1)
+        assert w1 is not None
         _wait_all([w2, w1])
         out["tags"] = [_digest(b1), _digest(b2)]
 
@@ -99,6 +101,7 @@ def two_rank_semantics(ctx: Ctx) -> dict[str, Any]:
         out["any_src"] = dist.recv(b, None, tag=9)
         out["any"] = _digest(b)
         w = dist.irecv(b, None, tag=10)
+        assert w is not None
         w.wait()
         out["any_work_src"] = w.source_rank()
         out["any_work_src_"] = w._source_rank()
@@ -119,11 +122,11 @@ def two_rank_semantics(ctx: Ctx) -> dict[str, Any]:
     if r == 0:
         ws = [dist.isend(_data(40 + i, 1000), 1, tag=12) for i in range(3)]
         for w in reversed(ws):
-            w.wait()
+            must(w).wait()
     else:
         got = []
         for _ in range(3):
-            dist.irecv(b, 0, tag=12).wait()
+            must(dist.irecv(b, 0, tag=12)).wait()
             got.append(_digest(b))
         out["reuse"] = got
     dist.barrier()
@@ -191,7 +194,9 @@ def four_rank_exchanges(ctx: Ctx) -> dict[str, Any]:
     elif r == 0:
         a, b = torch.empty(2), torch.empty(2)
         wa = dist.irecv(a, None, tag=50)
+        assert wa is not None
         wb = dist.irecv(b, 1, tag=50)
+        assert wb is not None
         _wait_all([wa, wb])
         out["priority"] = [a.tolist(), b.tolist(), wa.source_rank()]
     dist.barrier()
@@ -221,7 +226,7 @@ def coalescing(ctx: Ctx) -> dict[str, Any]:
         for i, b in enumerate(bufs):
             dist.irecv(b, peer, tag=i)
             dist.isend(torch.full((5,), float(10 * ctx.rank + i)), peer, tag=i)
-    out = {"works": len(cm.works), "type": type(cm.works[0]).__name__ if cm.works else None}
+    out: dict[str, Any] = {"works": len(cm.works), "type": type(cm.works[0]).__name__ if cm.works else None}
     cm.wait()
     out["data"] = [b[0].item() for b in bufs]
     # an empty coalesced block completes at once

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from test_torch_harness import HOST, Ctx, no_children_left, run_ranks
+from torch._C._distributed_c10d import TCPStore
 
 from aiomooncake.torch import BackendError, LoopThread
 
@@ -32,6 +33,7 @@ def destroy_with_pending(ctx: Ctx) -> dict[str, Any]:
     dist.destroy_process_group()
     out["destroy_secs"] = time.monotonic() - t0
     for name, w in works.items():
+        assert w is not None
         try:
             w.wait(datetime.timedelta(seconds=10))
             out[name] = "no error"
@@ -41,7 +43,7 @@ def destroy_with_pending(ctx: Ctx) -> dict[str, Any]:
     out["loop_instance"] = LoopThread.current() is not None
 
     # a new group (same store, same group name) works: the rendezvous keys of the old one are ignored
-    store = dist.TCPStore(HOST, ctx.port, ctx.world, is_master=False)
+    store = TCPStore(HOST, ctx.port, ctx.world, is_master=False)
     dist.init_process_group("aiomooncake", store=store, rank=ctx.rank, world_size=ctx.world,
                             timeout=datetime.timedelta(seconds=30))
     b = torch.zeros(2)

@@ -32,12 +32,16 @@ def work_api(ctx: Ctx) -> dict[str, Any]:
     if r == 0:
         buf = torch.zeros(50_000)
         w = dist.irecv(buf, 1, tag=1)
+        assert w is not None
         out["type"] = [type(w).__name__, isinstance(w, dist.Work), isinstance(w, Work)]
         out["pending"] = [w.is_completed(), w.is_success(), w.exception()]
         fut = w.get_future()
         fired: list[Any] = []
-        chained = fut.then(lambda f: fired.append((f.value()[0].sum().item(),
-                                                   threading.current_thread().name)) or "chained")
+        def on_done(f: Any) -> str:
+            fired.append((f.value()[0].sum().item(), threading.current_thread().name))
+            return "chained"
+
+        chained = fut.then(on_done)
         dist.send(go, 1, tag=2)  # now rank 1 sends
         assert w.wait() is True
         out["done"] = [w.is_completed(), w.is_success(), w.exception(), w.source_rank()]
@@ -50,6 +54,7 @@ def work_api(ctx: Ctx) -> dict[str, Any]:
         # wait(timeout) gives up without cancelling the operation
         late = torch.zeros(10)
         w2 = dist.irecv(late, 1, tag=3)
+        assert w2 is not None
         t0 = time.monotonic()
         try:
             w2.wait(datetime.timedelta(seconds=0.3))
@@ -63,6 +68,7 @@ def work_api(ctx: Ctx) -> dict[str, Any]:
         dist.recv(go, 0, tag=2)
         src = torch.full((50_000,), 2.0)
         w = dist.isend(src, 0, tag=1)
+        assert w is not None
         f = w.get_future()
         w.wait()
         out["send_future"] = f.wait()[0] is src
@@ -95,10 +101,12 @@ def group_timeout(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # a second group with a long timeout carries the "go" message (a subgroup of our backend)
     slow = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=60))
+    assert slow is not None
     out["subgroup"] = type(slow).__name__
     if ctx.rank == 0:
         t0 = time.monotonic()
         w = dist.irecv(torch.zeros(4), 1, tag=7)
+        assert w is not None
         try:
             w.wait()
             out["recv"] = "no error"
@@ -173,7 +181,9 @@ def peer_dies(ctx: Ctx) -> dict[str, Any]:
         ctx.crash()  # ...then killed
     if r == 0:
         wr = dist.irecv(torch.zeros(8), 2, tag=2)
+        assert wr is not None
         ws = dist.isend(torch.zeros(1 << 20), 2, tag=3)
+        assert ws is not None
         dist.recv(torch.zeros(1), 2, tag=1)
         t0 = time.monotonic()
         for name, w in (("recv", wr), ("send", ws)):
