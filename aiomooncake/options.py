@@ -43,7 +43,7 @@ class Options:
         a host name or address only: the engine picks its own port.
     secret: shared secret for the authenticated handshake (default: $AIOMOONCAKE_SECRET).
     host_transport: CPU tensors between peers on one host under one uid: "shm" copies them once in
-        the kernel, the receiver pulling with process_vm_readv (aiomooncake.shm), "te" uses the
+        the kernel, the receiver pulling with process_vm_readv (aiomooncake.planes.shm), "te" uses the
         Transfer Engine, "auto" (default, or
         $AIOMOONCAKE_HOST_TRANSPORT) is "shm" where possible unless ``transport`` forces tcp/rdma.
     max_handshakes: connections a listener lets handshake at once; further ones are closed at once

@@ -53,7 +53,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 EAGER_THRESHOLD = aiomooncake.Options().eager_threshold
 # These tests are about the Transfer Engine: CPU tensors between same-host peers would otherwise take
-# the shared-memory path (aiomooncake.shm, tested in tests/test_shm.py). Both sides get this unless a
+# the shared-memory path (aiomooncake.planes.shm, tested in tests/test_shm.py). Both sides get this unless a
 # test overrides it, and every connection is checked to really use the engine over TCP.
 TE_OPTIONS: dict[str, Any] = {"host_transport": "te"}
 

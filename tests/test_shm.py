@@ -1,4 +1,4 @@
-"""The same-host CPU path (``aiomooncake.shm``): process_vm_writev between peers on one host.
+"""The same-host CPU path (``aiomooncake.planes.shm``): process_vm_writev between peers on one host.
 
 Multi-process tests run against a peer in another process (tests/harness.py) with the default
 options, under which same-host CPU tensors take this path; failure injection (verification, EPERM,
@@ -266,7 +266,7 @@ async def test_eperm_fails_the_send_with_advice(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(shm, "copy_from", refuse)
     monkeypatch.setattr(shm, "_warned_perm", False)
     dest = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
-    with caplog.at_level(logging.WARNING, logger="aiomooncake.shm"):
+    with caplog.at_level(logging.WARNING, logger="aiomooncake.planes.shm"):
         async with pair() as (a, b):
             assert a.transports["cpu"] == "shm"
             sent, got = await asyncio.wait_for(asyncio.gather(
@@ -318,7 +318,7 @@ async def test_in_process_pair_uses_the_path() -> None:
 async def test_failed_verification_falls_back_to_the_engine(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(shm, "verify", lambda *a: "the test says no")
-    with caplog.at_level(logging.WARNING, logger="aiomooncake.shm"):
+    with caplog.at_level(logging.WARNING, logger="aiomooncake.planes.shm"):
         async with pair() as (s, c):
             assert s.transports["cpu"] == c.transports["cpu"] == "tcp"
             await roundtrip(c, s, 2 * MiB)

@@ -54,7 +54,7 @@ _TAG_MAX = 2**31 - 1  # c10d passes tags as C int
 # taking the GIL back from them (each handoff then waits for Python's switch interval). ACKs leave
 # at once: the reply they could wait for comes from another thread, and the caller thread posting
 # its next batch can keep the loop thread from writing a held one for milliseconds. On the 2-core
-# VM (scripts/ab_torch_acks.py, at once / held in the same processes): 512-op batches of 7 KiB
+# VM (an A/B rig now in git history, at once / held in the same processes): 512-op batches of 7 KiB
 # 0.84-1.07x the time (median of six runs' medians 0.90x), 8 B round trips 0.75-1.30x (median 0.89x
 # of three); on the 16-core H200 host 0.87-1.03x per batch (median 0.90x of three), 0.91x per trip.
 DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0, busy_poll=0.0, hold_acks=False)

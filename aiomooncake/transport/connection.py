@@ -169,7 +169,7 @@ class Connection(asyncio.Protocol):
         the woken caller sends next: a sleeping remote then wakes once per round trip instead of
         twice. A busy-polling remote (``ack_now``) pays nothing to wake, so ACKs leave at once and
         its sender completes (and posts its next receive) while we still work on our reply: 8 B
-        ping-pong 79 -> 69 us (medians of 5 runs, scripts/bench_core.py). Anything else goes out
+        ping-pong 79 -> 69 us (medians of 5 runs, a probe now in git history). Anything else goes out
         at once, with whatever was held."""
         if self._closed is not None or self._transport is None:
             return
