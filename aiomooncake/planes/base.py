@@ -7,15 +7,14 @@ interface, so which plane carries a link is decided once, in the handshake (:mod
 choice is the pure :func:`aiomooncake.core.negotiation.plan_links`), and nothing downstream branches
 on it:
 
-* **reach** -- ``kind`` (the transport label both sides put in the plan), ``device_memory`` (whether
-  it moves CUDA memory);
+* **reach** -- ``kind`` (the transport label both sides put in the plan);
 * **exposure** -- :meth:`DataPlane.acquire` makes the allocation behind a tensor reachable by the
   remote (a TE registration, a CUDA IPC export, nothing for the kernel copy) and counts one user;
   :meth:`DataPlane.announce` is what the remote needs to reach it (``epoch``, ``gen``, ``desc``);
 * **copies** -- :meth:`DataPlane.target` resolves what the remote announced into something to copy
   to or from; :meth:`DataPlane.write` / :meth:`DataPlane.pull` submit a batch of pieces (every
   piece already checked against the destination the receiver announced, see
-  :func:`aiomooncake.core.chunks.check_write`) and return a :class:`Job`;
+  :func:`aiomooncake.core.chunks.plan_copies`) and return a :class:`Job`;
 * **completion** -- a job's ``future``; jobs that need polling are driven by the loop's
   :mod:`.poller`, which may hand a burst of them to :meth:`DataPlane.submit_together`;
 * **teardown** -- ``attach``/``detach`` per peer, :meth:`DataPlane.trim`, :meth:`DataPlane.unpin`.
@@ -124,11 +123,6 @@ class Job:
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.future.__await__()
 
-    @property
-    def complete(self) -> bool:
-        """Whether every piece was submitted (and, once the future resolved, landed)."""
-        return self.next >= len(self.pieces)
-
     def pending(self) -> int:
         """Copies submitted and not yet complete (the poller sees progress when this changes)."""
         return 0
@@ -144,7 +138,6 @@ class DataPlane:
     registration and no remote descriptors."""
 
     kind: str = ""
-    device_memory: bool = False
     in_order: bool = False  # copies from one thread complete in submission order per device lane
     segment: str = ""  # how the remote addresses this plane (sent in the handshake)
 

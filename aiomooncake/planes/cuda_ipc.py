@@ -280,7 +280,6 @@ class _Burst:
     """Copies submitted together; one event recorded behind them completes them all."""
 
     event: Any
-    device: int
     jobs: int
     state: int = 0  # 0 pending, 1 done, < 0 failed
     error: str = ""
@@ -290,7 +289,6 @@ class CudaIpcPlane(DataPlane):
     """The process-wide CUDA IPC plane (see the module docstring)."""
 
     kind = KIND
-    device_memory = True
     in_order = True  # one stream per device: copies complete in submission order
 
     def __init__(self) -> None:
@@ -608,7 +606,7 @@ class CudaIpcPlane(DataPlane):
                     dsts.append(local if j.read else mapped)
                     srcs.append(mapped if j.read else local)
                     sizes.append(n)
-        burst = _Burst(None, dev, len(jobs))
+        burst = _Burst(None, len(jobs))
         try:
             self._copy(d, stream, dsts, srcs, sizes)
             ev = burst.event = self._event()

@@ -173,7 +173,7 @@ class ShmPlane(DataPlane):
         self.host = ""
         self.segment = f"pid:{os.getpid()}"
         self.writes_submitted = 0  # copies made (syscall batches), for statistics
-        self.pulls = 0  # receives completed by pulling from the sender (read, read_sync)
+        self.pulls = 0  # receives completed by pulling from the sender
         self._count_lock = threading.Lock()
         self._allowed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
@@ -199,22 +199,6 @@ class ShmPlane(DataPlane):
 
     def stats(self) -> Stats:
         return Stats(0, 0, 0, self.writes_submitted)
-
-    def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
-        copy_to(self._pid_of(segment), src, dst, length)
-        self._count(1)
-        return 0
-
-    def read_sync(self, segment: str, src: int, dst: int, length: int) -> None:
-        """Pull ``length`` bytes from ``src`` in the peer behind ``segment`` into ``dst`` here (a
-        receive whose RTS offered its source: one syscall, and no remote process ever writes into
-        our memory). Raises TransferFailed."""
-        try:
-            copy_from(self._pid_of(segment), src, dst, length)
-        except OSError as e:
-            raise TransferFailed(f"same-host pull from {segment} failed: {e}") from None
-        self.pulls += 1
-        self._count(1)
 
     def _count(self, n: int) -> None:
         """Count ``n`` copies done (from pool threads too)."""

@@ -90,7 +90,6 @@ def _has_rdma_hca() -> bool:
 class TePlane(DataPlane):
     """One TransferEngine instance serving every peer of this process that uses its transport."""
 
-    device_memory = True
 
     def __init__(self, kind: str, host: str) -> None:
         super().__init__()
@@ -342,10 +341,6 @@ class TePlane(DataPlane):
 
     def _check(self, batch: int) -> int:
         return int(self._te.transfer_check_status(batch))
-
-    def write_sync(self, segment: str, src: int, dst: int, length: int) -> int:
-        """Blocking raw write (benchmark baseline)."""
-        return int(self._te.transfer_sync_write(segment, src, dst, length))
 
 
 async def start(kind: str, host: str) -> TePlane:
