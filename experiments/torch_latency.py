@@ -17,7 +17,6 @@ and the median time of each of its four torch calls. Public API only.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import socket
 import statistics
@@ -101,7 +100,7 @@ async def _core_connect(rank: int, gloo: Any) -> aiomooncake.Peer:
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
-    import aiomooncake.torch  # noqa: F401  (registers the backend)
+    import aiomooncake.torch  # registers the backend
 
     dist.init_process_group("aiomooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=300))

@@ -65,7 +65,7 @@ PARKED_CHECK_S = 0.005
 # lock between looks): the reply to a small message comes within tens of microseconds, and waking
 # a sleeping thread costs about as much again on a VM. The background thread never spins: it would
 # take the GIL from a computing caller.
-WAITER_SPIN_S = 0.0005
+WAITER_SPIN_S = float(os.environ.get("XSPIN", "0.0005"))  # XXX A/B only
 
 _fork_generation = 0  # bumped in a forked child: instances made before the fork are unusable there
 
@@ -311,7 +311,7 @@ class LoopThread:
         driver = self._driver
         if added and loop.busy():
             if driver is None:
-                loop.turn()  # non-blocking: callbacks are ready
+                self._turn_here()
                 if loop.busy():
                     loop.wake()  # what that turn scheduled: the poller's next turn runs it
                 elif self._polling and loop.next_timer() < self._poll_until:
@@ -394,11 +394,21 @@ class LoopThread:
             asyncio._set_running_loop(self.loop)
             try:
                 self.loop.call_soon(_noop)  # makes the turn's poll non-blocking
-                self.loop.turn()
+                self._turn_here()
             finally:
                 asyncio._set_running_loop(prev)
         finally:
             self.lock.release()
+
+    def _turn_here(self) -> None:
+        """One non-blocking turn on the calling thread, which counts as the loop's driver meanwhile
+        (lock held, callbacks due): what completes there wakes nobody, and a wait from inside a
+        callback is refused instead of deadlocking on the lock."""
+        self._driver = threading.get_ident()
+        try:
+            self.loop.turn()
+        finally:
+            self._driver = None
 
     def _blocking_select(self, sel: _Selector, timeout: float | None
                          ) -> list[tuple[selectors.SelectorKey, int]]:

@@ -146,7 +146,7 @@ class Mesh:
         self._send = [_Lane(self.loop, r) for r in range(size)]
         self._recv = [_Lane(self.loop, r) for r in range(size)]
         self._seq: dict[int, deque[Op]] = {}  # tag -> receives waiting behind an any-source one
-        self._inflight: set[Op] = set()
+        self._inflight: dict[Op, None] = {}  # in posting order (see settle)
         self._background: set[asyncio.Task[Any]] = set()
         self._peers: list[Peer] = []
         self._listener: aiomooncake.Listener | None = None
@@ -253,7 +253,7 @@ class Mesh:
         if self._closed is not None:
             self._finish(op, error=self._closed)
             return
-        self._inflight.add(op)
+        self._inflight[op] = None
         if self._owner is not None:
             self._owner.inflight += 1
         if op.timeout is not None:
@@ -316,10 +316,23 @@ class Mesh:
 
     def settle(self, op: Op) -> None:
         """Finish ``op`` now if its posted handle completed (lock held): a waiter that sees the
-        handle done need not wait for the handle's callback, one loop turn later."""
+        handle done need not wait for the handle's callback, one loop turn later. Transfers posted
+        before it whose handles completed too are finished first, so completions (and their
+        callbacks) keep the order in which the core completed them, whichever thread asks."""
         posted = op.posted
-        if posted is not None and posted.future.done():
-            self._posted_done(op, posted.future)
+        if posted is None or not posted.future.done():
+            return
+        earlier = []
+        for o in self._inflight:
+            if o is op:
+                break
+            p = o.posted
+            if p is not None and p.future.done():
+                earlier.append(o)
+        for o in earlier:
+            assert o.posted is not None
+            self._posted_done(o, o.posted.future)
+        self._posted_done(op, posted.future)
 
     def _posted_done(self, op: Op, fut: asyncio.Future[Any]) -> None:
         if op.done or op.expired is not None:
@@ -450,7 +463,7 @@ class Mesh:
         if op.done:
             return
         if op in self._inflight:
-            self._inflight.discard(op)
+            del self._inflight[op]
             if self._owner is not None:
                 self._owner.inflight -= 1
         op.task = None
