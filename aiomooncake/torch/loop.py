@@ -51,21 +51,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP_TIMEOUT = 10.0
-# The background thread steps aside while a waiter drives the loop and shortly after. Every time it
-# wakes it needs the GIL, and the caller then waits for it after its next system call (a socket
-# write, the poll): so it is not woken per operation. After a driver left with operations still in
-# flight it resumes polling BACKGROUND_GRACE_S later (a batch's next wait follows within
-# microseconds); with nothing in flight, IDLE_GRACE_S later (a ping-pong's next call follows, and
-# nothing needs it but heartbeats and new connections). While a driver runs it looks again every
-# PARKED_CHECK_S, so a transfer posted right after a wait progresses at most that much later.
+# The background thread steps aside while a waiter drives the loop and for BACKGROUND_GRACE_S after
+# the last one left (a batch's next wait, a ping-pong's next call, follow within microseconds). It
+# is never woken per operation: every time it wakes it needs the GIL, and the caller then waits for
+# it after its next system call (a socket write, the poll); on the 2-core VM a notify at every
+# wait's end made the 8 B round trip ~1.5x slower. While a driver runs it looks again every
+# PARKED_CHECK_S, so what a caller leaves in flight when it stops waiting progresses within that.
 BACKGROUND_GRACE_S = 0.001
-IDLE_GRACE_S = 0.005
 PARKED_CHECK_S = 0.005
 # A waiter polls without sleeping this long before it sleeps in the poll (yielding the core and the
 # lock between looks): the reply to a small message comes within tens of microseconds, and waking
 # a sleeping thread costs about as much again on a VM. The background thread never spins: it would
 # take the GIL from a computing caller.
-WAITER_SPIN_S = float(os.environ.get("XSPIN", "0.0005"))  # XXX A/B only
+WAITER_SPIN_S = 0.0005
 
 _fork_generation = 0  # bumped in a forked child: instances made before the fork are unusable there
 
@@ -157,7 +155,6 @@ class LoopThread:
         self._polling = 0  # threads blocked in the loop's poll
         self._poll_until = math.inf  # the earliest end of those polls (loop time)
         self._stopping = False
-        self.inflight = 0  # operations posted and not completed, all groups together (lock held)
         self._fork_generation = _fork_generation
         self._bg_ident = -1
         self._started = threading.Event()
@@ -251,7 +248,7 @@ class LoopThread:
         if self._fork_generation != _fork_generation:
             raise LoopUnusable("this aiomooncake group was made before the process forked; make a new "
                                "one in the child")
-        if self._stopping or self.loop.is_closed():
+        if self._stopping:  # set before the loop closes
             raise LoopUnusable("the aiomooncake loop has stopped")
 
     # --------------------------------------------------------------- posting
@@ -472,8 +469,7 @@ class LoopThread:
             if self._driver is not None:
                 self._bg_cv.wait(PARKED_CHECK_S)
             else:
-                grace = BACKGROUND_GRACE_S if self.inflight else IDLE_GRACE_S
-                left = self._left_at + grace - time.monotonic()
+                left = self._left_at + BACKGROUND_GRACE_S - time.monotonic()
                 if left <= 0:
                     break
                 self._bg_cv.wait(left)

@@ -254,8 +254,6 @@ class Mesh:
             self._finish(op, error=self._closed)
             return
         self._inflight[op] = None
-        if self._owner is not None:
-            self._owner.inflight += 1
         if op.timeout is not None:
             op.deadline = self.loop.time() + op.timeout
             if op.deadline < self._sweep_at:
@@ -462,10 +460,7 @@ class Mesh:
         """Complete ``op`` once (lock held): its outcome, its callbacks, and its waiters."""
         if op.done:
             return
-        if op in self._inflight:
-            del self._inflight[op]
-            if self._owner is not None:
-                self._owner.inflight -= 1
+        self._inflight.pop(op, None)
         op.task = None
         fin = op.finished
         if error is not None:
