@@ -118,10 +118,6 @@ class _Loop(asyncio.SelectorEventLoop):
         """Whether callbacks are waiting for a turn."""
         return bool(self._ready)  # type: ignore[attr-defined]
 
-    def pending(self) -> int:
-        """How many callbacks are waiting for a turn."""
-        return len(self._ready)  # type: ignore[attr-defined]
-
     def next_timer(self) -> float:
         """When the earliest timer is due (loop time), ``inf`` if none."""
         sched = self._scheduled  # type: ignore[attr-defined]
@@ -263,9 +259,10 @@ class LoopThread:
             prev = asyncio._get_running_loop()
             asyncio._set_running_loop(loop)
             try:
-                before = loop.pending()
+                ready = loop._ready  # type: ignore[attr-defined]
+                before = len(ready)
                 fn(*args)
-                added = loop.pending() > before
+                added = len(ready) > before
                 if added or self._polling:
                     self._kick(added)
             finally:

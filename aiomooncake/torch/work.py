@@ -99,7 +99,7 @@ class Work(dist.Work):
             return True
 
         try:
-            finished = loop.wait_for(done, deadline)
+            finished = loop.wait_for(ops[0].is_done if len(ops) == 1 else done, deadline)
         except LoopUnusable as e:
             raise BackendError(f"{ops[left[0]].describe()} cannot complete: {e}") from e
         if not finished:
