@@ -32,7 +32,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import aiomooncake
-from aiomooncake.bench.common import eplb_tensors
+
+# One DeepSeek-V3 FP8 expert as the benchmark's eplb mode sends it: w13, w2 (rows scaled by
+# ``--scale``) and their fp32 block scales.
+EXPERT = (((4096, 7168), torch.uint8, True), ((7168, 2048), torch.uint8, True),
+          ((32, 56), torch.float32, False), ((56, 16), torch.float32, False))
+
+
+def eplb_tensors(experts: int, scale: float, device: torch.device) -> list[torch.Tensor]:
+    """The tensors of ``experts`` experts, in send order."""
+    return [torch.ones((max(1, round(rows * scale)) if scaled else rows, cols), dtype=dtype, device=device)
+            for _ in range(experts) for (rows, cols), dtype, scaled in EXPERT]
 
 
 def _free_port() -> int:
