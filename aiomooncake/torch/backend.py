@@ -50,14 +50,11 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for non-NCCL
 _TAG_MAX = 2**31 - 1  # c10d passes tags as C int
 
 # Heartbeats only catch hung hosts (a dead process closes its sockets at once); a training step that
-# keeps the GIL for seconds must not get a healthy peer declared dead. No busy-polling: the loop thread
-# shares the GIL with the threads calling isend/wait, and a loop that spins after every message keeps
-# taking the GIL back from them (each handoff then waits for Python's switch interval). ACKs leave
-# at once: the reply they could wait for comes from another thread, and the caller thread posting
-# its next batch can keep the loop thread from writing a held one for milliseconds. On the 2-core
-# VM (scripts/ab_torch_acks.py, at once / held in the same processes): 512-op batches of 7 KiB
-# 0.84-1.07x the time (median of six runs' medians 0.90x), 8 B round trips 0.75-1.30x (median 0.89x
-# of three); on the 16-core H200 host 0.87-1.03x per batch (median 0.90x of three), 0.91x per trip.
+# keeps the GIL for seconds must not get a healthy peer declared dead. No busy-polling by the core:
+# it would also spin the background loop thread, which shares the GIL with callers that compute;
+# waiters poll by themselves instead (loop.WAITER_SPIN_S). ACKs leave at once: held to ride with the
+# reply, the 8 B round trip measured 0.45-0.48x of the core's against 0.59-0.66x (2-core VM,
+# experiments/torch_latency.py with hold_acks on and off, two launches each, 2026-12-03).
 DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0, busy_poll=0.0, hold_acks=False)
 
 
@@ -493,7 +490,7 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
 
     # ============================================================== shutdown
     def shutdown(self) -> None:
-        """Fail pending operations, close every connection and stop using the loop thread.
+        """Fail pending operations, close every connection and stop using the event loop.
 
         Called by ``destroy_process_group()`` and at interpreter exit. Idempotent."""
         if self._shut:

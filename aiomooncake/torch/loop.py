@@ -11,8 +11,9 @@ lock) may run the core, and the threads that wait run the loop themselves:
   the control frame is written to the socket before the call returns, with no wake-up. The posts of
   one ``batch_isend_irecv`` are held and leave together after its last op (:meth:`submit_later`).
 * ``Work.wait()`` makes the waiting thread the loop's *foreground driver* (:meth:`wait_for`): it
-  runs the loop's turns itself, sleeping in the loop's own ``epoll`` with the lock released, until
-  its operation is done, so the completion needs no wake-up either. One thread drives at a time;
+  runs the loop's turns itself, polling for up to ``WAITER_SPIN_S``, then sleeping in the loop's own
+  ``epoll`` with the lock released, until its operation is done, so the completion needs no
+  wake-up either. One thread drives at a time;
   other waiters sleep on a condition until their op completes or the driver leaves.
 * The *background* thread (``aiomooncake-loop``) runs the loop when nobody waits, so transfers
   progress while the callers compute. It steps aside while a foreground driver runs and for
@@ -20,9 +21,10 @@ lock) may run the core, and the threads that wait run the loop themselves:
   the two do not take turns at the GIL and at the sockets for every operation.
 
 The loop is asyncio's selector loop, with a selector that releases the lock for a blocking poll
-(other threads may post meanwhile) and reads what became ready afresh under the lock. It uses three
-of asyncio's private loop members (``_run_once``, ``_ready``, ``_scheduled``), as ``nest_asyncio``
-does; tests/test_torch_loop.py fails if a Python release changes them.
+(other threads may post meanwhile) and reads what became ready afresh under the lock. It uses four
+of asyncio's private loop members (``_run_once``, ``_ready``, ``_scheduled``, ``_write_to_self``),
+as ``nest_asyncio`` does; tests/test_torch_loop.py fails if a Python release changes them. (uvloop
+cannot be turned from several threads, so the torch layer does without it.)
 
 The thread starts with the first user and stops when the last one releases it, and at interpreter
 exit, so ``destroy_process_group()`` leaves no thread behind. A forked child drops the parent's

@@ -132,7 +132,7 @@ def _current(stream: Any) -> Iterator[None]:
 
 
 class Mesh:
-    """The connections and matching state of one process group (loop thread only)."""
+    """The connections and matching state of one process group (under the loop's core lock)."""
 
     def __init__(self, rank: int, size: int, generation: int, options: Options,
                  owner: LoopThread | None = None) -> None:
