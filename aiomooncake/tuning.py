@@ -9,8 +9,6 @@ the module attribute (``aiomooncake.tuning.POLL_SPIN_S = 0.01``): readers look i
 
 from __future__ import annotations
 
-import os
-
 # ---- bursts of frames and copies
 # A copy of at most this many bytes is held back to share an engine submission with the rest of its
 # burst (a Peer.batch(), a batch_isend_irecv, the frames of one socket read); a larger one outlasts
@@ -43,10 +41,3 @@ SKIP_IDLE_STREAMS = True
 # 2-core VM); larger ones are cut into pieces of at most SHM_CHUNK_BYTES for a small thread pool.
 SHM_INLINE_BYTES = 1 << 20
 SHM_CHUNK_BYTES = 4 << 20
-
-# ---- the torch backend's loop thread (aiomooncake.torch.loop)
-# Woken with a batch arriving (3+ ops queued), the loop thread sleeps (GIL released) while the caller
-# still adds to it, up to TORCH_BURST_MAX_S: measured ahead on the 16-core H200/H100 hosts, behind on
-# 2 cores, where the ranks' four threads compete for cores (so off there). 0 disables it.
-TORCH_BURST_GAP_S = 30e-6 if (os.cpu_count() or 1) > 2 else 0.0
-TORCH_BURST_MAX_S = 0.001

@@ -4,9 +4,13 @@ N ranks each hold the routed experts of several MoE layers with DeepSeek-V3 FP8 
 w13 [4096, 7168] fp8 = 29,360,128 B, w2 [7168, 2048] fp8 = 14,680,064 B, and their fp32 128x128
 block scales, 7,168 B and 3,584 B). A random rebalance plan (old and new physical-to-logical expert
 maps, the same on every rank) is drawn from ``--seed``; every layer is then updated with one
-``batch_isend_irecv``: irecv into temporary buffers, isend straight from the weights, wait for all,
-copy the buffers in (experts already on the rank are copied locally, like SGLang's "same-gpu" and
-"free-rider" cases). Every byte is verified at the end.
+``batch_isend_irecv``: irecv into temporary buffers (views into per-layer ``[experts, ...]`` tensors),
+isend straight from the weights, one P2POp per tensor per moved expert, wait for all, copy the
+buffers in (experts already on the rank are copied locally, like SGLang's "same-gpu" and
+"free-rider" cases). With ``--chunk-experts N`` (default 32) a layer's operations go out in several
+``batch_isend_irecv`` calls of at most N logical experts each, waited for one after the other, as
+clients that bound their in-flight memory do; the chunks are ranges of logical expert ids, so every
+rank puts both ends of a transfer into the same chunk. Every byte is verified at the end.
 
 Run it by itself (it spawns the ranks) or under torchrun::
 
@@ -134,6 +138,7 @@ def _routes(old: Sequence[int], new: Sequence[int], logical: int, per_rank: int,
 @dataclass
 class LayerOps:
     ops: list[dist.P2POp]
+    experts: list[int]  # the logical expert each op moves (ops are sorted by it)
     copies: list[tuple[int, int]]  # (temp buffer slot, weight slot)
     recv_bytes: int
     send_bytes: int
@@ -194,14 +199,28 @@ def build_layer_ops(weights: list[torch.Tensor], temp: list[torch.Tensor], old: 
             send_bytes += len(dsts) * sum(w[src_slot - first].nbytes for w in weights)
 
     infos.sort(key=lambda x: x[0])  # both sides order a pair's messages by logical expert id
-    return LayerOps([op for _, ops in infos for op in ops], copies, recv_bytes, send_bytes, moved)
+    return LayerOps([op for _, ops in infos for op in ops], [e for e, ops in infos for _ in ops], copies,
+                    recv_bytes, send_bytes, moved)
 
 
-def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOps) -> float:
+def chunks(lo: LayerOps, chunk_experts: int) -> list[list[dist.P2POp]]:
+    """The layer's ops in batches of at most ``chunk_experts`` logical experts (0: one batch). A
+    chunk is a range of logical expert ids, the same on every rank, so a send and its receive always
+    fall into the same ``batch_isend_irecv`` on their two ranks."""
+    if chunk_experts <= 0:
+        return [lo.ops] if lo.ops else []
+    out: dict[int, list[dist.P2POp]] = {}
+    for op, e in zip(lo.ops, lo.experts, strict=True):
+        out.setdefault(e // chunk_experts, []).append(op)
+    return [out[k] for k in sorted(out)]
+
+
+def run_layer(weights: list[torch.Tensor], temp: list[torch.Tensor], lo: LayerOps,
+              chunk_experts: int = 0) -> float:
     """Execute one layer's update; return the seconds spent in batch_isend_irecv and the waits."""
     t0 = time.perf_counter()
-    if lo.ops:
-        for req in dist.batch_isend_irecv(lo.ops):
+    for batch in chunks(lo, chunk_experts):
+        for req in dist.batch_isend_irecv(batch):
             req.wait()
     comm = time.perf_counter() - t0
     for src, dst in lo.copies:
@@ -336,7 +355,8 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
         desc = ", ".join(f"{n} {list(s)} {str(d).removeprefix('torch.')}" for n, s, d in shapes.tensors())
         print(f"EPLB rebalance: {world} ranks, backend {' vs '.join(names)}, device {args.device}, "
               f"{args.layers} layers x {per_rank} experts/rank ({num_logical} logical, {args.redundant} "
-              f"redundant), expert = {expert_bytes:,} B ({desc})", flush=True)
+              f"redundant), expert = {expert_bytes:,} B ({desc}), batches of at most "
+              f"{args.chunk_experts or 'all'} experts", flush=True)
         for layer, (old, new) in enumerate(plans[0]):
             moves = sum(1 for a, b in zip(old, new, strict=True) if a != b)
             print(f"  plan layer {layer}: {moves}/{num_physical} slots change; old {old} -> new {new}",
@@ -360,7 +380,7 @@ def _rebalance(args: argparse.Namespace, rank: int, world: int, device: torch.de
                 t0 = time.perf_counter()
                 lo = build_layer_ops(weights[layer], temp, old, new, per_rank, args.gpus_per_node, rank,
                                      group)
-                comm = run_layer(weights[layer], temp, lo)
+                comm = run_layer(weights[layer], temp, lo, args.chunk_experts)
                 _sync(device)
                 times[name].append(time.perf_counter() - t0)
                 comms[name].append(comm)
@@ -451,6 +471,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the hidden/intermediate sizes (bytes shrink by its square)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="for the same-node routing rule")
+    p.add_argument("--chunk-experts", type=int, default=32,
+                   help="logical experts per batch_isend_irecv (0: the whole layer in one batch)")
     p.add_argument("--iters", type=int, default=1, help="rebalances to run (each with a new plan)")
     p.add_argument("--warmup", type=int, default=0, help="iterations left out of the summary")
     p.add_argument("--seed", type=int, default=0)

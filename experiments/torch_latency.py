@@ -1,30 +1,27 @@
 #!/usr/bin/env python3
-"""Where the torch layer's small-message round trip goes: gloo against the "aiomooncake" backend,
-and the bare cost of one thread hand-off on this machine (the figures in docs/torch.md).
+"""The small-message round trip through the ``"aiomooncake"`` torch backend, the async core and gloo,
+measured in the same two processes, blocks interleaved (the figures in docs/torch.md).
 
-    python experiments/torch_latency.py                      # both backends, 2,000 round trips each
-    python experiments/torch_latency.py --backends aiomooncake --iters 600
+    python experiments/torch_latency.py                        # 8 B, torch vs core vs gloo
+    python experiments/torch_latency.py --size 4096 --device cuda --impls torch,core
 
-Two spawned ranks exchange an 8 B CPU tensor (``isend(t).wait(); irecv(t).wait()`` against the
-mirror image); rank 0 prints the median round trip after 200 warm-up trips and the median time of
-each of its four calls. First it times ``call_soon_threadsafe`` onto an aiomooncake event loop
-running in a thread, followed by ``concurrent.futures.Future.result()`` (main -> loop -> main, two
-hand-offs: what the torch backend pays per operation). Public API only. For the core's own round
-trip next to gloo and the backend, use the benchmark:
-
-    python -m aiomooncake.bench --device cpu --impls aiomooncake,aiomooncake-torch,gloo \
-        --modes pingpong --sizes 8
+Two spawned ranks hold three paths between them: a process group on the backend
+(``isend(t).wait(); irecv(t).wait()`` against the mirror image), a gloo group (the same calls), and a
+``Peer`` connection on an event loop of their own (``await peer.send(t); await peer.recv(t)``).
+They run ``--trips`` round trips on one path, then on the next, the order rotating every round, so
+a machine whose speed drifts (a shared VM) affects every path alike. Rank 0 prints each path's median
+round trip over all rounds, each round's ratios (pairs from the same minutes), the median ratio,
+and the median time of each of its four torch calls. Public API only.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import socket
 import statistics
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +30,7 @@ import torch.multiprocessing as mp
 
 import aiomooncake
 
-WARMUP = 200
+IMPLS = ("torch", "core", "gloo")
 
 
 def _free_port() -> int:
@@ -42,76 +39,147 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def handoff_us(n: int = 3000) -> float:
-    """Median of main -> event-loop thread -> main, as the torch layer does per operation."""
-    loop = aiomooncake.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    ts = []
+def _torch_trips(rank: int, t: torch.Tensor, n: int, group: Any,
+                 split: list[tuple[float, float, float, float]] | None = None) -> list[float]:
+    peer = 1 - rank
+    out = []
     for _ in range(n):
-        f: concurrent.futures.Future[int] = concurrent.futures.Future()
-        t0 = time.perf_counter()
-        loop.call_soon_threadsafe(f.set_result, 1)
-        f.result()
-        ts.append(time.perf_counter() - t0)
-    loop.call_soon_threadsafe(loop.stop)
-    return statistics.median(ts[500:]) * 1e6
-
-
-def _worker(rank: int, backend: str, port: int, iters: int, q: Any) -> None:
-    if backend == "aiomooncake":
-        import aiomooncake.torch  # noqa: F401  (registers the backend)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    t = torch.zeros(2, dtype=torch.float32)
-    trips: list[float] = []
-    parts: list[tuple[float, float, float, float]] = []
-    for _ in range(iters + WARMUP):
         t0 = time.perf_counter()
         if rank == 0:
-            w = dist.isend(t, 1)
+            w = dist.isend(t, peer, group=group)
             ta = time.perf_counter()
             assert w is not None
             w.wait()
             tb = time.perf_counter()
-            w = dist.irecv(t, 1)
+            w = dist.irecv(t, peer, group=group)
             tc = time.perf_counter()
             assert w is not None
             w.wait()
             td = time.perf_counter()
-            parts.append((ta - t0, tb - ta, tc - tb, td - tc))
+            if split is not None:
+                split.append((ta - t0, tb - ta, tc - tb, td - tc))
         else:
-            w = dist.irecv(t, 0)
+            w = dist.irecv(t, peer, group=group)
             assert w is not None
             w.wait()
-            w = dist.isend(t, 0)
+            w = dist.isend(t, peer, group=group)
             assert w is not None
             w.wait()
-        trips.append(time.perf_counter() - t0)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def _core_trips(rank: int, peer: aiomooncake.Peer, t: torch.Tensor, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        if rank == 0:
+            await peer.send(t, 1)
+            await peer.recv(t, 2)
+        else:
+            await peer.recv(t, 1)
+            await peer.send(t, 2)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def _core_connect(rank: int, gloo: Any) -> aiomooncake.Peer:
+    """A core connection beside the groups; its address travels over gloo."""
+    # its loop runs only during the core's blocks: no heartbeat may expire in between
+    opts: dict[str, Any] = {"heartbeat_interval": 300.0, "heartbeat_timeout": 600.0}
+    port = torch.zeros(1, dtype=torch.int64)
+    if rank == 1:
+        lst = await aiomooncake.listen("127.0.0.1", 0, **opts)
+        port[0] = lst.port
+        dist.send(port, 0, group=gloo)
+        peer = await lst.accept()
+        await lst.close()
+        return peer
+    dist.recv(port, 1, group=gloo)
+    return await aiomooncake.connect("127.0.0.1", int(port.item()), **opts)
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
+    import aiomooncake.torch  # registers the backend
+
+    dist.init_process_group("aiomooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=300))
+    gloo = dist.new_group([0, 1], backend="gloo")
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(0)
+    t = torch.zeros(args.size, dtype=torch.uint8, device=dev)
+    loop = aiomooncake.new_event_loop()
+    impls: list[str] = args.impls.split(",")
+    peer = loop.run_until_complete(_core_connect(rank, gloo)) if "core" in impls else None
+    split: list[tuple[float, float, float, float]] = []
+
+    def block(impl: str, n: int) -> list[float]:
+        if impl == "torch":
+            return _torch_trips(rank, t, n, None, split)
+        if impl == "gloo":
+            return _torch_trips(rank, t.cpu() if dev.type == "cuda" else t, n, gloo)
+        assert peer is not None
+        return loop.run_until_complete(_core_trips(rank, peer, t, n))
+
+    runs: dict[str, list[float]] = {i: [] for i in impls}  # each block's median round trip
+    for impl in impls:
+        block(impl, args.warmup)
+    split.clear()
+    for r in range(args.rounds):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for impl in order:
+            runs[impl].append(statistics.median(block(impl, args.trips)))
+    if peer is not None:
+        loop.run_until_complete(peer.close())
+    loop.close()
     if rank == 0:
-        split = [statistics.median(p[i] for p in parts[WARMUP:]) * 1e6 for i in range(4)]
-        q.put((statistics.median(trips[WARMUP:]) * 1e6, split))
-    dist.barrier()
+        q.put((runs, [statistics.median(p[i] for p in split) for i in range(4)] if split else []))
+    dist.barrier(group=gloo)
     dist.destroy_process_group()
+
+
+def _ratio(runs: dict[str, list[float]], a: str, b: str) -> tuple[list[float], float]:
+    """Per-round throughput ratios a/b (round trip of b over round trip of a) and their median."""
+    rs = [y / x for x, y in zip(runs[a], runs[b], strict=True)]
+    return rs, statistics.median(rs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--backends", default="gloo,aiomooncake")
-    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, of " + ", ".join(IMPLS))
+    ap.add_argument("--size", type=int, default=8, help="bytes per message")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--trips", type=int, default=300, help="round trips per block")
+    ap.add_argument("--warmup", type=int, default=200, help="round trips per path before timing")
     args = ap.parse_args()
-    print(f"hand-off main -> loop -> main: {handoff_us():.1f} us (median)", flush=True)
+    for impl in args.impls.split(","):
+        if impl not in IMPLS:
+            ap.error(f"unknown impl {impl!r}")
     ctx = mp.get_context("spawn")
-    for backend in args.backends.split(","):
-        q = ctx.Queue()
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, backend, port, args.iters, q)) for r in range(2)]
-        for p in procs:
-            p.start()
-        rtt, split = q.get(timeout=300)
-        for p in procs:
-            p.join(60)
-        print(f"{backend}: round trip {rtt:.1f} us; rank 0's isend / wait / irecv / wait "
-              f"{' / '.join(f'{x:.1f}' for x in split)} us", flush=True)
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, args, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    runs, split = q.get(timeout=900)
+    for p in procs:
+        p.join(60)
+    us: Callable[[float], str] = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
+    print(f"{args.size} B {args.device} round trip, {args.rounds} rounds x {args.trips} trips, "
+          f"median of the rounds' medians (us):", flush=True)
+    for impl, vals in runs.items():
+        print(f"  {impl:>5}: {us(statistics.median(vals))}  (rounds: {', '.join(us(v) for v in vals)})",
+              flush=True)
+    for a, b in (("torch", "core"), ("torch", "gloo"), ("core", "gloo")):
+        if a in runs and b in runs:
+            rs, med = _ratio(runs, a, b)
+            print(f"  {a}/{b} speed: median {med:.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in rs)})",
+                  flush=True)
+    if split:
+        print("  rank 0's torch isend / wait / irecv / wait: " + " / ".join(us(x) for x in split) + " us",
+              flush=True)
 
 
 if __name__ == "__main__":

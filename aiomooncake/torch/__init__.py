@@ -25,8 +25,9 @@ Without ``init_process_group`` (scripts, tests), the sync facade does the same w
         for w in works:
             w.wait()
 
-Everything runs on one background event-loop thread per process (uvloop when installed); torch-facing
-calls hand it work thread-safely and never block it. See docs/torch.md.
+One asyncio event loop per process runs the async core for every group: ``isend``/``irecv`` post on
+the calling thread, ``wait()`` runs the loop on the waiting thread, and a background thread runs it
+while nobody waits, so no operation costs a thread hand-off. See docs/torch.md, "Threading".
 """
 
 from __future__ import annotations

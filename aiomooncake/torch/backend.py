@@ -10,7 +10,8 @@ Collectives go to the other backend named in a per-device string such as
 with ``"aiomooncake"`` alone they raise ``NotImplementedError`` saying so.
 
 Calls made by torch (``isend``, ``irecv``, ``batch_isend_irecv``...) validate their arguments on the
-caller's thread, raising like gloo does, then hand the operation to the loop thread and return a
+caller's thread, raising like gloo does, then post the operation on its peer from that same thread
+(under the loop's core lock, see :mod:`aiomooncake.torch.loop`) and return a
 :class:`~aiomooncake.torch.work.Work` at once: they never block, so any order of operations in a
 batch is deadlock-free.
 """
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, ProcessGroupGloo, Store
 
-from aiomooncake import Options, _trace, gcpause
+from aiomooncake import Options, _trace
 from aiomooncake.hostid import host_id
 from aiomooncake.tensors import record_ready
 
@@ -49,14 +50,11 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for non-NCCL
 _TAG_MAX = 2**31 - 1  # c10d passes tags as C int
 
 # Heartbeats only catch hung hosts (a dead process closes its sockets at once); a training step that
-# keeps the GIL for seconds must not get a healthy peer declared dead. No busy-polling: the loop thread
-# shares the GIL with the threads calling isend/wait, and a loop that spins after every message keeps
-# taking the GIL back from them (each handoff then waits for Python's switch interval). ACKs leave
-# at once: the reply they could wait for comes from another thread, and the caller thread posting
-# its next batch can keep the loop thread from writing a held one for milliseconds. On the 2-core
-# VM (an A/B rig now in git history, at once / held in the same processes): 512-op batches of 7 KiB
-# 0.84-1.07x the time (median of six runs' medians 0.90x), 8 B round trips 0.75-1.30x (median 0.89x
-# of three); on the 16-core H200 host 0.87-1.03x per batch (median 0.90x of three), 0.91x per trip.
+# keeps the GIL for seconds must not get a healthy peer declared dead. No busy-polling by the core:
+# it would also spin the background loop thread, which shares the GIL with callers that compute;
+# waiters poll by themselves instead (loop.WAITER_SPIN_S). ACKs leave at once: held to ride with the
+# reply, the 8 B round trip measured 0.45-0.48x of the core's against 0.59-0.66x (2-core VM,
+# experiments/torch_latency.py with hold_acks on and off, two launches each, 2026-12-03).
 DEFAULT_OPTIONS = Options(heartbeat_interval=2.0, heartbeat_timeout=60.0, busy_poll=0.0, hold_acks=False)
 
 
@@ -85,28 +83,65 @@ def _batch_code() -> Any:
 _BATCH_CODE = _batch_code()
 
 
+class _Batching(threading.local):
+    """Per thread: ``left``, set by callers that know their batch (the facade's
+    ``batch_isend_irecv``): how many of its operations follow the one being posted, None when
+    unknown (torch's own batch is then read from its frame); and that frame's two lists, read once
+    per batch (reading ``f_locals`` builds a dict of every local: ~10 us a time on the 2-core VM)."""
+
+    left: int | None = None
+    frame: FrameType | None = None
+    lists: tuple[list[Any], list[Any]] | None = None
+
+
+_batching = _Batching()
+
+
+def post_batch(calls: Sequence[Callable[[], Work]]) -> list[Work]:
+    """Make the calls (each posts one operation of this group) as one batch: their frames leave
+    together after the last one, as for torch's ``batch_isend_irecv``."""
+    works = []
+    try:
+        for i, call in enumerate(calls):
+            _batching.left = len(calls) - 1 - i
+            works.append(call())
+    finally:
+        _batching.left = None
+    return works
+
+
 def _batch_ops_left() -> int:
-    """How many operations of the ``batch_isend_irecv`` that called us come after this one (0 when
-    not called from one). torch hands a Python group a batch one op at a time and says nothing of
-    its end; its own frame does: the op list and the works it collected so far. Each op then waits
-    in the loop thread's queue without waking it, and the last wakes it for all: the caller posts
-    without the two threads taking turns at the GIL for every op (64 experts both ways on the H100:
-    posting 512 ops took 64-196 ms with a wake-up each; see docs/torch.md)."""
+    """How many operations of the batch that called us come after this one: -1 when not called
+    from a batch. torch hands a Python group a ``batch_isend_irecv`` one op at a time and says
+    nothing of its end; its own frame does: the op list and the works it collected so far. Every op
+    but the last is then posted without a loop turn, its frames held, and the last one's turn sends
+    them all (see docs/torch.md); tests/test_torch_p2p.py fails if torch changes that frame."""
+    b = _batching
+    left = b.left
+    if left is not None:
+        return left
     code = _BATCH_CODE
     if code is None:
-        return 0
+        return -1
     f: FrameType | None = sys._getframe(2)
     for _ in range(12):
         if f is None:
-            return 0
+            return -1
         if f.f_code is code:
-            loc = f.f_locals
-            ops, reqs = loc.get("p2p_op_list"), loc.get("reqs")
-            if isinstance(ops, list) and isinstance(reqs, list):
-                return max(0, len(ops) - len(reqs) - 1)
-            return 0
+            lists = b.lists
+            if b.frame is not f or lists is None:
+                loc = f.f_locals
+                ops, reqs = loc.get("p2p_op_list"), loc.get("reqs")
+                if not (isinstance(ops, list) and isinstance(reqs, list)):
+                    return -1
+                lists = (ops, reqs)
+                b.frame, b.lists = f, lists
+            left = max(0, len(lists[0]) - len(lists[1]) - 1)
+            if left == 0:  # the batch's last op: hold no frame (nor its tensors) beyond it
+                b.frame = b.lists = None
+            return left
         f = f.f_back
-    return 0
+    return -1
 
 
 class BackendInfo:
@@ -190,7 +225,9 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         if not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} is out of range for a group of size {size}")
         self._store = store
+        self._nranks = size  # size() and rank() are C++ calls (~1 us each): the hot path reads these
         self._timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
+        self._op_timeout = self._seconds(self._timeout)
         self._options, configured_host = resolve_options(options)
         self._label = group_name or ""
         self._delegates: dict[str, Any] = {}
@@ -218,7 +255,7 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
                  self.host, self.port)
 
     async def _make_mesh(self) -> Mesh:
-        mesh = Mesh(self.rank(), self.size(), self._generation, self._options)
+        mesh = Mesh(self.rank(), self.size(), self._generation, self._options, self._loop)
         try:
             await mesh.listen(self.host)
         except BaseException:
@@ -244,6 +281,7 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
     def set_timeout(self, timeout: datetime.timedelta) -> None:
         """Bound every operation started from now on by ``timeout``."""
         self._timeout = timeout
+        self._op_timeout = self._seconds(timeout)
 
     # ======================================================= point-to-point
     def send(self, tensors: list[torch.Tensor], dstRank: int, tag: int) -> Work:
@@ -260,16 +298,35 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         return self._p2p(RECV_ANY, tensors, -1, tag)
 
     def _p2p(self, kind: str, tensors: list[torch.Tensor], rank: int, tag: int) -> Work:
-        try:
-            t = self._check_tensors(tensors, "send" if kind == SEND else "recv")
-            if kind != RECV_ANY:
-                self._check_rank(rank, "destination" if kind == SEND else "source")
-            self._check_tag(tag)
-            op = self._op(kind, t, rank, tag)
-        except BaseException:
-            self._loop.flush()  # what earlier ops of a batch left queued goes now
-            raise
-        return self._submit(op)
+        """Check, post and return the Work: the hot path of every operation, kept to a few
+        attribute reads before the post (on the 2-core VM each microsecond here is one of a round
+        trip's ~80)."""
+        t = tensors[0] if type(tensors) is list and len(tensors) == 1 else None
+        if (not isinstance(t, torch.Tensor) or t.layout != torch.strided or not t.is_contiguous()
+                or type(tag) is not int or not 0 <= tag <= _TAG_MAX or self._shut
+                or (kind != RECV_ANY and (type(rank) is not int or not 0 <= rank < self._nranks))
+                or not (t.is_cpu or t.is_cuda)):
+            try:  # something is unusual: the full checks say what (or let it through)
+                t = self._check_tensors(tensors, "send" if kind == SEND else "recv")
+                if kind != RECV_ANY:
+                    self._check_rank(rank, "destination" if kind == SEND else "source")
+                self._check_tag(tag)
+                self._check_open()
+            except BaseException:
+                self._loop.flush()  # what earlier ops of a batch left held goes now
+                raise
+        if _trace.on:
+            _trace.mark("torch:op")
+        # CUDA: a pooled event marks the caller's stream (creating one costs ~13 us on its first
+        # record); the poster returns it once our stream waits on it.
+        ready = record_ready(t) if t.is_cuda else None
+        # bytes, as gloo: dtypes may differ, sizes may not
+        wire = t if t.dtype is torch.uint8 and t.dim() == 1 else t.reshape(-1).view(torch.uint8)
+        op = Op(kind, tag, rank, t, wire, self._op_timeout, ready)
+        self._dispatch(op)
+        if self._coalesced is not None:
+            self._coalesced.append(op)
+        return Work([op], [t], self._loop)
 
     def barrier(self, opts: Any = None) -> Work:
         """Every rank of the group reaches the barrier before any ``wait()`` on it returns."""
@@ -279,13 +336,13 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
             timeout = t.total_seconds()
         op = Op(BARRIER, 0, -1, timeout=timeout)
-        self._dispatch(op)
-        return Work([op], [])
+        self._dispatch(op, barrier=True)
+        return Work([op], [], self._loop)
 
     # ----------------------------------------------------------- coalescing
     def start_coalescing(self, device: torch.device | None = None) -> None:
         """Collect the following operations so that :meth:`end_coalescing` returns one Work for them
-        (they still start at once)."""
+        (they still start at once; their frames leave together at the end)."""
         if self._coalesced is not None:
             raise RuntimeError("aiomooncake: coalescing already started on this group")
         self._coalesced = []
@@ -294,7 +351,8 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         ops, self._coalesced = self._coalesced, None
         if ops is None:
             raise RuntimeError("aiomooncake: end_coalescing without start_coalescing")
-        return Work(ops) if ops else completed_work()
+        self._loop.flush()
+        return Work(ops, loop=self._loop) if ops else completed_work()
 
     def _start_coalescing(self, device: torch.device) -> None:
         self.start_coalescing(device)
@@ -303,32 +361,18 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         return self.end_coalescing(device)
 
     # ============================================================ internals
-    def _op(self, kind: str, t: torch.Tensor, peer: int, tag: int) -> Op:
-        if _trace.on:
-            _trace.mark("torch:op")
-        self._check_open()
-        # A pooled event (creating one costs ~13 us on its first record): the loop thread returns
-        # it once a stream waits on it (a wait, once queued, no longer looks at the event).
-        ready = record_ready(t)
-        wire = t.reshape(-1).view(torch.uint8)  # bytes, as gloo: dtypes may differ, sizes may not
-        return Op(kind, tag, peer, tensor=t, wire=wire, timeout=self._seconds(self._timeout),
-                  ready_event=ready)
-
-    def _submit(self, op: Op) -> Work:
-        self._dispatch(op)
-        # counted from the caller's side too: a batch's Ops and Works, made here before the loop
-        # thread posts any of them, then never see a collection that would promote them
-        gcpause.track(op.future)
-        if self._coalesced is not None:
-            self._coalesced.append(op)
-        return Work([op])
-
-    def _dispatch(self, op: Op) -> None:
+    def _dispatch(self, op: Op, barrier: bool = False) -> None:
+        """Post ``op`` now, on this thread. In a batch (torch's ``batch_isend_irecv``, the facade's,
+        a coalescing block) every op but the last is posted without a loop turn and its frames are
+        held; the last one's turn sends them together."""
         mesh = self._mesh
         assert mesh is not None
+        left = -1 if barrier else _batch_ops_left()
+        later = left > 0 or self._coalesced is not None
+        op.burst = later or left == 0
         try:
-            if op.kind != BARRIER and _batch_ops_left() > 0:
-                self._loop.submit_later(mesh.submit, op)  # the batch's last op wakes the loop
+            if later:
+                self._loop.submit_later(mesh.submit, op)
             else:
                 self._loop.submit(mesh.submit, op)
         except RuntimeError as e:
@@ -446,7 +490,7 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
 
     # ============================================================== shutdown
     def shutdown(self) -> None:
-        """Fail pending operations, close every connection and stop using the loop thread.
+        """Fail pending operations, close every connection and stop using the event loop.
 
         Called by ``destroy_process_group()`` and at interpreter exit. Idempotent."""
         if self._shut:

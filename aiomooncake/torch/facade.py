@@ -10,6 +10,7 @@ beside a default group (e.g. NCCL for collectives) or in a process that has none
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
-from .backend import DEFAULT_TIMEOUT, ProcessGroupAiomooncake
+from .backend import DEFAULT_TIMEOUT, ProcessGroupAiomooncake, post_batch
 from .errors import InvalidArgument
 from .work import Work
 
@@ -90,7 +91,7 @@ class P2PGroup:
         object with ``op``, ``tensor``, ``peer`` and ``tag`` attributes such as ``dist.P2POp``. All ops
         are checked before any starts."""
         parsed = [self._parse(op) for op in ops]
-        return [fn(t, peer, tag) for fn, t, peer, tag in parsed]
+        return post_batch([functools.partial(fn, t, peer, tag) for fn, t, peer, tag in parsed])
 
     def _parse(self, spec: Any) -> tuple[Callable[[torch.Tensor, int, int], Work], torch.Tensor, int, int]:
         if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):

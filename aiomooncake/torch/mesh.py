@@ -1,8 +1,10 @@
 """The asyncio side of one process group: a mesh of :class:`~aiomooncake.Peer` connections, one per
 pair of ranks, and MPI-style matching (tags, any-source receives, barrier) on top of them.
 
-Everything here runs on the loop thread (:mod:`aiomooncake.torch.loop`); the process group only
-calls :meth:`Mesh.submit`, through :meth:`LoopThread.submit`.
+Everything here runs under the loop's core lock (:mod:`aiomooncake.torch.loop`), on whichever thread
+holds it: the process group calls :meth:`Mesh.submit` on the caller's thread, through
+:meth:`LoopThread.submit`; completions happen on the thread that runs the loop's turn (a waiter, or
+the background thread).
 
 Connections. Each rank listens on one port (published in the c10d store by the process group) and
 dials every higher rank and itself; it accepts the lower ranks' dials. The dialer's first message,
@@ -13,7 +15,11 @@ yet waits in that pair's :class:`_Lane` and starts the moment it is.
 Ordering. The core matches messages per peer and tag in posting order. Every operation is posted
 on its peer synchronously (``Peer.post_send`` / ``post_recv``: no task per operation), in
 submission order: at once when its lane is open and empty, or when the lane opens, in the order
-they queued. The frames of one burst leave together at the end of the loop turn.
+they queued. A lone operation's frames are written at once; those of a batch leave together at
+the end of the loop turn that follows its last post.
+
+Timeouts. One timer per mesh, at the earliest deadline of the operations in flight, sweeps them
+(the group's timeout makes deadlines nearly monotone, so it rarely moves): no timer per operation.
 
 Any-source receives. MPI semantics: a message goes to the earliest posted matching receive. An
 any-source receive waits until some peer holds an unexpected message with its tag and claims it by
@@ -28,19 +34,22 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
+import math
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import aiomooncake
 from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
-from aiomooncake.tensors import recycle, stream_mark
+from aiomooncake.tensors import current_stream, recycle, stream_mark
 
 from .errors import BackendError, InvalidArgument, OpTimeout
 from .ops import BARRIER, RECV, RECV_ANY, SEND, Op, Posted
+
+if TYPE_CHECKING:
+    from .loop import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +106,38 @@ class _Lane:
         return False
 
 
-class _StreamPerDevice(threading.local):
-    """The loop thread's own CUDA stream per device, set as that thread's current stream so the
-    core's copies for our operations never queue behind (or in front of) the user's work."""
-
-    streams: dict[int, Any]
-
-    def __init__(self) -> None:
-        self.streams = {}
-
-
-_cuda_streams = _StreamPerDevice()
+_cuda_streams: dict[int, Any] = {}  # device index -> aiomooncake's own stream (made under the lock)
 
 
 def loop_stream(device: torch.device) -> Any:
+    """aiomooncake's own CUDA stream on ``device``, current while the core posts our operations, so
+    its copies never queue behind (or in front of) the user's work."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    s = _cuda_streams.streams.get(idx)
+    s = _cuda_streams.get(idx)
     if s is None:
-        s = torch.cuda.Stream(device=idx)
-        torch.cuda.set_stream(s)
-        _cuda_streams.streams[idx] = s
+        s = _cuda_streams[idx] = torch.cuda.Stream(device=idx)
     return s
 
 
-class Mesh:
-    """The connections and matching state of one process group (loop thread only)."""
+@contextlib.contextmanager
+def _current(stream: Any) -> Iterator[None]:
+    """Make ``stream`` the calling thread's current stream on its device for a post (the core marks
+    and copies on the current stream), whichever thread posts."""
+    prev = current_stream(stream.device_index)
+    torch.cuda.set_stream(stream)
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(prev)
 
-    def __init__(self, rank: int, size: int, generation: int, options: Options) -> None:
+
+class Mesh:
+    """The connections and matching state of one process group (under the loop's core lock)."""
+
+    def __init__(self, rank: int, size: int, generation: int, options: Options,
+                 owner: LoopThread | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self._owner = owner  # told when an op completes away from the thread driving the loop
         self.rank = rank
         self.size = size
         self.generation = generation
@@ -133,12 +146,14 @@ class Mesh:
         self._send = [_Lane(self.loop, r) for r in range(size)]
         self._recv = [_Lane(self.loop, r) for r in range(size)]
         self._seq: dict[int, deque[Op]] = {}  # tag -> receives waiting behind an any-source one
-        self._inflight: set[Op] = set()
+        self._inflight: dict[Op, None] = {}  # in posting order (see settle)
         self._background: set[asyncio.Task[Any]] = set()
         self._peers: list[Peer] = []
         self._listener: aiomooncake.Listener | None = None
         self._closed: BackendError | None = None
         self._barrier_seq = 0
+        self._sweeper: asyncio.TimerHandle | None = None  # at the earliest deadline in flight
+        self._sweep_at = math.inf
 
     # ================================================================ set-up
     async def listen(self, host: str) -> int:
@@ -231,16 +246,18 @@ class Mesh:
 
     # ============================================================ operations
     def submit(self, op: Op) -> None:
-        """Start ``op`` (loop thread; called in submission order)."""
+        """Start ``op`` (lock held; called in submission order)."""
         if _trace.on:
             _trace.mark("mesh:submit")
-        op.finished = self.loop.create_future()
+        op.mesh = self
         if self._closed is not None:
             self._finish(op, error=self._closed)
             return
-        self._inflight.add(op)
+        self._inflight[op] = None
         if op.timeout is not None:
-            op.timer = self.loop.call_later(op.timeout, self._expire, op)
+            op.deadline = self.loop.time() + op.timeout
+            if op.deadline < self._sweep_at:
+                self._arm(op.deadline)
         try:
             if op.kind == SEND:
                 self._send[op.peer].start(op, self._start_transfer)
@@ -269,26 +286,55 @@ class Mesh:
         task.add_done_callback(lambda t: self._task_done(op, t))
 
     def _start_transfer(self, op: Op, peer: Peer) -> None:
-        """Post ``op`` on its peer now: no task per operation; the peer's future finishes it."""
+        """Post ``op`` on its peer now: no task per operation; the peer's future finishes it. A lone
+        op's frames leave at once; a batch's wait for the end of the loop turn (burst)."""
         assert op.wire is not None
         if _trace.on:
             _trace.mark("mesh:transfer")
         try:
-            self._order_after_caller(op)
             posted: Posted
-            if op.kind == SEND:  # burst: a burst's frames leave together
-                posted = peer.post_send(op.wire, op.tag, burst=True)
+            if op.tensor is not None and op.tensor.is_cuda:
+                s = self._order_after_caller(op)
+                with _current(s):
+                    posted = self._post(op, peer)
             else:
-                posted = peer.post_recv(op.wire, op.tag, burst=True)
+                posted = self._post(op, peer)
         except BaseException as e:
             self._finish(op, error=e)
             return
         op.posted = posted
         posted.future.add_done_callback(functools.partial(self._posted_done, op))
 
+    @staticmethod
+    def _post(op: Op, peer: Peer) -> Posted:
+        assert op.wire is not None
+        if op.kind == SEND:
+            return peer.post_send(op.wire, op.tag, burst=op.burst)
+        return peer.post_recv(op.wire, op.tag, burst=op.burst)
+
+    def settle(self, op: Op) -> None:
+        """Finish ``op`` now if its posted handle completed (lock held): a waiter that sees the
+        handle done need not wait for the handle's callback, one loop turn later. Transfers posted
+        before it whose handles completed too are finished first, so completions (and their
+        callbacks) keep the order in which the core completed them, whichever thread asks."""
+        posted = op.posted
+        if posted is None or not posted.future.done():
+            return
+        earlier = []
+        for o in self._inflight:
+            if o is op:
+                break
+            p = o.posted
+            if p is not None and p.future.done():
+                earlier.append(o)
+        for o in earlier:
+            assert o.posted is not None
+            self._posted_done(o, o.posted.future)
+        self._posted_done(op, posted.future)
+
     def _posted_done(self, op: Op, fut: asyncio.Future[Any]) -> None:
-        if op.expired is not None:
-            return  # being withdrawn: _withdraw finishes it once its buffer is safe
+        if op.done or op.expired is not None:
+            return  # settled already, or being withdrawn: _withdraw finishes it once its buffer is safe
         if fut.cancelled():
             self._finish(op, error=self._closed or BackendError(f"{op.describe()} was cancelled"))
         elif fut.exception() is not None:
@@ -301,20 +347,23 @@ class Mesh:
         await posted.cancel()
         self._finish(op, error=op.expired)
 
-    def _order_after_caller(self, op: Op) -> None:
+    def _order_after_caller(self, op: Op) -> Any:
         """CUDA: the bytes may be read (send) or overwritten (recv) only after the work the caller
-        had queued on its stream when it submitted; the core orders its copies after the loop
-        thread's current stream, which we make wait for the caller's event."""
-        if op.ready_event is None:
-            return
+        had queued on its stream when it submitted; the core orders its copies after the current
+        stream of the thread that posts, which is then our stream, made to wait for the caller's
+        event. Returns that stream."""
         assert op.tensor is not None
         s = loop_stream(op.tensor.device)
-        if not op.ready_event.query():  # an idle caller stream adds no dependency (and no latency)
-            s.wait_event(op.ready_event)
-        recycle(op.ready_event)  # the wait is queued; the event may be recorded again (it stays
-        # set on the op only as the mark of a CUDA op)
+        ev = op.ready_event
+        if ev is None:
+            return s
+        if not ev.query():  # an idle caller stream adds no dependency (and no latency)
+            s.wait_event(ev)
+        recycle(ev)  # the wait is queued; the event may be recorded again
+        op.ready_event = True  # still the mark of a CUDA op whose caller had work queued
         if op.kind != SEND:
             op.tensor.record_stream(s)
+        return s
 
     # ------------------------------------------------------------- any-source
     async def _claim(self, op: Op) -> int:
@@ -329,8 +378,11 @@ class Mesh:
                 if peer.probe(op.tag):
                     # Post ours (which claims the message) before releasing the receives queued
                     # behind this one: they post at once.
-                    self._order_after_caller(op)
-                    pending = peer.post_recv(op.wire, op.tag)
+                    if op.tensor is not None and op.tensor.is_cuda:
+                        with _current(self._order_after_caller(op)):
+                            pending = peer.post_recv(op.wire, op.tag)
+                    else:
+                        pending = peer.post_recv(op.wire, op.tag)
                     self._seq_remove(op)
                     await pending.wait()
                     return lane.rank
@@ -379,6 +431,7 @@ class Mesh:
             ops = [Op(SEND, tag, to, wire=torch.zeros(1, dtype=torch.uint8)),
                    Op(RECV, tag, frm, wire=torch.empty(1, dtype=torch.uint8))]
             for o in ops:
+                o.finished = self.loop.create_future()
                 self.submit(o)
             try:
                 await asyncio.gather(*(o.finished for o in ops if o.finished is not None))
@@ -404,35 +457,43 @@ class Mesh:
             self._finish(op, result=task.result())
 
     def _finish(self, op: Op, result: int = -1, error: BaseException | None = None) -> None:
-        fin = op.finished
-        if fin is None or fin.done():
+        """Complete ``op`` once (lock held): its outcome, its callbacks, and its waiters."""
+        if op.done:
             return
-        if op.timer is not None:
-            op.timer.cancel()
-            op.timer = None
-        self._inflight.discard(op)
+        self._inflight.pop(op, None)
         op.task = None
+        fin = op.finished
         if error is not None:
             error = self._torch_error(op, error)
-            fin.set_exception(error)
-            fin.exception()  # retrieved: internal operations may have nobody awaiting them
-            if not op.future.done():
-                op.future.set_exception(error)
-            return
-        if op.ready_event is not None and op.kind != SEND and op.tensor is not None:
-            try:
-                dev = op.tensor.device
-                # None if our stream is idle: the bytes are in, nothing of ours is left to order
-                op.done_event = stream_mark(loop_stream(dev), dev.index if dev.index is not None
-                                            else torch.cuda.current_device())  # pooled: see Op.__del__
-            except Exception as e:  # pragma: no cover - CUDA runtime failure
-                self._finish(op, error=e)
-                return
-        if _trace.on:
-            _trace.mark("mesh:finish")
-        fin.set_result(result)
-        if not op.future.done():
-            op.future.set_result(result)
+            op.error = error
+            if fin is not None and not fin.done():
+                fin.set_exception(error)
+                fin.exception()  # retrieved: internal operations may have nobody awaiting them
+        else:
+            if op.ready_event is not None and op.kind != SEND and op.tensor is not None:
+                try:
+                    dev = op.tensor.device
+                    # None if our stream is idle: the bytes are in, nothing of ours is left to order
+                    op.done_event = stream_mark(loop_stream(dev), dev.index if dev.index is not None
+                                                else torch.cuda.current_device())  # pooled: see Op.__del__
+                except Exception as e:  # pragma: no cover - CUDA runtime failure
+                    self._finish(op, error=e)
+                    return
+            if _trace.on:
+                _trace.mark("mesh:finish")
+            op.result = result
+            if fin is not None and not fin.done():
+                fin.set_result(result)
+        op.done = True
+        callbacks, op.callbacks = op.callbacks, None
+        if callbacks:
+            for fn in callbacks:
+                try:
+                    fn(op)
+                except Exception:  # ours only (get_future's): never let one stop a completion
+                    log.exception("a completion callback failed")
+        if self._owner is not None:
+            self._owner.completed_elsewhere()
 
     def _torch_error(self, op: Op, exc: BaseException) -> BaseException:
         if isinstance(exc, (BackendError, InvalidArgument)):
@@ -449,8 +510,29 @@ class Mesh:
         err.__cause__ = exc
         return err
 
+    def _arm(self, deadline: float) -> None:
+        """Sweep the operations in flight for expired ones at ``deadline`` (earlier than armed)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_at = deadline
+        self._sweeper = self.loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """Cancel the operations whose group timeout has passed; re-arm for the next deadline."""
+        self._sweeper, self._sweep_at = None, math.inf
+        now = self.loop.time()
+        nxt = math.inf
+        for op in list(self._inflight):
+            if op.timeout is None or op.expired is not None or op.done:
+                continue
+            if op.deadline <= now:
+                self._expire(op)
+            elif op.deadline < nxt:
+                nxt = op.deadline
+        if nxt < math.inf and not self._closed:
+            self._arm(nxt)
+
     def _expire(self, op: Op) -> None:
-        op.timer = None
         hint = ""
         lane = self._send[op.peer] if op.kind == SEND else self._recv[op.peer] if op.kind == RECV else None
         if lane is not None and lane.peer is None:
@@ -459,7 +541,7 @@ class Mesh:
                                    f"timeout of {op.timeout:g} s{hint}"))
 
     def _cancel(self, op: Op, err: BaseException) -> None:
-        if op.finished is None or op.finished.done():
+        if op.done:
             return
         if op.task is not None:
             op.expired = err
@@ -490,6 +572,9 @@ class Mesh:
         if self._closed is not None:
             return
         self._closed = BackendError("the process group was shut down")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper, self._sweep_at = None, math.inf
         if self._listener is not None:
             await self._listener.close()
         for task in list(self._background):

@@ -1,9 +1,10 @@
 """``Work``: the handle ``isend``/``irecv``/``barrier`` return, a ``torch.distributed.Work`` subclass.
 
-It only reads the operations' thread-safe futures, so ``wait()`` blocks the caller's thread alone
-(the GIL is released while it sleeps) and never the loop thread that moves the bytes. Completion
-callbacks of :meth:`Work.get_future` run on a separate callback thread, never on the loop thread: a
-callback that waits for another operation must not stall the loop that would complete it.
+It is a thin view over its operations' records (:class:`~aiomooncake.torch.ops.Op`). ``wait()``
+makes the waiting thread run the event loop until they are done (see :mod:`aiomooncake.torch.loop`):
+no thread hands the completion over. Completion callbacks of :meth:`Work.get_future` run on a
+separate callback thread, never on a thread that runs the loop: a callback that waits for another
+operation must not stall the loop that would complete it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import concurrent.futures
 import datetime
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,12 @@ import torch.distributed as dist
 from .. import _trace
 from ..tensors import current_stream
 from .errors import BackendError, OpTimeout
-from .loop import LoopThread
+from .loop import LoopThread, LoopUnusable
 from .ops import RECV, RECV_ANY, Op
 
 _callbacks: concurrent.futures.ThreadPoolExecutor | None = None
 _callbacks_lock = threading.Lock()
+_future_lock = threading.Lock()  # get_future() makes one future per Work (rare: one lock for all)
 
 
 def _callback_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -44,20 +46,6 @@ def _seconds(timeout: datetime.timedelta | float | None) -> float | None:
     return None if secs <= 0 else secs
 
 
-def _outcome(op: Op) -> BaseException | None:
-    f = op.future
-    if f.cancelled():
-        return BackendError(f"{op.describe()} was cancelled")
-    return f.exception()
-
-
-def _flush() -> None:
-    """Someone looks at a result: make sure no op of an unfinished batch waits unsubmitted."""
-    lt = LoopThread.current()
-    if lt is not None:
-        lt.flush()
-
-
 class Work(dist.Work):
     """The result of one operation (or of several, for a coalesced batch).
 
@@ -65,44 +53,68 @@ class Work(dist.Work):
     as for a recv) and raises the operation's error, if any. For CUDA receives it then makes the
     caller's current stream wait for the data; it does not synchronize the device."""
 
-    def __init__(self, ops: Sequence[Op], result: list[torch.Tensor] | None = None) -> None:
+    def __init__(self, ops: list[Op], result: list[torch.Tensor] | None = None,
+                 loop: LoopThread | None = None) -> None:
         super().__init__()
-        self._ops = list(ops)
-        self._result = result if result is not None else [op.tensor for op in self._ops
-                                                          if op.tensor is not None]
+        self._ops = ops
+        self._loop = loop
+        self._result = result if result is not None else [op.tensor for op in ops if op.tensor is not None]
         self._future: torch.futures.Future[list[torch.Tensor]] | None = None
-        self._future_lock = threading.Lock()
 
     # ------------------------------------------------------------------ waiting
     def wait(self, timeout: datetime.timedelta | float | None = None) -> bool:
         """Block until done; raise the operation's error. ``timeout`` (a timedelta or seconds; 0 or
         None: no limit) bounds this wait only: on expiry it raises :class:`OpTimeout` and the operation
         keeps going (the process group's own timeout is what cancels operations)."""
-        _flush()
-        secs = _seconds(timeout)
-        deadline = None if secs is None else time.monotonic() + secs
-        for op in self._ops:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                op.future.result(left)
-            except concurrent.futures.TimeoutError:
-                raise OpTimeout(f"Work.wait() timed out after {secs:g} s: {op.describe()} has not "
-                                "completed (it keeps running)") from None
-            except concurrent.futures.CancelledError:
-                raise BackendError(f"{op.describe()} was cancelled") from None
-        self.synchronize()
+        ops = self._ops
+        for op in ops:
+            if not op.done:
+                secs = _seconds(timeout)
+                self._block(None if secs is None else time.monotonic() + secs, secs)
+                break
+        for op in ops:
+            if op.error is not None:
+                raise op.error
+            if op.done_event is not None:
+                self.synchronize()
+                break
         if _trace.on:
             _trace.mark("torch:waited")
         return True
 
+    def _block(self, deadline: float | None, secs: float | None) -> None:
+        loop = self._loop
+        assert loop is not None
+        ops = self._ops
+        left = [0]  # ops before this index are done: each turn looks only from there
+
+        def done() -> bool:
+            i = left[0]
+            while i < len(ops):
+                if not ops[i].is_done():
+                    left[0] = i
+                    return False
+                i += 1
+            left[0] = i
+            return True
+
+        try:
+            finished = loop.wait_for(ops[0].is_done if len(ops) == 1 else done, deadline)
+        except LoopUnusable as e:
+            raise BackendError(f"{ops[left[0]].describe()} cannot complete: {e}") from e
+        if not finished:
+            raise OpTimeout(f"Work.wait() timed out after {secs:g} s: {ops[left[0]].describe()} has "
+                            "not completed (it keeps running)")
+
     def synchronize(self) -> None:
         """Make the caller's current CUDA stream wait for received data (no-op for CPU tensors)."""
         for op in self._ops:
-            err = _outcome(op) if op.future.done() else None
-            if err is not None:
-                raise err
+            if not op.done:
+                continue
+            if op.error is not None:
+                raise op.error
             ev = op.done_event
-            if ev is not None and op.future.done():
+            if ev is not None:
                 dev = op.device
                 assert dev is not None
                 idx = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -114,19 +126,20 @@ class Work(dist.Work):
 
     # ------------------------------------------------------------------ state
     def is_completed(self) -> bool:
-        _flush()
-        return all(op.future.done() for op in self._ops)
+        if all(op.done for op in self._ops):
+            return True
+        if self._loop is not None:
+            self._loop.poll()  # a turn here if nobody runs the loop: progress for polling callers
+        return all(op.done for op in self._ops)
 
     def is_success(self) -> bool:
         """False once an operation failed (like c10d, True while still running without error)."""
-        return all(_outcome(op) is None for op in self._ops if op.future.done())
+        return all(op.error is None for op in self._ops if op.done)
 
     def exception(self) -> BaseException | None:
         for op in self._ops:
-            if op.future.done():
-                err = _outcome(op)
-                if err is not None:
-                    return err
+            if op.done and op.error is not None:
+                return op.error
         return None
 
     def source_rank(self) -> int:
@@ -138,9 +151,8 @@ class Work(dist.Work):
         op = recvs[0]
         if op.kind == RECV:
             return op.peer
-        f = op.future
-        if f.done() and not f.cancelled() and f.exception() is None:
-            return f.result()
+        if op.done and op.error is None:
+            return op.result
         return -1
 
     def _source_rank(self) -> int:
@@ -156,26 +168,31 @@ class Work(dist.Work):
 
         Its callbacks run on aiomooncake's callback thread. For CUDA receives, call ``wait()`` (or make
         your stream wait) before using the data on a stream."""
-        _flush()
-        with self._future_lock:
+        with _future_lock:
             if self._future is None:
                 fut: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
                 self._future = fut
-                remaining = [len(self._ops)]
-                lock = threading.Lock()
-
-                def one_done(_: concurrent.futures.Future[int]) -> None:
-                    with lock:
-                        remaining[0] -= 1
-                        last = remaining[0] == 0
-                    if last:
-                        _callback_thread().submit(self._complete_future, fut)
-
-                if not self._ops:
-                    fut.set_result(self._result)
-                for op in self._ops:
-                    op.future.add_done_callback(one_done)
+                self._when_done(lambda: _callback_thread().submit(self._complete_future, fut))
             return self._future
+
+    def _when_done(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` (on whichever thread completes the last op, lock held) once every op is
+        done: one call per Work, however many ops it has."""
+        ops = self._ops
+        loop = self._loop
+        if loop is None or not ops:
+            fn()
+            return
+        remaining = [len(ops)]
+
+        def one_done(_: Op) -> None:
+            remaining[0] -= 1  # under the lock, like every completion
+            if remaining[0] == 0:
+                fn()
+
+        with loop.lock:
+            for op in ops:
+                op.add_callback(one_done)
 
     def _complete_future(self, fut: torch.futures.Future[list[torch.Tensor]]) -> None:
         err = self.exception()
@@ -185,7 +202,7 @@ class Work(dist.Work):
             fut.set_result(self._result)
 
     def __repr__(self) -> str:
-        state = "done" if self.is_completed() else "pending"
+        state = "done" if all(op.done for op in self._ops) else "pending"
         what = ", ".join(op.describe() for op in self._ops[:3])
         more = f" +{len(self._ops) - 3}" if len(self._ops) > 3 else ""
         return f"<aiomooncake Work {state}: {what}{more}>"
