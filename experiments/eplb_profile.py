@@ -37,38 +37,46 @@ async def _exchange(peer: aiomooncake.Peer, outs: list[torch.Tensor], ins: list[
 async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if rank == 1:
-        lst = await aiomooncake.listen("127.0.0.1", 0)
+        lst = await aiomooncake.listen("127.0.0.1", 0, options=_options(args))
         q.put(lst.port)
         peer = await lst.accept()
         await lst.close()
     else:
-        peer = await aiomooncake.connect("127.0.0.1", q.get(timeout=60))
+        peer = await aiomooncake.connect("127.0.0.1", q.get(timeout=60), options=_options(args))
     outs = eplb_tensors(args.experts, args.scale, dev)
     ins = [torch.empty_like(t) for t in outs]
     nbytes = 2 * sum(t.nbytes for t in outs)
     for _ in range(2):
         await _exchange(peer, outs, ins)
-    times = []
+    times, cpu = [], []
     prof = cProfile.Profile()
     for _ in range(args.iters):
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.top:
             prof.enable()
         await _exchange(peer, outs, ins)
         if args.top:
             prof.disable()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     link = "cuda" if dev.type == "cuda" else "cpu"
     copies = sum(p.stats().writes_submitted for p in planes.existing() if p.kind == peer.transports[link])
     text = io.StringIO()
     if args.top:
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.top)
+        pstats.Stats(prof, stream=text).sort_stats(args.sort).print_stats(args.top)
     await peer.close()
     med = statistics.median(times)
     return {"rank": rank, "data_path": peer.data_path, "median_ms": med * 1e3,
+            "cpu_ms": statistics.median(cpu) * 1e3,
             "gbps": nbytes / med / 1e9, "copies": copies, "profile": text.getvalue()}
+
+
+def _options(args: argparse.Namespace) -> aiomooncake.Options:
+    if not args.rendezvous:
+        return aiomooncake.Options()
+    return aiomooncake.Options(eager_threshold=0, shm_eager_threshold=0)
 
 
 def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
@@ -82,6 +90,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=25, help="functions to list; 0: no profiler (plain timing)")
+    p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
+    p.add_argument("--rendezvous", action="store_true",
+                   help="no eager messages: on CPU, a proxy for the control work of the CUDA path")
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()
@@ -94,7 +105,7 @@ def main() -> None:
     for r in results:
         role = "copier" if r["copies"] else "other"
         print(f"== rank {r['rank']} ({role}, {r['data_path']}): median {r['median_ms']:.2f} ms per "
-              f"exchange, {r['gbps']:.0f} GB/s both ways, {r['copies']} copies")
+              f"exchange ({r['cpu_ms']:.2f} ms of CPU), {r['gbps']:.0f} GB/s both ways, {r['copies']} copies")
         print(r["profile"])
 
 
