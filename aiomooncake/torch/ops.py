@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 
 from aiomooncake import PendingRecv, PendingSend
 from aiomooncake.tensors import recycle
 
-if TYPE_CHECKING:
-    from .mesh import Mesh
-
 # what Peer.post_send / post_recv gave
 Posted = Union[PendingSend, PendingRecv]  # noqa: UP007 (a runtime alias)
 
 SEND, RECV, RECV_ANY, BARRIER = "send", "recv", "recv from any source", "barrier"
+
+
+class Settler(Protocol):
+    """What an op knows of the mesh it was submitted to (:class:`~aiomooncake.torch.mesh.Mesh`):
+    how to finish it once its posted handle completed."""
+
+    def settle(self, op: Op) -> None: ...
 
 
 class Op:
@@ -51,7 +55,7 @@ class Op:
         self.done_event: Any = None  # CUDA: after it, the received bytes are in ``tensor``
         self.callbacks: list[Callable[[Op], None]] | None = None  # run by _finish (lock held)
         # ---- loop-side state
-        self.mesh: Mesh | None = None
+        self.mesh: Settler | None = None
         self.deadline = 0.0  # loop time after which the group's timeout cancels it
         self.task: asyncio.Task[int] | None = None
         self.expired: BaseException | None = None
