@@ -33,8 +33,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..core.regions import Region
+from ..core.regions import Region, RegionCache
 from ..errors import TransferFailed
+from ..tensors import Allocation, allocation_of, release_allocation
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,51 @@ class DataPlane:
 
 
 NO_REGION = Region(0, 0, None)  # what a plane without registrations hands out
+
+
+class Exposures:
+    """What a plane exposed (TE registrations, CUDA IPC exports), one region per *allocation*, never
+    per tensor (the engine refuses overlapping registrations, and exposing costs milliseconds), each
+    counted by its users: transfers in flight (``inflight``) and user registrations (``pinned``).
+    The planes' :meth:`DataPlane.acquire`, :meth:`~DataPlane.release` and :meth:`~DataPlane.unpin`;
+    the plane's own ``expose`` makes a region on first use, under :attr:`lock`."""
+
+    __slots__ = ("lock", "regions")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.regions = RegionCache()
+
+    def hold(self, alloc: Allocation, pin: bool, expose: Callable[[Allocation], Region]) -> Region:
+        """The region of ``alloc`` (exposed now if it is not yet), with one more user."""
+        with self.lock:
+            r = self.regions.find(alloc.base, alloc.size, alloc.ident)
+            if r is not None:
+                release_allocation(alloc)
+            else:
+                r = expose(alloc)
+            if pin:
+                r.pinned += 1
+            else:
+                r.inflight += 1
+            return r
+
+    def release(self, r: Region, pin: bool = False) -> None:
+        """One user of ``r`` is done."""
+        with self.lock:
+            if pin:
+                r.pinned -= 1
+            else:
+                r.inflight -= 1
+
+    def unpin(self, t: torch.Tensor) -> None:
+        """Drop one user registration of the allocation holding ``t`` (if it has one)."""
+        alloc = allocation_of(t)
+        with self.lock:
+            r = self.regions.find(alloc.base, alloc.size, alloc.ident)
+            release_allocation(alloc)
+            if r is not None and r.pinned:
+                r.pinned -= 1
 
 # ------------------------------------------------------------------ the process's planes
 _instances: dict[str, DataPlane] = {}

@@ -39,7 +39,7 @@ from typing import Any, Union
 
 import torch
 
-from ..core.regions import Region, RegionCache
+from ..core.regions import Region
 from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
 from . import base, cuda_vmm
@@ -295,8 +295,8 @@ class CudaIpcPlane(DataPlane):
         super().__init__()
         # the pid alone is not unique across PID namespaces: a random token makes it this process's
         self.segment = f"ipc:{os.getpid()}:{os.urandom(6).hex()}"
-        self._lock = threading.Lock()
-        self._regions = RegionCache()
+        self._exposed = base.Exposures()
+        self._regions = self._exposed.regions
         # remote pid -> the parts of its memory mapped here, by (base, buffer id)
         self._parts: dict[str, dict[tuple[int, int], _Part]] = {}
         self._brokers: dict[str, tuple[str, bytes]] = {}  # remote process -> its broker (name, key)
@@ -363,21 +363,15 @@ class CudaIpcPlane(DataPlane):
         return self._broker.info()
 
     def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
-        alloc = allocation_of(t)
-        with self._lock:
-            r = self._regions.find(alloc.base, alloc.size, alloc.ident)
-            if r is not None:
-                release_allocation(alloc)
-            elif not self._legacy(alloc.base, t.get_device()):
+        dev = t.get_device()
+
+        def export(alloc: Allocation) -> Region:
+            if not self._legacy(alloc.base, dev):
                 release_allocation(alloc)
                 return self._export_vmm(t)  # a span of chunks per tensor: not cached per segment
-            else:
-                r = self._export(alloc, t.get_device())
-            if pin:
-                r.pinned += 1
-            else:
-                r.inflight += 1
-            return r
+            return self._export(alloc, dev)
+
+        return self._exposed.hold(allocation_of(t), pin, export)
 
     def _legacy(self, ptr: int, device: int) -> bool:
         """Whether the allocation at ``ptr`` has a legacy IPC handle (else: virtual memory)."""
@@ -424,20 +418,11 @@ class CudaIpcPlane(DataPlane):
         return base.NO_REGION  # our own copies reach our own memory: nothing to export
 
     def release(self, r: Region, pin: bool = False) -> None:
-        if r is base.NO_REGION:
-            return
-        with self._lock:
-            if pin:
-                r.pinned -= 1
-            else:
-                r.inflight -= 1
+        if r is not base.NO_REGION:
+            self._exposed.release(r, pin)
 
     def unpin(self, t: torch.Tensor) -> None:
-        alloc = allocation_of(t)
-        with self._lock:
-            r = self._regions.find(alloc.base, alloc.size, alloc.ident)
-            if r is not None and r.pinned:
-                r.pinned -= 1
+        self._exposed.unpin(t)
 
     def announce(self, r: Region) -> Announcement:
         ann: Announcement = r.handle[2]  # type: ignore[index]  # packed once, at export
@@ -449,7 +434,7 @@ class CudaIpcPlane(DataPlane):
         if cpu_only:
             return 0
         n = 0
-        with self._lock:
+        with self._exposed.lock:
             for r in self._regions:
                 if not r.inflight and not r.pinned:
                     self._regions.remove(r)

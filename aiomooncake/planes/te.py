@@ -14,7 +14,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from .. import _trace
-from ..core.regions import Region, RegionCache
+from ..core.regions import Region
 from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
 from . import base
@@ -120,8 +119,8 @@ class TePlane(DataPlane):
             raise ConfigurationError(f"the Transfer Engine failed to initialize the {kind} transport "
                                      f"on {host} (rc={rc}); set AIOMOONCAKE_ENGINE_LOGS=1 to see why")
         self.segment = f"{host}:{self._te.get_rpc_port()}"
-        self._regions = RegionCache()
-        self._reg_lock = threading.Lock()
+        self._exposed = base.Exposures()
+        self._regions = self._exposed.regions
         self.registrations = 0
         self.unregistrations = 0
         self.writes_submitted = 0
@@ -141,33 +140,13 @@ class TePlane(DataPlane):
 
     # ---------------------------------------------------------- registration
     def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
-        alloc = allocation_of(t)
-        with self._reg_lock:
-            r = self._regions.find(alloc.base, alloc.size, alloc.ident)
-            if r is not None:
-                release_allocation(alloc)
-            else:
-                r = self._register(alloc)
-            if pin:
-                r.pinned += 1
-            else:
-                r.inflight += 1
-            return r
+        return self._exposed.hold(allocation_of(t), pin, self._register)
 
     def release(self, r: Region, pin: bool = False) -> None:
-        with self._reg_lock:
-            if pin:
-                r.pinned -= 1
-            else:
-                r.inflight -= 1
+        self._exposed.release(r, pin)
 
     def unpin(self, t: torch.Tensor) -> None:
-        with self._reg_lock:
-            alloc = allocation_of(t)
-            r = self._regions.find(alloc.base, alloc.size, alloc.ident)
-            release_allocation(alloc)
-            if r is not None and r.pinned:
-                r.pinned -= 1
+        self._exposed.unpin(t)
 
     def regions(self) -> list[Region]:
         """The cached registrations (for diagnostics and tests)."""
@@ -271,7 +250,7 @@ class TePlane(DataPlane):
 
     def trim(self, cpu_only: bool = False) -> int:
         n = 0
-        with self._reg_lock:
+        with self._exposed.lock:
             for r in self._regions:
                 if cpu_only and isinstance(r.ident, tuple) and r.ident[:1] == ("cuda",):
                     continue
