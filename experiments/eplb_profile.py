@@ -80,6 +80,9 @@ def _options(args: argparse.Namespace) -> aiomooncake.Options:
 
 
 def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
+    for item in args.tune:  # NAME=VALUE: an aiomooncake.tuning knob, for an A/B between launches
+        name, _, value = item.partition("=")
+        setattr(aiomooncake.tuning, name, type(getattr(aiomooncake.tuning, name))(float(value)))
     out.put(aiomooncake.run(_rank(rank, q, args)))
 
 
@@ -90,6 +93,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=25, help="functions to list; 0: no profiler (plain timing)")
+    p.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an aiomooncake.tuning knob in both ranks (repeatable)")
     p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
     p.add_argument("--rendezvous", action="store_true",
                    help="no eager messages: on CPU, a proxy for the control work of the CUDA path")
