@@ -223,7 +223,10 @@ def _float(v: Any, what: str) -> float:
 def _shape(v: Any) -> tuple[int, ...]:
     if type(v) is not list or len(v) > MAX_SHAPE_DIMS:
         raise ProtocolError(f"bad shape: {v!r:.80}")
-    return tuple(_int(d, "shape dimension", 0, 2**62) for d in v)
+    for d in v:
+        if type(d) is not int or not 0 <= d <= 2**62:
+            raise ProtocolError(f"bad shape dimension: {d!r:.80}")
+    return tuple(v)
 
 
 def _info(v: Any) -> dict[str, Any]:
@@ -273,14 +276,38 @@ def _eager(f: list[Any]) -> Eager:
                  _shape(f[4]), f[5], _str(f[6], "device"))
 
 
+_U64 = 2**64 - 1
+
+
+def _rts(_k: Any, op: Any, tag: Any, dtype: Any, shape: Any, nbytes: Any, device: Any, src: Any,
+         epoch: Any, gen: Any, desc: Any) -> Rts:
+    # The common case checked inline (a batch's hundreds of RTS frames), each field as _int, _str
+    # and _desc would; anything off goes through them for the error message.
+    if (type(op) is int and 0 <= op <= _U64 and type(tag) is int and _TAG_MIN <= tag <= _TAG_MAX
+            and type(dtype) is str and len(dtype) <= 256 and type(nbytes) is int and 0 <= nbytes <= _U64
+            and type(device) is str and len(device) <= 256 and type(src) is int and 0 <= src <= _U64
+            and type(epoch) is int and 0 <= epoch <= _U64 and type(gen) is int and 0 <= gen <= _U64
+            and type(desc) is bytes and len(desc) <= MAX_DESC):
+        return Rts(op, tag, dtype, _shape(shape), nbytes, device, src, epoch, gen, desc)
+    return Rts(_int(op, "op"), _int(tag, "tag", _TAG_MIN, _TAG_MAX), _str(dtype, "dtype"), _shape(shape),
+               _int(nbytes, "nbytes"), _str(device, "device"), _int(src, "src"), _int(epoch, "epoch"),
+               _int(gen, "gen"), _desc(desc))
+
+
+def _cts(_k: Any, op: Any, addr: Any, capacity: Any, link: Any, epoch: Any, gen: Any, desc: Any) -> Cts:
+    if (type(op) is int and 0 <= op <= _U64 and type(addr) is int and 0 <= addr <= _U64
+            and type(capacity) is int and 0 <= capacity <= _U64 and type(link) is str and len(link) <= 256
+            and type(epoch) is int and 0 <= epoch <= _U64 and type(gen) is int and 0 <= gen <= _U64
+            and type(desc) is bytes and len(desc) <= MAX_DESC):
+        return Cts(op, addr, capacity, link, epoch, gen, desc)
+    return Cts(_int(op, "op"), _int(addr, "addr"), _int(capacity, "capacity"), _str(link, "link"),
+               _int(epoch, "epoch"), _int(gen, "gen"), _desc(desc))
+
+
 _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.EAGER: (6, _eager),
-    Kind.RTS: (10, lambda f: Rts(_int(f[1], "op"), _int(f[2], "tag", _TAG_MIN, _TAG_MAX),
-                                 _str(f[3], "dtype"), _shape(f[4]), _int(f[5], "nbytes"),
-                                 _str(f[6], "device"), _int(f[7], "src"), _int(f[8], "epoch"),
-                                 _int(f[9], "gen"), _desc(f[10]))),
-    Kind.CTS: (7, lambda f: Cts(_int(f[1], "op"), _int(f[2], "addr"), _int(f[3], "capacity"),
-                                _str(f[4], "link"), _int(f[5], "epoch"), _int(f[6], "gen"), _desc(f[7]))),
+    Kind.RTS: (10, lambda f: _rts(*f)),
+    Kind.CTS: (7, lambda f: _cts(*f)),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),
     Kind.NACK: (3, lambda f: Nack(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
     Kind.DONE: (1, lambda f: Done(_int(f[1], "op"))),
