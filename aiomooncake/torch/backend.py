@@ -320,8 +320,9 @@ class ProcessGroupAiomooncake(dist.ProcessGroup):
         # CUDA: a pooled event marks the caller's stream (creating one costs ~13 us on its first
         # record); the poster returns it once our stream waits on it.
         ready = record_ready(t) if t.is_cuda else None
-        # bytes, as gloo: dtypes may differ, sizes may not
-        wire = t if t.dtype is torch.uint8 and t.dim() == 1 else t.reshape(-1).view(torch.uint8)
+        # bytes, as gloo: dtypes may differ, sizes may not (one view, not reshape + view: ~1 us)
+        wire = t if t.dtype is torch.uint8 and t.dim() else (
+            t.view(torch.uint8) if t.dim() else t.reshape(-1).view(torch.uint8))
         op = Op(kind, tag, rank, t, wire, self._op_timeout, ready)
         self._dispatch(op)
         if self._coalesced is not None:

@@ -44,7 +44,7 @@ class Op:
         self.tag = tag
         self.peer = peer  # the destination or source rank; -1 for any-source receives and barriers
         self.tensor = tensor  # what the caller passed (kept alive until the op ends)
-        self.wire = wire  # the flat uint8 view of it that travels
+        self.wire = wire  # the uint8 view of it that travels (its bytes; the shape is the view's)
         self.timeout = timeout  # the group's timeout when it was posted
         self.ready_event = ready_event  # CUDA: marks the caller's stream at submission (a pooled event)
         self.burst = burst  # more posts of its batch follow: its frames may wait for them
