@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -80,9 +79,10 @@ class Listener:
             return
         self._closed = True
         if self._server is not None:
+            # close() stops listening at once. Not Server.wait_closed(): since Python 3.12 it also
+            # waits for every accepted connection to close, and accepted peers stay open (a torch
+            # group closed its listener first and hung until its 15 s timeout).
             self._server.close()
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
         for t in list(self._pending):
             t.cancel()
         self._ready.put_nowait(PeerClosed("the listener is closed"))

@@ -53,6 +53,21 @@ async def still_works(a: aiomooncake.Peer, b: aiomooncake.Peer, tag: int = 99) -
         assert torch.equal(src, dest)
 
 
+async def test_closing_the_listener_leaves_accepted_peers_working(pair: Pair) -> None:
+    """The fixture closed its listener with a peer accepted and open: that returned (Python 3.12's
+    Server.wait_closed would wait for the peer), and the peer still works."""
+    lst = await aiomooncake.listen(HOST, 0)
+    c = await aiomooncake.connect(HOST, lst.port)
+    d = await asyncio.wait_for(lst.accept(), 10)
+    await asyncio.wait_for(lst.close(), 5)
+    try:
+        await still_works(c, d)
+        await still_works(*pair)
+    finally:
+        await c.close()
+        await d.close()
+
+
 # ------------------------------------------------------------------------ unwritable destinations
 async def test_recv_into_immutable_bytes_is_refused(pair: Pair) -> None:
     a, b = pair
