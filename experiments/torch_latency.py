@@ -17,8 +17,6 @@ and the median time of each of its four torch calls. Public API only.
 from __future__ import annotations
 
 import argparse
-import datetime
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -27,16 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _pair import core_connect, free_port, init_groups
 
 import aiomooncake
 
 IMPLS = ("torch", "core", "gloo")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _torch_trips(rank: int, t: torch.Tensor, n: int, group: Any,
@@ -83,35 +76,12 @@ async def _core_trips(rank: int, peer: aiomooncake.Peer, t: torch.Tensor, n: int
     return out
 
 
-async def _core_connect(rank: int, gloo: Any) -> aiomooncake.Peer:
-    """A core connection beside the groups; its address travels over gloo."""
-    # its loop runs only during the core's blocks: no heartbeat may expire in between
-    opts: dict[str, Any] = {"heartbeat_interval": 300.0, "heartbeat_timeout": 600.0}
-    port = torch.zeros(1, dtype=torch.int64)
-    if rank == 1:
-        lst = await aiomooncake.listen("127.0.0.1", 0, **opts)
-        port[0] = lst.port
-        dist.send(port, 0, group=gloo)
-        peer = await lst.accept()
-        await lst.close()
-        return peer
-    dist.recv(port, 1, group=gloo)
-    return await aiomooncake.connect("127.0.0.1", int(port.item()), **opts)
-
-
 def _worker(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
-    import aiomooncake.torch  # registers the backend
-
-    dist.init_process_group("aiomooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=300))
-    gloo = dist.new_group([0, 1], backend="gloo")
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(0)
+    gloo, dev = init_groups(rank, port, args.device)
     t = torch.zeros(args.size, dtype=torch.uint8, device=dev)
     loop = aiomooncake.new_event_loop()
     impls: list[str] = args.impls.split(",")
-    peer = loop.run_until_complete(_core_connect(rank, gloo)) if "core" in impls else None
+    peer = loop.run_until_complete(core_connect(rank, gloo)) if "core" in impls else None
     split: list[tuple[float, float, float, float]] = []
 
     def block(impl: str, n: int) -> list[float]:
@@ -159,7 +129,7 @@ def main() -> None:
             ap.error(f"unknown impl {impl!r}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, args, q)) for r in range(2)]
     for p in procs:
         p.start()

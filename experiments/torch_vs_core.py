@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -30,25 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _pair import core_connect, free_port, init_groups
 
 import aiomooncake
-
-# One DeepSeek-V3 FP8 expert as the benchmark's eplb mode sends it: w13, w2 (rows scaled by
-# ``--scale``) and their fp32 block scales.
-EXPERT = (((4096, 7168), torch.uint8, True), ((7168, 2048), torch.uint8, True),
-          ((32, 56), torch.float32, False), ((56, 16), torch.float32, False))
-
-
-def eplb_tensors(experts: int, scale: float, device: torch.device) -> list[torch.Tensor]:
-    """The tensors of ``experts`` experts, in send order."""
-    return [torch.ones((max(1, round(rows * scale)) if scaled else rows, cols), dtype=dtype, device=device)
-            for _ in range(experts) for (rows, cols), dtype, scaled in EXPERT]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from aiomooncake.bench.common import eplb_tensors
+from aiomooncake.bench.impls.aiomooncake_async import pingpong_once
 
 
 def _torch_step(args: argparse.Namespace, rank: int, dev: torch.device) -> Callable[[], None]:
@@ -122,12 +106,7 @@ def _core_step(args: argparse.Namespace, rank: int, dev: torch.device,
     r = torch.zeros(args.size, dtype=torch.uint8, device=dev)
 
     async def pingpong() -> None:
-        if first:
-            await peer.send(s, tag=1)
-            await peer.recv(r, tag=2)
-        else:
-            await peer.recv(r, tag=1)
-            await peer.send(s, tag=2)
+        await pingpong_once(peer, first, s, r)
 
     async def stream() -> None:
         if first:
@@ -142,36 +121,14 @@ def _core_step(args: argparse.Namespace, rank: int, dev: torch.device,
     return steps[args.mode]
 
 
-async def _connect(rank: int, gloo: Any) -> aiomooncake.Peer:
-    # the core's loop runs only during its blocks: no heartbeat may expire in between
-    opts: dict[str, Any] = {"heartbeat_interval": 300.0, "heartbeat_timeout": 600.0}
-    port = torch.zeros(1, dtype=torch.int64)
-    if rank == 1:
-        lst = await aiomooncake.listen("127.0.0.1", 0, **opts)
-        port[0] = lst.port
-        dist.send(port, 0, group=gloo)
-        peer = await lst.accept()
-        await lst.close()
-        return peer
-    dist.recv(port, 1, group=gloo)
-    return await aiomooncake.connect("127.0.0.1", int(port.item()), **opts)
-
-
 def _worker(rank: int, port: int, args: argparse.Namespace, q: Any) -> None:
-    import aiomooncake.torch  # registers the backend
-
-    dist.init_process_group("aiomooncake", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=300))
-    gloo = dist.new_group([0, 1], backend="gloo")
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(0)
+    gloo, dev = init_groups(rank, port, args.device)
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
     loop = aiomooncake.new_event_loop()
-    peer = loop.run_until_complete(_connect(rank, gloo))
+    peer = loop.run_until_complete(core_connect(rank, gloo))
     tstep = _torch_step(args, rank, dev)
     cstep = _core_step(args, rank, dev, peer)
 
@@ -219,7 +176,7 @@ def main() -> None:
         args.scale = 1.0 if args.device == "cuda" else 1 / 16
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, args, q)) for r in range(2)]
     for p in procs:
         p.start()
