@@ -2,8 +2,9 @@
 
 Per-connection choices (``busy_poll``, ``hold_acks``, ``batch_replies``, ``inline_cuda``,
 ``one_copier``) are :class:`~aiomooncake.Options` fields. What is here is shared by every
-connection of a process (the loop's completion poller, the pools of CUDA events, the torch loop
-thread); each value says what it was measured against. Change one for a measurement by assigning
+connection of a process (the loop's completion poller, burst holding, CUDA stream marks, the
+same-host CPU plane); each value says what it was measured against. The torch backend's thread
+hand-over timings live in :mod:`aiomooncake.torch.loop`. Change one for a measurement by assigning
 the module attribute (``aiomooncake.tuning.POLL_SPIN_S = 0.01``): readers look it up at use time.
 """
 
