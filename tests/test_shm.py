@@ -462,3 +462,51 @@ def test_advertise() -> None:
     info = {"caps": ["tcp"]}
     shm.advertise(info, "te")
     assert info == {"caps": ["tcp"], "host_transport": "te"}
+
+
+async def test_a_bursts_pulls_share_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pulls one burst starts (a batch's receives matching offers already in) go to the plane
+    as one shared job, and every byte still lands where its own receive asked."""
+    calls: list[int] = []
+    real = ShmPlane.copy_all
+
+    def counting(self: ShmPlane, routed: list[Any], lane: int = -1) -> Any:
+        calls.append(len(routed))
+        return real(self, routed, lane)
+
+    monkeypatch.setattr(ShmPlane, "copy_all", counting)
+    sizes = [INLINE + 1 + 4096 * i for i in range(12)]
+    async with pair() as (a, b):
+        srcs = [make_tensor(u8(n, seed=i)) for i, n in enumerate(sizes)]
+        async with a.batch() as sb:
+            futs = [sb.send(t, 9) for t in srcs]
+            await asyncio.sleep(0.05)  # every offer is in before the receives are posted
+            dests = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+            async with b.batch() as rb:
+                for d in dests:
+                    rb.recv(d, 9)
+        assert all(f.done() for f in futs)
+    assert all(same_bytes(d, s) for d, s in zip(dests, srcs, strict=True))
+    assert calls == [len(sizes)], calls
+
+
+async def test_a_receive_withdrawn_before_its_shared_job_starts_gets_no_byte() -> None:
+    """A receive withdrawn in the loop turn its pull was queued in is left out of the shared job:
+    its buffer stays untouched, its sender learns of the cancellation, the others complete."""
+    sizes = [INLINE + 1 + 4096 * i for i in range(6)]
+    async with pair() as (a, b):
+        srcs = [make_tensor(u8(n, seed=i)) for i, n in enumerate(sizes)]
+        sends = [a.post_send(t, 4, burst=True) for t in srcs]
+        await asyncio.sleep(0.05)
+        dests = [torch.full((n,), 0xA5, dtype=torch.uint8) for n in sizes]
+        posted = [b.post_recv(d, 4, burst=True) for d in dests]
+        posted[2].withdraw()  # matched, its pull queued for the end of this turn
+        results = await asyncio.wait_for(asyncio.gather(*(p.future for p in posted), *(s.future for s in sends),
+                                                        return_exceptions=True), 30)
+        await posted[2].cancel()
+    assert isinstance(results[2], asyncio.CancelledError), results[2]
+    assert isinstance(results[len(sizes) + 2], aiomooncake.TransferCancelled), results[len(sizes) + 2]
+    assert not any(isinstance(r, BaseException) for i, r in enumerate(results) if i % len(sizes) != 2)
+    assert bool((dests[2] == 0xA5).all()), "a withdrawn receive got bytes"
+    for i in (0, 1, 3, 4, 5):
+        assert same_bytes(dests[i], srcs[i])

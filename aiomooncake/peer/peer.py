@@ -107,6 +107,8 @@ class Peer:
         self._closing = False
         self._flush_due = False
         self._jobs: set[Job] = set()  # copies into the remote in flight from this peer
+        self._gathered: dict[tuple[DataPlane, int], list[tuple[list[Any], _Owner]]] = {}
+        self._gather_due = False
         self._planes = {id(link.plane): link for link in self._links.values()}
         for link in self._planes.values():
             link.plane.attach(link.remote_segment)
@@ -272,6 +274,8 @@ class Peer:
         remote's receives fail only once no byte of ours can land in them any more. Also when the
         connection is already lost: the plane may still be finishing copies into the dead peer, and
         returning before they settle would leave their memory registered as in use."""
+        if self._gathered:
+            self._copy_gathered()  # copies queued for this turn start (or end) now, not after close
         if not self._jobs:
             return
         if self._conn.closed is None:
@@ -431,6 +435,10 @@ class Peer:
             target = plane.target(link.remote_segment, Announcement(op.epoch, op.gen, op.desc))
             if _trace.on:
                 _trace.mark("send:submit")
+            if plane.gathers(op.nbytes):
+                self._gather(plane, src.get_device(), plane.route(target, pieces, False),
+                             (op, p, region, len(pieces)))
+                return
             job = p.job = plane.write(target, pieces, self.options.window, src.get_device())
             self._jobs.add(job)
         except Exception as e:
@@ -439,6 +447,72 @@ class Peer:
             self._write_done(op, None, len(pieces), _as_error(e))
             return
         job.then(lambda: self._write_finished_cb(op, link.plane, region, len(pieces), job.future))
+
+    # ---------------------------------------------------------- gathered copies
+    def _gather(self, plane: DataPlane, lane: int, routed: list[Any], owner: _Owner) -> None:
+        """Queue one message's checked copies (a pull: ``(op, p)``; a write: ``(op, p, region,
+        pieces)``) for the end of this loop turn, when every copy the turn's frames and posts
+        started goes to the plane as one shared job (:meth:`DataPlane.copy_all`): one submission
+        and one completion per burst instead of a job, a future and a status check per message."""
+        group = self._gathered.get((plane, lane))
+        if group is None:
+            group = self._gathered[(plane, lane)] = []
+            if not self._gather_due:
+                self._gather_due = True
+                self._loop.call_soon(self._copy_gathered)
+        group.append((routed, owner))
+
+    def _copy_gathered(self) -> None:
+        self._gather_due = False
+        gathered, self._gathered = self._gathered, {}
+        for (plane, lane), group in gathered.items():
+            routed: list[Any] = []
+            owners: list[_Owner] = []
+            for pieces, o in group:
+                if _live(o):
+                    routed += pieces
+                    owners.append(o)
+                elif len(o) == 4:  # stopped while queued: nothing was written
+                    plane.release(o[2])
+                    self._write_done(o[0], None, o[3],
+                                     TransferCancelled("cancelled before any byte was written"))
+                # (a receive withdrawn while queued was failed and released by its withdrawal)
+            if not owners:
+                continue
+            try:
+                job = plane.copy_all(routed, lane)
+            except Exception as e:
+                self._gathered_done(None, plane, owners, e)
+                continue
+            for o in owners:
+                if len(o) == 2:
+                    o[1].pull = job
+                else:
+                    o[1].job = job
+            self._jobs.add(job)
+            job.then(lambda job=job, plane=plane, owners=owners: self._gathered_done(job, plane, owners))
+        self._flush()
+
+    def _gathered_done(self, job: Job | None, plane: DataPlane, owners: list[_Owner],
+                       error: BaseException | None = None) -> None:
+        """The shared job settled (or could not start: ``error``): end each of its messages."""
+        if job is not None:
+            self._jobs.discard(job)
+            error = job.future.exception()
+        for o in owners:
+            if len(o) == 2:
+                o[1].pull = None
+                if o[0].state is RecvState.MATCHED:  # else whoever failed it reports that
+                    self._pulled(o[0], o[1], error)
+            else:
+                op, sp, region, n = o
+                if job is None:
+                    plane.release(region)
+                    sp.job = None
+                    self._write_done(op, None, n, _as_error(error) if error is not None else None)
+                else:
+                    self._write_finished_cb(op, plane, region, n, job.future)
+        self._flush_soon()
 
     def _write_finished_cb(self, op: SendOp, plane: DataPlane, region: Any, n: int,
                            fut: asyncio.Future[None]) -> None:
@@ -619,6 +693,9 @@ class Peer:
             target = plane.target(link.remote_segment, Announcement(msg.epoch, msg.gen, msg.desc))
             chunk = self.options.chunk_for(link.transport)
             pieces = plan_copies(work.data_ptr(), msg.src, work.nbytes, chunk)
+            if plane.gathers(work.nbytes):
+                self._gather(plane, work.get_device(), plane.route(target, pieces, True), (op, p))
+                return
             job = plane.pull(target, pieces, self.options.window, work.get_device())
         except Exception as e:
             self._pulled(op, p, e)
@@ -852,6 +929,16 @@ class Peer:
         except asyncio.TimeoutError:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
+
+
+_Owner = tuple[Any, ...]  # a gathered message: (RecvOp, PendingRecv) or (SendOp, PendingSend, region, pieces)
+
+
+def _live(o: _Owner) -> bool:
+    """Whether a gathered message still wants its copies (not withdrawn, stopped or failed)."""
+    if len(o) == 2:
+        return o[0].state is RecvState.MATCHED  # type: ignore[no-any-return]
+    return not o[1].stop and o[0].state is SendState.WRITING  # type: ignore[no-any-return]
 
 
 def _settled(ev: ReadyMark) -> bool:

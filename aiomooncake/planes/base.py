@@ -82,6 +82,7 @@ class Job:
     next: int = 0  # pieces submitted so far
     error: str | None = None
     stopped: bool = False
+    shared: bool = False  # carries the copies of several messages (see DataPlane.copy_all)
     _then: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,8 +119,11 @@ class Job:
         return (id(self.target), self.read, self.lane)
 
     def stop(self) -> None:
-        """Submit nothing more; the future resolves once in-flight copies settle."""
-        self.stopped = True
+        """Submit nothing more; the future resolves once in-flight copies settle. A shared job runs
+        to its end: one message giving up must not cut the others' copies (each is bounded by the
+        destination its receiver announced, and its receiver waits for the job either way)."""
+        if not self.shared:
+            self.stopped = True
 
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.future.__await__()
@@ -131,6 +135,25 @@ class Job:
     def step(self) -> bool:
         """Check in-flight copies, submit more; True when the job is finished (the poller's hook)."""
         return self.future.done()
+
+
+class Joint(Job):
+    """Several jobs settled as one (the first error, once every part settled)."""
+
+    def __init__(self, plane: DataPlane, parts: list[Job]) -> None:
+        super().__init__(plane, None, [], 0)
+        self.shared = True
+        self._left = len(parts)
+        for part in parts:
+            part.then(lambda part=part: self._part_done(part))  # type: ignore[misc]
+        if not parts:
+            self.settle()
+
+    def _part_done(self, part: Job) -> None:
+        self.error = self.error or part.error
+        self._left -= 1
+        if self._left == 0:
+            self.settle(self.error)
 
 
 class DataPlane:
@@ -196,6 +219,22 @@ class DataPlane:
 
     def pull(self, target: Any, pieces: Sequence[Piece], window: int, lane: int = -1) -> Job:
         """Copy each ``(local destination, remote source, length)`` piece from the remote."""
+        raise NotImplementedError
+
+    def gathers(self, nbytes: int) -> bool:
+        """Whether a message of ``nbytes`` should share a job with the rest of its burst (then
+        :meth:`route` and :meth:`copy_all`) rather than go alone (:meth:`write`, :meth:`pull`)."""
+        return False
+
+    def route(self, target: Any, pieces: Sequence[Piece], read: bool) -> list[Any]:
+        """The pieces of one message (a pull if ``read``) checked against the remote memory they
+        address and put in the form :meth:`copy_all` takes; raises TransferFailed for a piece
+        outside it (that message alone then fails or falls back)."""
+        raise NotImplementedError
+
+    def copy_all(self, routed: list[Any], lane: int = -1) -> Job:
+        """One shared job for the routed pieces of a burst of messages (pulls and writes mixed):
+        one submission and one completion instead of a job, a future and a status check each."""
         raise NotImplementedError
 
     def submit_together(self, jobs: list[Job]) -> bool:

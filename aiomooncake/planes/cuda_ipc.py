@@ -39,6 +39,7 @@ from typing import Any, Union
 
 import torch
 
+from .. import tuning
 from ..core.regions import Region
 from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
@@ -567,6 +568,23 @@ class CudaIpcPlane(DataPlane):
     def _job(self, target: _Mapping, pieces: Sequence[Piece], lane: int, read: bool) -> IpcJob:
         job = IpcJob(self, target, translate(pieces, target.desc, target.ranges), 1 << 30, lane, read=read)
         poller().add(job)
+        return job
+
+    def gathers(self, nbytes: int) -> bool:
+        # beyond HOLD_BYTES a copy outlasts the burst's parsing: it starts alone, at once
+        return nbytes <= tuning.HOLD_BYTES
+
+    def route(self, target: _Mapping, pieces: Sequence[Piece], read: bool) -> list[Piece]:
+        """``(destination, source, length)`` in this process's mappings, every piece checked."""
+        routed = translate(pieces, target.desc, target.ranges)
+        return routed if read else [(m, a, n) for a, m, n in routed]
+
+    def copy_all(self, routed: list[Any], lane: int = -1) -> IpcJob:
+        """One job, one submission (``cuMemcpyBatchAsync``) and one event for a burst's copies."""
+        job = IpcJob(self, None, routed, 1 << 30, lane, read=True)
+        job.shared = True
+        self._submit([job])
+        poller().watch(job)
         return job
 
     def submit_together(self, jobs: list[Job]) -> bool:

@@ -75,6 +75,10 @@ class Poller:
         _safe_step(job)  # submit the first window right away
         self._track(job)
 
+    def watch(self, job: Job) -> None:
+        """Drive ``job``, whose copies its plane already submitted, until it completes."""
+        self._track(job)
+
     def _track(self, job: Job) -> None:
         if job.future.done():
             return

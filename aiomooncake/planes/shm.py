@@ -224,6 +224,31 @@ class ShmPlane(DataPlane):
         dst, src, n = pieces[0]
         return self.read(target, src, dst, n)
 
+    def gathers(self, nbytes: int) -> bool:
+        # small copies run inline at once (cheaper, and done in posting order); huge ones alone
+        return tuning.SHM_INLINE_BYTES < nbytes <= tuning.HOLD_BYTES
+
+    def route(self, target: Any, pieces: Sequence[Piece], read: bool) -> list[Any]:
+        """``(segment, read, source, destination, length)``, :class:`ShmJob`'s order (a pull's
+        source is in the remote); the remote must be a process the handshake verified."""
+        self._pid_of(target)
+        if read:
+            return [(target, True, src, dst, n) for dst, src, n in pieces]
+        return [(target, False, src, dst, n) for src, dst, n in pieces]
+
+    def copy_all(self, routed: list[Any], lane: int = -1) -> Job:
+        """The burst's copies as one job per remote and direction (inline when small, else by the
+        pool), joined into one."""
+        groups: dict[tuple[str, bool], list[Piece]] = {}
+        for segment, read, src, dst, n in routed:
+            groups.setdefault((segment, read), []).append((src, dst, n))
+        jobs: list[Job] = []
+        for (segment, read), pieces in groups.items():
+            job = ShmJob(self, segment, pieces, 1, read=read)
+            job.shared = True
+            jobs.append(self._start(job))
+        return jobs[0] if len(jobs) == 1 else base.Joint(self, jobs)
+
     def _start(self, job: ShmJob) -> ShmJob:
         copy = copy_from if job.read else copy_to
         try:
