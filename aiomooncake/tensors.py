@@ -182,7 +182,7 @@ SETTLED = Settled()
 ReadyMark = Union[torch.cuda.Event, Settled]  # noqa: UP007 (a runtime alias)
 
 
-def record_ready(t: torch.Tensor) -> ReadyMark | None:
+def record_ready(t: torch.Tensor, stream: Any = None) -> ReadyMark | None:
     """Mark the point on the caller's current stream after which ``t`` may be read or overwritten
     by the engine (None for CPU tensors): :data:`SETTLED` if the stream is idle, else an event from
     a pool (creating one costs ~13 us on its first record); hand it back with :func:`recycle` once
@@ -190,7 +190,7 @@ def record_ready(t: torch.Tensor) -> ReadyMark | None:
     idx = t.get_device()
     if idx < 0:
         return None
-    ev = stream_mark(current_stream(idx), idx)
+    ev = stream_mark(current_stream(idx) if stream is None else stream, idx)
     return SETTLED if ev is None else ev
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -203,20 +204,26 @@ class Peer:
         dev = torch.device(device) if device is not None else None
         return await self._with_timeout(self._recv(None, dev, tag), timeout, "recv_tensor", tag)
 
-    def post_send(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False) -> PendingSend:
+    def post_send(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False,
+                  stream: torch.cuda.Stream | None = None) -> PendingSend:
         """Post a send now, without a task or an await; await the handle for its completion (as
         :meth:`send` returns), or withdraw it. ``burst``: more posts follow in this loop turn, so
-        their control frames leave together, in one write (what :meth:`batch` does)."""
+        their control frames leave together, in one write (what :meth:`batch` does). ``stream``
+        (CUDA): read the bytes after the work queued on it so far, not on the current stream (an
+        adapter posting for another thread, without switching this thread's current stream)."""
         if burst:
             self._hold_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
-        return self._post_send(tensor, tag)
+        return self._post_send(tensor, tag, stream)
 
-    def post_recv(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False) -> PendingRecv:
-        """Post a receive into ``tensor`` now (as :meth:`recv`); await the handle for the tensor."""
+    def post_recv(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False,
+                  stream: torch.cuda.Stream | None = None) -> PendingRecv:
+        """Post a receive into ``tensor`` now (as :meth:`recv`); await the handle for the tensor.
+        ``stream`` (CUDA): the stream to order against instead of the current one (as for
+        :meth:`post_send`; the copies that finish a staged receive go on it too)."""
         self._check_recv_dest(tensor)
         if burst:
             self._hold_frames(tensor.nbytes)
-        return self._post_recv(tensor, None, tag)
+        return self._post_recv(tensor, None, tag, stream)
 
     def post_recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
                          burst: bool = False) -> PendingRecv:
@@ -320,10 +327,10 @@ class Peer:
                 self._withdraw_send(p)
             raise
 
-    def _post_send(self, tensor: torch.Tensor, tag: int) -> PendingSend:
+    def _post_send(self, tensor: torch.Tensor, tag: int, stream: Any = None) -> PendingSend:
         dev = self._check_tensor(tensor, "send")
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
-        ready = record_ready(src) if dev == "cuda" else None
+        ready = record_ready(src, stream) if dev == "cuda" else None
         nbytes = src.nbytes
         s = self._session
         link = self._links.get(dev)
@@ -490,7 +497,7 @@ class Peer:
                 else:
                     o[1].job = job
             self._jobs.add(job)
-            job.then(lambda job=job, plane=plane, owners=owners: self._gathered_done(job, plane, owners))
+            job.then(functools.partial(self._gathered_done, job, plane, owners))
         self._flush()
 
     def _gathered_done(self, job: Job | None, plane: DataPlane, owners: list[_Owner],
@@ -559,7 +566,8 @@ class Peer:
     async def _recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> torch.Tensor:
         return await self._post_recv(dest, device, tag).wait()
 
-    def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int) -> PendingRecv:
+    def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int,
+                   stream: Any = None) -> PendingRecv:
         """Post a receive now (no task, no await); ``dest`` was checked by the caller."""
         if dest is None:
             spec, ready, stream = _ANY, None, None
@@ -567,8 +575,9 @@ class Peer:
             spec, ready, stream = RecvSpec(dtype_name(dest.dtype), dest.numel()), None, None
         else:
             spec = RecvSpec(dtype_name(dest.dtype), dest.numel())
-            ready = record_ready(dest)
-            stream = current_stream(dest.get_device())
+            if stream is None:
+                stream = current_stream(dest.get_device())
+            ready = record_ready(dest, stream)
         p = PendingRecv(self, self._loop.create_future(), dest, device, ready, stream)
         if self._busy is not None:
             self._busy.kick()
@@ -937,8 +946,8 @@ _Owner = tuple[Any, ...]  # a gathered message: (RecvOp, PendingRecv) or (SendOp
 def _live(o: _Owner) -> bool:
     """Whether a gathered message still wants its copies (not withdrawn, stopped or failed)."""
     if len(o) == 2:
-        return o[0].state is RecvState.MATCHED  # type: ignore[no-any-return]
-    return not o[1].stop and o[0].state is SendState.WRITING  # type: ignore[no-any-return]
+        return o[0].state is RecvState.MATCHED
+    return not o[1].stop and o[0].state is SendState.WRITING
 
 
 def _settled(ev: ReadyMark) -> bool:

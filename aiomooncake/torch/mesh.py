@@ -36,14 +36,14 @@ import functools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 import aiomooncake
 from aiomooncake import MessageMismatch, Options, Peer, PeerClosed, _trace
-from aiomooncake.tensors import current_stream, recycle, stream_mark
+from aiomooncake.tensors import recycle, stream_mark
 
 from .errors import BackendError, InvalidArgument, OpTimeout
 from .ops import BARRIER, RECV, RECV_ANY, SEND, Op, Posted
@@ -117,18 +117,6 @@ def loop_stream(device: torch.device) -> Any:
     if s is None:
         s = _cuda_streams[idx] = torch.cuda.Stream(device=idx)
     return s
-
-
-@contextlib.contextmanager
-def _current(stream: Any) -> Iterator[None]:
-    """Make ``stream`` the calling thread's current stream on its device for a post (the core marks
-    and copies on the current stream), whichever thread posts."""
-    prev = current_stream(stream.device_index)
-    torch.cuda.set_stream(stream)
-    try:
-        yield
-    finally:
-        torch.cuda.set_stream(prev)
 
 
 class Mesh:
@@ -293,12 +281,8 @@ class Mesh:
             _trace.mark("mesh:transfer")
         try:
             posted: Posted
-            if op.tensor is not None and op.tensor.is_cuda:
-                s = self._order_after_caller(op)
-                with _current(s):
-                    posted = self._post(op, peer)
-            else:
-                posted = self._post(op, peer)
+            s = self._order_after_caller(op) if op.tensor is not None and op.tensor.is_cuda else None
+            posted = self._post(op, peer, s)
         except BaseException as e:
             self._finish(op, error=e)
             return
@@ -306,11 +290,13 @@ class Mesh:
         posted.future.add_done_callback(functools.partial(self._posted_done, op))
 
     @staticmethod
-    def _post(op: Op, peer: Peer) -> Posted:
+    def _post(op: Op, peer: Peer, stream: Any) -> Posted:
+        """Post on ``peer``, ordered on ``stream`` (CUDA: ours, after the caller's mark) without
+        making it this thread's current stream (two ``set_stream`` calls an op)."""
         assert op.wire is not None
         if op.kind == SEND:
-            return peer.post_send(op.wire, op.tag, burst=op.burst)
-        return peer.post_recv(op.wire, op.tag, burst=op.burst)
+            return peer.post_send(op.wire, op.tag, burst=op.burst, stream=stream)
+        return peer.post_recv(op.wire, op.tag, burst=op.burst, stream=stream)
 
     def settle(self, op: Op) -> None:
         """Finish ``op`` now if its posted handle completed (lock held): a waiter that sees the
@@ -378,11 +364,9 @@ class Mesh:
                 if peer.probe(op.tag):
                     # Post ours (which claims the message) before releasing the receives queued
                     # behind this one: they post at once.
-                    if op.tensor is not None and op.tensor.is_cuda:
-                        with _current(self._order_after_caller(op)):
-                            pending = peer.post_recv(op.wire, op.tag)
-                    else:
-                        pending = peer.post_recv(op.wire, op.tag)
+                    cuda = op.tensor is not None and op.tensor.is_cuda
+                    pending = peer.post_recv(op.wire, op.tag,
+                                             stream=self._order_after_caller(op) if cuda else None)
                     self._seq_remove(op)
                     await pending.wait()
                     return lane.rank
