@@ -921,14 +921,13 @@ class Peer:
             raise ConfigurationError(f"cannot {what} a quantized tensor ({t.dtype}): its quantizer (scale, "
                                      "zero point) does not travel; send t.int_repr() and the quantizer "
                                      "parameters instead")
-        if t.is_cpu:  # a flag; t.device builds a torch.device object (0.3 us)
+        if t.is_cpu:  # flags; t.device builds a torch.device object (0.3 us)
             return "cpu"
-        dev = t.device.type
-        if dev != "cuda":
+        if not t.is_cuda:
             raise ConfigurationError(f"cannot {what} a tensor on {t.device}: use a cpu or cuda tensor")
         if "cuda" not in self._links:
             raise ConfigurationError("this peer has no CUDA link")
-        return dev
+        return "cuda"
 
     async def _with_timeout(self, coro: Any, timeout: float | None, what: str, tag: int) -> torch.Tensor:
         if timeout is None:

@@ -45,6 +45,7 @@ from ..errors import ConfigurationError, TransferFailed
 from ..tensors import Allocation, allocation_of, release_allocation
 from . import base, cuda_vmm
 from .base import Announcement, DataPlane, Job, Piece, Stats
+from .cuda_driver import batch_copy
 from .cuda_driver import driver as _driver
 from .cuda_driver import ok as _ok
 from .poller import poller
@@ -623,6 +624,8 @@ class CudaIpcPlane(DataPlane):
             j.next = len(j.pieces)
 
     def _copy(self, d: Any, stream: Any, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
+        if len(sizes) > 1 and self._batch_fn is not None and batch_copy(dsts, srcs, sizes, int(stream)):
+            return
         if len(sizes) > 1 and self._batch_fn is not None:
             attrs = d.CUmemcpyAttributes()
             attrs.srcAccessOrder = d.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
