@@ -19,6 +19,10 @@ HOLD_BYTES = 32 << 20
 # Held copies go to the data plane in groups of at most this many, so the first ones start before a
 # long burst is parsed.
 MAX_GROUP = 32
+# Frames held back (a batch's posts, one read's replies) leave once this many are queued, so the
+# remote starts on the first ones while the rest are still being made (a 64-expert EPLB exchange is
+# hundreds of frames each way: held whole, each side's handling waits for the other's last frame).
+CORK_FRAMES = 64
 
 # ---- the completion poller (aiomooncake.planes.poller)
 # It spins (yielding the loop and the core) while copies progress, backs off to sleeps of up to

@@ -468,8 +468,10 @@ class Peer:
                 self._gather_due = True
                 self._loop.call_soon(self._copy_gathered)
         group.append((routed, owner))
+        if len(group) >= tuning.MAX_GROUP:  # a long burst: its head starts copying now
+            self._copy_gathered(flush=False)
 
-    def _copy_gathered(self) -> None:
+    def _copy_gathered(self, flush: bool = True) -> None:
         self._gather_due = False
         gathered, self._gathered = self._gathered, {}
         for (plane, lane), group in gathered.items():
@@ -498,7 +500,8 @@ class Peer:
                     o[1].job = job
             self._jobs.add(job)
             job.then(functools.partial(self._gathered_done, job, plane, owners))
-        self._flush()
+        if flush:
+            self._flush()
 
     def _gathered_done(self, job: Job | None, plane: DataPlane, owners: list[_Owner],
                        error: BaseException | None = None) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import _trace
+from .. import _trace, tuning
 from ..core.messages import Ack, Bye, Done, Message, Ping, Pong
 from ..errors import AiomooncakeError, PeerClosed, ProtocolError, Timeout
 from .busypoll import BusyPoller
@@ -176,6 +176,8 @@ class Connection(asyncio.Protocol):
         self._wbuf.extend(msgs)
         if not self._corks:
             self._policy(msgs)
+        elif len(self._wbuf) >= tuning.CORK_FRAMES:  # a long burst: its head leaves now
+            self._write_out()
 
     def cork_turn(self) -> None:
         """Queue the frames sent from now until the end of this loop turn, then write them in one
