@@ -110,7 +110,7 @@ _cuda_streams: dict[int, Any] = {}  # device index -> aiomooncake's own stream (
 
 
 def loop_stream(device: torch.device) -> Any:
-    """aiomooncake's own CUDA stream on ``device``, current while the core posts our operations, so
+    """aiomooncake's own CUDA stream on ``device``, on which the core orders our operations, so
     its copies never queue behind (or in front of) the user's work."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     s = _cuda_streams.get(idx)
