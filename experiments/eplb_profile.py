@@ -1,8 +1,10 @@
 """Where the host time of an EPLB exchange goes: two processes exchange ``--experts`` DeepSeek-V3
-experts both ways with ``Peer.batch()``, ``--iters`` times, under cProfile in both, and print the
-median exchange time, its rate, and each rank's top functions by own time.
+experts both ways with ``Peer.batch()`` (``--api torch``: one ``batch_isend_irecv`` through the
+``"aiomooncake"`` backend, then a ``wait()`` per op), ``--iters`` times, under cProfile in both,
+and print the median exchange time, its rate, and each rank's top functions by own time.
 
     python experiments/eplb_profile.py --device cuda --experts 64 --iters 10
+    python experiments/eplb_profile.py --device cuda --experts 64 --iters 10 --api torch
 
 Public API only. The copier (on one GPU, the process that runs every copy) is the rank whose data
 plane reports copies in ``aiomooncake.planes.existing()`` statistics.
@@ -73,6 +75,54 @@ async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
             "gbps": nbytes / med / 1e9, "copies": copies, "profile": text.getvalue()}
 
 
+def _torch_rank(rank: int, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same exchange through the torch backend (the callers' pattern: one batch, a wait each)."""
+    import torch.distributed as dist
+    from _pair import init_groups
+
+    _, dev = init_groups(rank, port, args.device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", 0)
+    outs = eplb_tensors(args.experts, args.scale, dev)
+    ins = [torch.empty_like(t) for t in outs]
+    nbytes = 2 * sum(t.nbytes for t in outs)
+    other = 1 - rank
+
+    def exchange() -> None:
+        ops = [dist.P2POp(dist.isend, t, other, tag=i) for i, t in enumerate(outs)]
+        ops += [dist.P2POp(dist.irecv, t, other, tag=i) for i, t in enumerate(ins)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        exchange()
+    times, cpu = [], []
+    prof = cProfile.Profile()
+    for _ in range(args.iters):
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        if args.top:
+            prof.enable()
+        exchange()
+        if args.top:
+            prof.disable()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    link = "cuda" if dev.type == "cuda" else "cpu"
+    copies = sum(p.stats().writes_submitted for p in planes.existing() if p.kind in ("cuda-ipc", "shm")
+                 and (link == "cuda") == (p.kind == "cuda-ipc"))
+    text = io.StringIO()
+    if args.top:
+        pstats.Stats(prof, stream=text).sort_stats(args.sort).print_stats(args.top)
+    dist.destroy_process_group()
+    med = statistics.median(times)
+    return {"rank": rank, "data_path": f"torch backend, {link}", "median_ms": med * 1e3,
+            "cpu_ms": statistics.median(cpu) * 1e3, "gbps": nbytes / med / 1e9, "copies": copies,
+            "profile": text.getvalue()}
+
+
 def _options(args: argparse.Namespace) -> aiomooncake.Options:
     if not args.rendezvous:
         return aiomooncake.Options()
@@ -83,7 +133,10 @@ def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
     for item in args.tune:  # NAME=VALUE: an aiomooncake.tuning knob, for an A/B between launches
         name, _, value = item.partition("=")
         setattr(aiomooncake.tuning, name, type(getattr(aiomooncake.tuning, name))(float(value)))
-    out.put(aiomooncake.run(_rank(rank, q, args)))
+    if args.api == "torch":
+        out.put(_torch_rank(rank, args.port, args))
+    else:
+        out.put(aiomooncake.run(_rank(rank, q, args)))
 
 
 def main() -> None:
@@ -98,7 +151,12 @@ def main() -> None:
     p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
     p.add_argument("--rendezvous", action="store_true",
                    help="no eager messages: on CPU, a proxy for the control work of the CUDA path")
+    p.add_argument("--api", default="core", choices=("core", "torch"),
+                   help="core: Peer.batch(); torch: batch_isend_irecv through the backend")
     args = p.parse_args()
+    if args.api == "torch":
+        from _pair import free_port
+        args.port = free_port()
     ctx = mp.get_context("spawn")
     q, out = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_child, args=(r, q, out, args)) for r in (1, 0)]
