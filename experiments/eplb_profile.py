@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import multiprocessing as mp
 import pstats
@@ -130,6 +131,11 @@ def _options(args: argparse.Namespace) -> aiomooncake.Options:
 
 
 def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
+    if args.gc == "off":
+        gc.disable()
+    elif args.gc == "freeze":  # after torch's import: its objects leave the collections' scans
+        gc.collect()
+        gc.freeze()
     for item in args.tune:  # NAME=VALUE: an aiomooncake.tuning knob, for an A/B between launches
         name, _, value = item.partition("=")
         setattr(aiomooncake.tuning, name, type(getattr(aiomooncake.tuning, name))(float(value)))
@@ -151,6 +157,8 @@ def main() -> None:
     p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
     p.add_argument("--rendezvous", action="store_true",
                    help="no eager messages: on CPU, a proxy for the control work of the CUDA path")
+    p.add_argument("--gc", default="on", choices=("on", "off", "freeze"),
+                   help="the garbage collector in both ranks: as usual, disabled, or gc.freeze() first")
     p.add_argument("--api", default="core", choices=("core", "torch"),
                    help="core: Peer.batch(); torch: batch_isend_irecv through the backend")
     args = p.parse_args()
