@@ -49,11 +49,26 @@ def _quiet_engine_logs(te: Any) -> None:
     before that; engine failures still surface as our exceptions."""
     if _engine_logs_wanted():
         return
+    # glog is linked into the engine's module in some wheels and loaded as its own libglog in
+    # others (the CUDA builds): set the flag wherever it lives in this process
+    quieted = 0
+    for path in [te.__file__, *_loaded_glogs()]:
+        try:
+            ctypes.c_int.in_dll(ctypes.CDLL(path), "_ZN3fLI17FLAGS_minloglevelE").value = 3  # FATAL only
+            quieted += 1
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not quieted:  # another build: its logs stay
+        log.debug("could not quiet the engine's logs: no glog flag found")
+
+
+def _loaded_glogs() -> list[str]:
+    """Paths of the glog libraries this process has mapped (from /proc/self/maps)."""
     try:
-        lib = ctypes.CDLL(te.__file__)
-        ctypes.c_int.in_dll(lib, "_ZN3fLI17FLAGS_minloglevelE").value = 3  # FATAL only
-    except (OSError, ValueError, AttributeError) as e:  # another build: its logs stay
-        log.debug("could not quiet the engine's logs: %s", e)
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "libglog" in line and "/" in line})
+    except OSError:
+        return []
 
 
 def _te_module() -> Any:
