@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -68,6 +67,7 @@ from ..tensors import (
 from ..transport.busypoll import BusyPoller
 from ..transport.connection import Connection, Policy
 from . import quarantine
+from .gather import Copy, Gather, PullCopy, WriteCopy
 from .pending import PendingRecv, PendingSend
 from .staging import Staging, fill_device
 from .writable import unwritable
@@ -108,8 +108,7 @@ class Peer:
         self._closing = False
         self._flush_due = False
         self._jobs: set[Job] = set()  # copies into the remote in flight from this peer
-        self._gathered: dict[tuple[DataPlane, int], list[tuple[list[Any], _Owner]]] = {}
-        self._gather_due = False
+        self._gather = Gather(self._loop, self._gathered_done, self._gathered_dropped)
         self._planes = {id(link.plane): link for link in self._links.values()}
         for link in self._planes.values():
             link.plane.attach(link.remote_segment)
@@ -281,14 +280,15 @@ class Peer:
         remote's receives fail only once no byte of ours can land in them any more. Also when the
         connection is already lost: the plane may still be finishing copies into the dead peer, and
         returning before they settle would leave their memory registered as in use."""
-        if self._gathered:
-            self._copy_gathered()  # copies queued for this turn start (or end) now, not after close
-        if not self._jobs:
+        if self._gather:
+            self._gather.start()  # copies queued for this turn start (or end) now, not after close
+            self._flush()
+        if not self._jobs and not self._gather.jobs:
             return
         if self._conn.closed is None:
             self._session.close(PeerClosed(f"the connection to {self.address} was closed locally"))
             self._flush()  # StopWriting: nothing more is submitted
-        futs = [j.future for j in self._jobs]
+        futs = [j.future for j in self._jobs | self._gather.jobs]
         _, pending = await asyncio.wait(futs, timeout=self.options.cancel_timeout)
         if pending:
             log.warning("closing %s with %d copies still in flight after %g s", self.address,
@@ -443,8 +443,8 @@ class Peer:
             if _trace.on:
                 _trace.mark("send:submit")
             if plane.gathers(op.nbytes):
-                self._gather(plane, src.get_device(), plane.route(target, pieces, False),
-                             (op, p, region, len(pieces)))
+                self._gather.add(plane, src.get_device(), plane.route(target, pieces, False),
+                                 WriteCopy(op, p, region, len(pieces)))
                 return
             job = p.job = plane.write(target, pieces, self.options.window, src.get_device())
             self._jobs.add(job)
@@ -456,72 +456,28 @@ class Peer:
         job.then(lambda: self._write_finished_cb(op, link.plane, region, len(pieces), job.future))
 
     # ---------------------------------------------------------- gathered copies
-    def _gather(self, plane: DataPlane, lane: int, routed: list[Any], owner: _Owner) -> None:
-        """Queue one message's checked copies (a pull: ``(op, p)``; a write: ``(op, p, region,
-        pieces)``) for the end of this loop turn, when every copy the turn's frames and posts
-        started goes to the plane as one shared job (:meth:`DataPlane.copy_all`): one submission
-        and one completion per burst instead of a job, a future and a status check per message."""
-        group = self._gathered.get((plane, lane))
-        if group is None:
-            group = self._gathered[(plane, lane)] = []
-            if not self._gather_due:
-                self._gather_due = True
-                self._loop.call_soon(self._copy_gathered)
-        group.append((routed, owner))
-        if len(group) >= tuning.MAX_GROUP:  # a long burst: its head starts copying now
-            self._copy_gathered(flush=False)
-
-    def _copy_gathered(self, flush: bool = True) -> None:
-        self._gather_due = False
-        gathered, self._gathered = self._gathered, {}
-        for (plane, lane), group in gathered.items():
-            routed: list[Any] = []
-            owners: list[_Owner] = []
-            for pieces, o in group:
-                if _live(o):
-                    routed += pieces
-                    owners.append(o)
-                elif len(o) == 4:  # stopped while queued: nothing was written
-                    plane.release(o[2])
-                    self._write_done(o[0], None, o[3],
-                                     TransferCancelled("cancelled before any byte was written"))
-                # (a receive withdrawn while queued was failed and released by its withdrawal)
-            if not owners:
-                continue
-            try:
-                job = plane.copy_all(routed, lane)
-            except Exception as e:
-                self._gathered_done(None, plane, owners, e)
-                continue
-            for o in owners:
-                if len(o) == 2:
-                    o[1].pull = job
-                else:
-                    o[1].job = job
-            self._jobs.add(job)
-            job.then(functools.partial(self._gathered_done, job, plane, owners))
-        if flush:
-            self._flush()
-
-    def _gathered_done(self, job: Job | None, plane: DataPlane, owners: list[_Owner],
-                       error: BaseException | None = None) -> None:
-        """The shared job settled (or could not start: ``error``): end each of its messages."""
+    def _gathered_done(self, job: Job | None, plane: DataPlane, copies: list[Copy],
+                       error: BaseException | None) -> None:
+        """A shared job settled (or could not start: ``error``): end each of its messages."""
         if job is not None:
-            self._jobs.discard(job)
             error = job.future.exception()
-        for o in owners:
-            if len(o) == 2:
-                o[1].pull = None
-                if o[0].state is RecvState.MATCHED:  # else whoever failed it reports that
-                    self._pulled(o[0], o[1], error)
+        for c in copies:
+            if isinstance(c, PullCopy):
+                c.p.pull = None
+                if c.op.state is RecvState.MATCHED:  # else whoever failed it reports that
+                    self._pulled(c.op, c.p, error)
+            elif job is None:
+                plane.release(c.region)
+                c.p.job = None
+                self._write_done(c.op, None, c.pieces, _as_error(error) if error is not None else None)
             else:
-                op, sp, region, n = o
-                if job is None:
-                    plane.release(region)
-                    sp.job = None
-                    self._write_done(op, None, n, _as_error(error) if error is not None else None)
-                else:
-                    self._write_finished_cb(op, plane, region, n, job.future)
+                self._write_finished_cb(c.op, plane, c.region, c.pieces, job.future)
+        self._flush_soon()
+
+    def _gathered_dropped(self, plane: DataPlane, c: WriteCopy) -> None:
+        """A write stopped before its group started: nothing was written."""
+        plane.release(c.region)
+        self._write_done(c.op, None, c.pieces, TransferCancelled("cancelled before any byte was written"))
         self._flush_soon()
 
     def _write_finished_cb(self, op: SendOp, plane: DataPlane, region: Any, n: int,
@@ -706,7 +662,7 @@ class Peer:
             chunk = self.options.chunk_for(link.transport)
             pieces = plan_copies(work.data_ptr(), msg.src, work.nbytes, chunk)
             if plane.gathers(work.nbytes):
-                self._gather(plane, work.get_device(), plane.route(target, pieces, True), (op, p))
+                self._gather.add(plane, work.get_device(), plane.route(target, pieces, True), PullCopy(op, p))
                 return
             job = plane.pull(target, pieces, self.options.window, work.get_device())
         except Exception as e:
@@ -940,16 +896,6 @@ class Peer:
         except asyncio.TimeoutError:
             raise Timeout(
                 f"{what} (tag {tag}) from {self.address} did not finish within {timeout:g} s") from None
-
-
-_Owner = tuple[Any, ...]  # a gathered message: (RecvOp, PendingRecv) or (SendOp, PendingSend, region, pieces)
-
-
-def _live(o: _Owner) -> bool:
-    """Whether a gathered message still wants its copies (not withdrawn, stopped or failed)."""
-    if len(o) == 2:
-        return o[0].state is RecvState.MATCHED
-    return not o[1].stop and o[0].state is SendState.WRITING
 
 
 def _settled(ev: ReadyMark) -> bool:
