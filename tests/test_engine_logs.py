@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,7 @@ def test_the_engine_prints_nothing_by_default() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_cuda_engine_prints_nothing_by_default() -> None:
     """The CUDA wheels load glog as a library of its own (the lent H200's printed "Local segment
     descriptor not found" at every engine start before its flag was set there too)."""

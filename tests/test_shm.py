@@ -501,8 +501,8 @@ async def test_a_receive_withdrawn_before_its_shared_job_starts_gets_no_byte() -
         dests = [torch.full((n,), 0xA5, dtype=torch.uint8) for n in sizes]
         posted = [b.post_recv(d, 4, burst=True) for d in dests]
         posted[2].withdraw()  # matched, its pull queued for the end of this turn
-        results = await asyncio.wait_for(asyncio.gather(*(p.future for p in posted), *(s.future for s in sends),
-                                                        return_exceptions=True), 30)
+        futs = [p.future for p in posted] + [s.future for s in sends]
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
         await posted[2].cancel()
     assert isinstance(results[2], asyncio.CancelledError), results[2]
     assert isinstance(results[len(sizes) + 2], aiomooncake.TransferCancelled), results[len(sizes) + 2]

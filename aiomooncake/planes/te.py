@@ -124,6 +124,7 @@ class TePlane(DataPlane):
         _quiet_engine_logs(te)
         try:
             rc = self._te.initialize(host, "P2PHANDSHAKE", "rdma" if kind == "rdma" else "tcp", "")
+            _quiet_engine_logs(te)  # some builds reset glog's level while they initialize
         finally:
             for k, v in saved.items():
                 if v is None:
