@@ -89,6 +89,35 @@ async def test_batch_frames_leave_in_one_write(remote: Remote) -> None:
     assert all(o["ok"] and o["match"] for o in outcomes)
 
 
+async def test_a_long_batch_sends_its_head_first(remote: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held frames leave once ``tuning.CORK_FRAMES`` are queued: the remote starts on the head of a
+    long batch while its tail is still being posted; the rest leaves at the end of the turn."""
+    monkeypatch.setattr(aiomooncake.tuning, "CORK_FRAMES", 8)
+    specs = [u8(LARGE + i, seed=i) for i in range(20)]
+    async with remote.scenario(steps=[do.gather([do.recv(7, sp) for sp in specs])]) as sc:
+        transport = sc.peer._conn._transport
+        assert transport is not None
+        writes: list[int] = []
+        real = transport.writelines
+
+        def counting(list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+            parts = list(list_of_data)
+            writes.append(len(FrameDecoder(1 << 30).feed(b"".join(parts))))
+            real(parts)
+        transport.writelines = counting  # type: ignore[method-assign]
+        try:
+            b = sc.peer.batch()
+            futs = [b.send(make_tensor(sp), 7) for sp in specs]
+            assert writes == [8, 8], f"the head of the batch went out in {writes} writes"
+            await b.wait()
+            assert sum(writes[:3]) == len(specs) and writes[2] == 4, writes
+            assert all(f.done() and f.exception() is None for f in futs)
+        finally:
+            transport.writelines = real  # type: ignore[method-assign]
+        (outcomes,) = await sc.result()
+    assert all(o["ok"] and o["match"] for o in outcomes)
+
+
 async def test_first_failure_withdraws_the_rest(remote: Remote) -> None:
     """One receive refuses its message (size differs); the batch raises that error at once instead
     of waiting for receives nobody will ever match, which are withdrawn (nothing pending, untouched)."""

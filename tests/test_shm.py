@@ -510,3 +510,28 @@ async def test_a_receive_withdrawn_before_its_shared_job_starts_gets_no_byte() -
     assert bool((dests[2] == 0xA5).all()), "a withdrawn receive got bytes"
     for i in (0, 1, 3, 4, 5):
         assert same_bytes(dests[i], srcs[i])
+
+
+async def test_a_long_bursts_copies_start_a_group_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathered copies go to the plane once ``tuning.MAX_GROUP`` messages are queued for it (the
+    head of a long burst copies while the rest is parsed), the remainder at the end of the turn."""
+    monkeypatch.setattr(tuning, "MAX_GROUP", 4)
+    calls: list[int] = []
+    real = ShmPlane.copy_all
+
+    def counting(self: ShmPlane, routed: list[Any], lane: int = -1) -> Any:
+        calls.append(len(routed))
+        return real(self, routed, lane)
+
+    monkeypatch.setattr(ShmPlane, "copy_all", counting)
+    sizes = [INLINE + 1 + 4096 * i for i in range(10)]
+    async with pair() as (a, b):
+        srcs = [make_tensor(u8(n, seed=i)) for i, n in enumerate(sizes)]
+        sends = [a.post_send(t, 6, burst=True) for t in srcs]
+        await asyncio.sleep(0.05)
+        dests = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+        posted = [b.post_recv(d, 6, burst=True) for d in dests]
+        assert calls == [4, 4], calls  # two full groups started while posting
+        await asyncio.wait_for(asyncio.gather(*(p.future for p in posted), *(s.future for s in sends)), 30)
+    assert calls == [4, 4, 2], calls
+    assert all(same_bytes(d, s) for d, s in zip(dests, srcs, strict=True))
