@@ -8,7 +8,7 @@ where a job, a future and a status check per message cost the copier ~half its h
 they go to the plane at the end of the loop turn, or as soon as ``tuning.MAX_GROUP`` messages are
 queued for one plane and device, so the head of a long burst copies while the rest is parsed.
 What was withdrawn, stopped or failed in the meantime is left out (a write that was stopped is
-reported cancelled); the peer settles the group's messages when the shared job settles.
+settled as cancelled); the peer settles the group's messages when the shared job settles.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Union
 
 from .. import tuning
 from ..core.session import RecvOp, RecvState, SendOp, SendState
+from ..errors import TransferCancelled
 from ..planes.base import DataPlane, Job
 from .pending import PendingRecv, PendingSend
 
@@ -57,18 +58,17 @@ Settle = Callable[[Union[Job, None], DataPlane, list[Copy], Union[BaseException,
 
 class Gather:
     """One peer's copies queued in this loop turn, per plane and device (see the module docstring).
-    ``settle`` ends a group's messages; ``dropped`` ends a write stopped while it was queued."""
+    The shared jobs it starts join the peer's ``jobs`` in flight until they settle; ``settle`` ends
+    a group's messages (with the job, or None and the error that kept it from starting)."""
 
-    __slots__ = ("_dropped", "_due", "_groups", "_loop", "_settle", "jobs")
+    __slots__ = ("_due", "_groups", "_jobs", "_loop", "_settle")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, settle: Settle,
-                 dropped: Callable[[DataPlane, WriteCopy], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, jobs: set[Job], settle: Settle) -> None:
         self._loop = loop
+        self._jobs = jobs
         self._settle = settle
-        self._dropped = dropped
         self._groups: dict[tuple[DataPlane, int], list[tuple[list[Any], Copy]]] = {}
         self._due = False
-        self.jobs: set[Job] = set()  # shared jobs started and not settled
 
     def __bool__(self) -> bool:
         return bool(self._groups)
@@ -98,7 +98,7 @@ class Gather:
                     routed += pieces
                     copies.append(c)
                 elif isinstance(c, WriteCopy):  # stopped while queued: nothing was written
-                    self._dropped(plane, c)
+                    self._settle(None, plane, [c], TransferCancelled("cancelled before any byte was written"))
                 # (a receive withdrawn while queued was failed and released by its withdrawal)
             if not copies:
                 continue
@@ -112,9 +112,9 @@ class Gather:
                     c.p.pull = job
                 else:
                     c.p.job = job
-            self.jobs.add(job)
+            self._jobs.add(job)
             job.then(functools.partial(self._done, job, plane, copies))
 
     def _done(self, job: Job, plane: DataPlane, copies: list[Copy]) -> None:
-        self.jobs.discard(job)
+        self._jobs.discard(job)
         self._settle(job, plane, copies, None)

@@ -107,8 +107,8 @@ class Peer:
         self._staging = Staging(eager)
         self._closing = False
         self._flush_due = False
-        self._jobs: set[Job] = set()  # copies into the remote in flight from this peer
-        self._gather = Gather(self._loop, self._gathered_done, self._gathered_dropped)
+        self._jobs: set[Job] = set()  # copies to or from the remote in flight from this peer
+        self._gather = Gather(self._loop, self._jobs, self._gathered_done)
         self._planes = {id(link.plane): link for link in self._links.values()}
         for link in self._planes.values():
             link.plane.attach(link.remote_segment)
@@ -283,12 +283,12 @@ class Peer:
         if self._gather:
             self._gather.start()  # copies queued for this turn start (or end) now, not after close
             self._flush()
-        if not self._jobs and not self._gather.jobs:
+        if not self._jobs:
             return
         if self._conn.closed is None:
             self._session.close(PeerClosed(f"the connection to {self.address} was closed locally"))
             self._flush()  # StopWriting: nothing more is submitted
-        futs = [j.future for j in self._jobs | self._gather.jobs]
+        futs = [j.future for j in self._jobs]
         _, pending = await asyncio.wait(futs, timeout=self.options.cancel_timeout)
         if pending:
             log.warning("closing %s with %d copies still in flight after %g s", self.address,
@@ -458,7 +458,8 @@ class Peer:
     # ---------------------------------------------------------- gathered copies
     def _gathered_done(self, job: Job | None, plane: DataPlane, copies: list[Copy],
                        error: BaseException | None) -> None:
-        """A shared job settled (or could not start: ``error``): end each of its messages."""
+        """A shared job settled (or never started: ``error``; a write stopped while queued, or a
+        group the plane refused): end each of its messages."""
         if job is not None:
             error = job.future.exception()
         for c in copies:
@@ -472,12 +473,6 @@ class Peer:
                 self._write_done(c.op, None, c.pieces, _as_error(error) if error is not None else None)
             else:
                 self._write_finished_cb(c.op, plane, c.region, c.pieces, job.future)
-        self._flush_soon()
-
-    def _gathered_dropped(self, plane: DataPlane, c: WriteCopy) -> None:
-        """A write stopped before its group started: nothing was written."""
-        plane.release(c.region)
-        self._write_done(c.op, None, c.pieces, TransferCancelled("cancelled before any byte was written"))
         self._flush_soon()
 
     def _write_finished_cb(self, op: SendOp, plane: DataPlane, region: Any, n: int,

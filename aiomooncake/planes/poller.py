@@ -73,13 +73,10 @@ class Poller:
                 self._submit_held()
             return
         _safe_step(job)  # submit the first window right away
-        self._track(job)
+        self.watch(job)
 
     def watch(self, job: Job) -> None:
-        """Drive ``job``, whose copies its plane already submitted, until it completes."""
-        self._track(job)
-
-    def _track(self, job: Job) -> None:
+        """Drive ``job`` (its first copies submitted already) until it completes."""
         if job.future.done():
             return
         if job.plane.in_order:
@@ -103,7 +100,7 @@ class Poller:
             for j in js:
                 if not (together and j.pending()):  # alone, or nothing to submit (stopped): settle
                     _safe_step(j)
-                self._track(j)
+                self.watch(j)
 
     async def _run(self) -> None:
         last_progress = time.perf_counter()
