@@ -5,7 +5,8 @@ an exception in the block, or cancellation. The other peer is a separate process
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -59,21 +60,31 @@ async def test_batch_exchanges_both_ways_in_tag_order(remote: Remote) -> None:
         assert same_bytes(dests[tag, i], make_tensor(spec_of(tag, i))), f"tag {tag}, receive {i}"
 
 
+@contextmanager
+def counting_writes(peer: aiomooncake.Peer) -> Iterator[list[int]]:
+    """The messages each socket write of ``peer`` carries (BATCH frames carry several), while the
+    block runs."""
+    transport = peer._conn._transport
+    assert transport is not None
+    writes: list[int] = []
+    real = transport.writelines
+
+    def counting(list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        parts = list(list_of_data)
+        writes.append(len(FrameDecoder(1 << 30).feed(b"".join(parts))))
+        real(parts)
+    transport.writelines = counting  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        transport.writelines = real  # type: ignore[method-assign]
+
+
 async def test_batch_frames_leave_in_one_write(remote: Remote) -> None:
     """The RTS frames of 20 rendezvous sends posted in one batch go out in one socket write."""
     specs = [u8(LARGE + i, seed=i) for i in range(20)]
     async with remote.scenario(steps=[do.wait("go"), do.gather([do.recv(7, sp) for sp in specs])]) as sc:
-        transport = sc.peer._conn._transport
-        assert transport is not None
-        writes: list[int] = []  # messages per write (BATCH frames carry several)
-        real = transport.writelines
-
-        def counting(list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-            parts = list(list_of_data)
-            writes.append(len(FrameDecoder(1 << 30).feed(b"".join(parts))))
-            real(parts)
-        transport.writelines = counting  # type: ignore[method-assign]
-        try:
+        with counting_writes(sc.peer) as writes:
             b = sc.peer.batch()
             futs = [b.send(make_tensor(sp), 7) for sp in specs]
             assert writes == [], "a batch's frames must wait for the end of the loop turn"
@@ -83,8 +94,6 @@ async def test_batch_frames_leave_in_one_write(remote: Remote) -> None:
             sc.tell("go")
             await b.wait()
             assert all(f.done() and f.exception() is None for f in futs)
-        finally:
-            transport.writelines = real  # type: ignore[method-assign]
         (outcomes,) = (await sc.result())[1:]
     assert all(o["ok"] and o["match"] for o in outcomes)
 
@@ -95,25 +104,13 @@ async def test_a_long_batch_sends_its_head_first(remote: Remote, monkeypatch: py
     monkeypatch.setattr(aiomooncake.tuning, "CORK_FRAMES", 8)
     specs = [u8(LARGE + i, seed=i) for i in range(20)]
     async with remote.scenario(steps=[do.gather([do.recv(7, sp) for sp in specs])]) as sc:
-        transport = sc.peer._conn._transport
-        assert transport is not None
-        writes: list[int] = []
-        real = transport.writelines
-
-        def counting(list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-            parts = list(list_of_data)
-            writes.append(len(FrameDecoder(1 << 30).feed(b"".join(parts))))
-            real(parts)
-        transport.writelines = counting  # type: ignore[method-assign]
-        try:
+        with counting_writes(sc.peer) as writes:
             b = sc.peer.batch()
             futs = [b.send(make_tensor(sp), 7) for sp in specs]
             assert writes == [8, 8], f"the head of the batch went out in {writes} writes"
             await b.wait()
             assert sum(writes[:3]) == len(specs) and writes[2] == 4, writes
             assert all(f.done() and f.exception() is None for f in futs)
-        finally:
-            transport.writelines = real  # type: ignore[method-assign]
         (outcomes,) = await sc.result()
     assert all(o["ok"] and o["match"] for o in outcomes)
 

@@ -464,9 +464,8 @@ def test_advertise() -> None:
     assert info == {"caps": ["tcp"], "host_transport": "te"}
 
 
-async def test_a_bursts_pulls_share_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pulls one burst starts (a batch's receives matching offers already in) go to the plane
-    as one shared job, and every byte still lands where its own receive asked."""
+def counting_shared_jobs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The routed pieces of each shared job the same-host plane is handed from now on."""
     calls: list[int] = []
     real = ShmPlane.copy_all
 
@@ -475,6 +474,13 @@ async def test_a_bursts_pulls_share_one_job(monkeypatch: pytest.MonkeyPatch) -> 
         return real(self, routed, lane)
 
     monkeypatch.setattr(ShmPlane, "copy_all", counting)
+    return calls
+
+
+async def test_a_bursts_pulls_share_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pulls one burst starts (a batch's receives matching offers already in) go to the plane
+    as one shared job, and every byte still lands where its own receive asked."""
+    calls = counting_shared_jobs(monkeypatch)
     sizes = [INLINE + 1 + 4096 * i for i in range(12)]
     async with pair() as (a, b):
         srcs = [make_tensor(u8(n, seed=i)) for i, n in enumerate(sizes)]
@@ -516,14 +522,7 @@ async def test_a_long_bursts_copies_start_a_group_at_a_time(monkeypatch: pytest.
     """Gathered copies go to the plane once ``tuning.MAX_GROUP`` messages are queued for it (the
     head of a long burst copies while the rest is parsed), the remainder at the end of the turn."""
     monkeypatch.setattr(tuning, "MAX_GROUP", 4)
-    calls: list[int] = []
-    real = ShmPlane.copy_all
-
-    def counting(self: ShmPlane, routed: list[Any], lane: int = -1) -> Any:
-        calls.append(len(routed))
-        return real(self, routed, lane)
-
-    monkeypatch.setattr(ShmPlane, "copy_all", counting)
+    calls = counting_shared_jobs(monkeypatch)
     sizes = [INLINE + 1 + 4096 * i for i in range(10)]
     async with pair() as (a, b):
         srcs = [make_tensor(u8(n, seed=i)) for i, n in enumerate(sizes)]
