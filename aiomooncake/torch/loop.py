@@ -282,6 +282,7 @@ class LoopThread:
                 fn(*args)
             finally:
                 asyncio._set_running_loop(prev)
+                self._left_at = time.monotonic()  # the background thread keeps out of the burst
 
     def flush(self) -> None:
         """Let the loop act on what :meth:`submit_later` left (held frames leave)."""
