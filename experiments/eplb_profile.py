@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25, help="functions to list; 0: no profiler (plain timing)")
     p.add_argument("--tune", action="append", default=[], metavar="NAME=VALUE",
                    help="set an aiomooncake.tuning knob in both ranks (repeatable)")
-    p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"))
+    p.add_argument("--sort", default="tottime", choices=("tottime", "cumulative", "ncalls"))
     p.add_argument("--rendezvous", action="store_true",
                    help="no eager messages: on CPU, a proxy for the control work of the CUDA path")
     p.add_argument("--gc", default="on", choices=("on", "off", "freeze"),

@@ -52,7 +52,9 @@ def _quiet_engine_logs(te: Any) -> None:
     # glog is linked into the engine's module in some wheels and loaded as its own libglog in
     # others (the CUDA builds): set the flag wherever it lives in this process
     quieted = 0
-    for path in [te.__file__, *_loaded_glogs()]:
+    # None: the process's global scope, whose definition (if one is there) wins over the library's
+    # own for the library's own reads (the lent H200's engine printed with libglog's flag at 3)
+    for path in [None, te.__file__, *_loaded_glogs()]:
         try:
             ctypes.c_int.in_dll(ctypes.CDLL(path), "_ZN3fLI17FLAGS_minloglevelE").value = 3  # FATAL only
             quieted += 1
