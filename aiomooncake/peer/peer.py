@@ -204,32 +204,42 @@ class Peer:
         return await self._with_timeout(self._recv(None, dev, tag), timeout, "recv_tensor", tag)
 
     def post_send(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False,
-                  stream: torch.cuda.Stream | None = None) -> PendingSend:
+                  stream: torch.cuda.Stream | None = None,
+                  on_end: Callable[[PendingSend], object] | None = None) -> PendingSend:
         """Post a send now, without a task or an await; await the handle for its completion (as
         :meth:`send` returns), or withdraw it. ``burst``: more posts follow in this loop turn, so
         their control frames leave together, in one write (what :meth:`batch` does). ``stream``
         (CUDA): read the bytes after the work queued on it so far, not on the current stream (an
-        adapter posting for another thread, without switching this thread's current stream)."""
+        adapter posting for another thread, without switching this thread's current stream).
+        ``on_end(handle)``: called once, on the loop, as soon as the operation is over (its future
+        is done then, unless the caller cancelled it): an adapter that waits for hundreds of
+        operations counts them there instead of paying a future callback, a loop-turn hop, for
+        each (what :class:`~aiomooncake.Batch` and the torch backend do). It may run before
+        ``post_send`` returns; it must not raise."""
         if burst:
             self._hold_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
-        return self._post_send(tensor, tag, stream)
+        return self._post_send(tensor, tag, stream, on_end)
 
     def post_recv(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False,
-                  stream: torch.cuda.Stream | None = None) -> PendingRecv:
+                  stream: torch.cuda.Stream | None = None,
+                  on_end: Callable[[PendingRecv], object] | None = None) -> PendingRecv:
         """Post a receive into ``tensor`` now (as :meth:`recv`); await the handle for the tensor.
         ``stream`` (CUDA): the stream to order against instead of the current one (as for
-        :meth:`post_send`; the copies that finish a staged receive go on it too)."""
+        :meth:`post_send`; the copies that finish a staged receive go on it too). ``on_end``: as
+        for :meth:`post_send` (a withdrawn receive is over once no byte can land in it)."""
         self._check_recv_dest(tensor)
         if burst:
             self._hold_frames(tensor.nbytes)
-        return self._post_recv(tensor, None, tag, stream)
+        return self._post_recv(tensor, None, tag, stream, on_end)
 
     def post_recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
-                         burst: bool = False) -> PendingRecv:
+                         burst: bool = False,
+                         on_end: Callable[[PendingRecv], object] | None = None) -> PendingRecv:
         """Post a receive into a new tensor of the sender's shape and dtype (as :meth:`recv_tensor`)."""
         if burst:
             self._hold_frames(0)
-        return self._post_recv(None, torch.device(device) if device is not None else None, tag)
+        return self._post_recv(None, torch.device(device) if device is not None else None, tag,
+                               on_end=on_end)
 
     def batch(self, *, timeout: float | None = None) -> Batch:
         """Post many sends and receives together and wait for them together (``async with
@@ -327,7 +337,8 @@ class Peer:
                 self._withdraw_send(p)
             raise
 
-    def _post_send(self, tensor: torch.Tensor, tag: int, stream: Any = None) -> PendingSend:
+    def _post_send(self, tensor: torch.Tensor, tag: int, stream: Any = None,
+                   on_end: Callable[[PendingSend], object] | None = None) -> PendingSend:
         dev = self._check_tensor(tensor, "send")
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
         ready = record_ready(src, stream) if dev == "cuda" else None
@@ -375,8 +386,8 @@ class Peer:
                 held[0].release(held[1])
             recycle(ready)
             raise
-        gcpause.track(fut)  # counted once posted: fut completes, and so ends it, whatever happens next
-        p = PendingSend(self, fut, src, ready, held)
+        gcpause.begin()  # counted once posted: _ended ends it, whatever happens next
+        p = PendingSend(self, fut, src, ready, held, on_end)
         op.context = p
         p.op = op
         self._flush()
@@ -401,6 +412,8 @@ class Peer:
             p.stop = True
             if p.job is not None:
                 p.job.stop()
+        elif p.op.state is SendState.FAILED:  # withdrawn before any copy: over now
+            self._ended(p)
         self._flush()
 
     def _start_write(self, op: SendOp) -> None:
@@ -467,6 +480,8 @@ class Peer:
                 c.p.pull = None
                 if c.op.state is RecvState.MATCHED:  # else whoever failed it reports that
                     self._pulled(c.op, c.p, error)
+                elif c.p.withdrawn:  # withdrawn while its copy ran: over once it settled
+                    self._ended(c.p)
             elif job is None:
                 plane.release(c.region)
                 c.p.job = None
@@ -521,7 +536,7 @@ class Peer:
         return await self._post_recv(dest, device, tag).wait()
 
     def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int,
-                   stream: Any = None) -> PendingRecv:
+                   stream: Any = None, on_end: Callable[[PendingRecv], object] | None = None) -> PendingRecv:
         """Post a receive now (no task, no await); ``dest`` was checked by the caller."""
         if dest is None:
             spec, ready, stream = _ANY, None, None
@@ -532,7 +547,7 @@ class Peer:
             if stream is None:
                 stream = current_stream(dest.get_device())
             ready = record_ready(dest, stream)
-        p = PendingRecv(self, self._loop.create_future(), dest, device, ready, stream)
+        p = PendingRecv(self, self._loop.create_future(), dest, device, ready, stream, on_end)
         if self._busy is not None:
             self._busy.kick()
         # post_recv may match at once; its events are only handled in _flush, after the handle is
@@ -544,7 +559,7 @@ class Peer:
             raise
         op.context = p
         p.op = op
-        gcpause.track(p.future)  # counted once posted (see _post_send)
+        gcpause.begin()  # counted once posted (see _post_send)
         self._flush()
         return p
 
@@ -559,6 +574,8 @@ class Peer:
         self._flush()
         if p.pull is not None:  # our own pull: stop it (cancel waits for the copies in flight)
             p.pull.stop()
+        elif not must_wait and p.op is not None and p.op.state is RecvState.FAILED:
+            self._ended(p)  # withdrawn before any byte could land in it
 
     async def _cancel_recv(self, p: PendingRecv) -> None:
         if p.future.done() and not p.future.cancelled():
@@ -677,6 +694,8 @@ class Peer:
         if op.state is RecvState.MATCHED:
             self._pulled(op, p, error)
             self._flush_soon()
+        elif p.withdrawn:  # withdrawn while it copied: over once it settled
+            self._ended(p)
 
     def _pulled(self, op: RecvOp, p: PendingRecv, error: BaseException | None) -> None:
         """Complete a matched receive whose pull ended; if the copy failed, fall back to the CTS,
@@ -808,19 +827,19 @@ class Peer:
         if t is SendComplete:
             sp: PendingSend = ev.op.context  # type: ignore[attr-defined]
             _drop_held(sp)
-            sp.op = None  # no cycle (op.context <-> p.op) keeps the tensor past its operation
             if not sp.future.done():
                 sp.future.set_result(None)
+            self._ended(sp)
         elif t is RecvMatched:
             self._matched(ev.op)  # type: ignore[attr-defined]
         elif t is RecvComplete:
             self._completed(ev.op)  # type: ignore[attr-defined]
-            ev.op.context.op = None  # type: ignore[attr-defined]
+            self._ended(ev.op.context)  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
             fp: PendingSend = ev.op.context  # type: ignore[assignment]
             _drop_held(fp)
-            fp.op = None
             _set_exc(fp.future, ev.error)
+            self._ended(fp)
         elif isinstance(ev, WriteRequested):
             self._start_write(ev.op)
         elif isinstance(ev, StopWriting):
@@ -835,13 +854,13 @@ class Peer:
                 return
             self._release_or_quarantine(rp)
             _set_exc(rp.future, ev.error)
-            rp.op = None
+            self._ended(rp)
         elif isinstance(ev, RecvReleased):
             rp = ev.op.context  # type: ignore[assignment]
             self._release_or_quarantine(rp)
-            rp.op = None
             if rp.released is not None and not rp.released.done():
                 rp.released.set_result(None)
+            self._ended(rp)
         elif isinstance(ev, MessageArrived):
             for f in self._arrivals.pop(ev.tag, []):
                 if not f.done():
@@ -851,7 +870,19 @@ class Peer:
         await self._after_pull(p)
         self._release_or_quarantine(p)
         _set_exc(p.future, error)
+        self._ended(p)
+
+    def _ended(self, p: PendingSend | PendingRecv) -> None:
+        """``p``'s operation is over (once): no cycle (op.context <-> p.op) keeps its tensor alive
+        any more, the collector's pause no longer counts it, and its ``on_end`` runs."""
+        if p.op is None:
+            return
         p.op = None
+        gcpause.end()
+        cb = p.on_end
+        if cb is not None:
+            p.on_end = None
+            cb(p)  # type: ignore[arg-type]
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)

@@ -10,7 +10,7 @@ and wait for them together.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import torch
@@ -37,11 +37,13 @@ class Owner(Protocol):
 class PendingSend:
     """A posted send: awaiting it returns once its bytes are in the receiver's tensor (or raises)."""
 
-    __slots__ = ("future", "held", "job", "op", "peer", "ready", "retries", "src", "stop")
+    __slots__ = ("future", "held", "job", "on_end", "op", "peer", "ready", "retries", "src", "stop")
 
     def __init__(self, peer: Owner, future: asyncio.Future[None], src: torch.Tensor,
-                 ready: ReadyMark | None, held: tuple[DataPlane, Region] | None) -> None:
+                 ready: ReadyMark | None, held: tuple[DataPlane, Region] | None,
+                 on_end: Callable[[PendingSend], object] | None = None) -> None:
         self.peer = peer
+        self.on_end = on_end  # called once, on the loop, when the operation is over (see Peer.post_send)
         self.future = future
         self.src = src  # what the plane reads (a contiguous tensor, or its host copy)
         self.ready = ready  # the caller's stream mark the copy must wait for (CUDA)
@@ -73,12 +75,14 @@ class PendingSend:
 class PendingRecv:
     """A posted receive: awaiting it gives the filled tensor (or raises)."""
 
-    __slots__ = ("dest", "device", "device_work", "future", "op", "peer", "pull", "ready", "region",
-                 "released", "stream", "withdrawn", "work")
+    __slots__ = ("dest", "device", "device_work", "future", "on_end", "op", "peer", "pull", "ready",
+                 "region", "released", "stream", "withdrawn", "work")
 
     def __init__(self, peer: Owner, future: asyncio.Future[torch.Tensor], dest: torch.Tensor | None,
-                 device: torch.device | None, ready: ReadyMark | None, stream: Any) -> None:
+                 device: torch.device | None, ready: ReadyMark | None, stream: Any,
+                 on_end: Callable[[PendingRecv], object] | None = None) -> None:
         self.peer = peer
+        self.on_end = on_end  # called once, on the loop, when the operation is over (see Peer.post_recv)
         self.future = future
         self.dest = dest  # what the caller gave (None for recv_tensor)
         self.device = device  # recv_tensor's requested device
