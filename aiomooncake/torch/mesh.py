@@ -282,21 +282,24 @@ class Mesh:
         try:
             posted: Posted
             s = self._order_after_caller(op) if op.tensor is not None and op.tensor.is_cuda else None
-            posted = self._post(op, peer, s)
+            posted = self._post(op, peer, s, functools.partial(self._handle_over, op))
         except BaseException as e:
             self._finish(op, error=e)
             return
         op.posted = posted
-        posted.future.add_done_callback(functools.partial(self._posted_done, op))
 
     @staticmethod
-    def _post(op: Op, peer: Peer, stream: Any) -> Posted:
+    def _post(op: Op, peer: Peer, stream: Any, on_end: Callable[[Any], None]) -> Posted:
         """Post on ``peer``, ordered on ``stream`` (CUDA: ours, after the caller's mark) without
-        making it this thread's current stream (two ``set_stream`` calls an op)."""
+        making it this thread's current stream (two ``set_stream`` calls an op); the peer calls
+        ``on_end`` as the transfer ends (no future callback, a loop-turn hop, per operation)."""
         assert op.wire is not None
         if op.kind == SEND:
-            return peer.post_send(op.wire, op.tag, burst=op.burst, stream=stream)
-        return peer.post_recv(op.wire, op.tag, burst=op.burst, stream=stream)
+            return peer.post_send(op.wire, op.tag, burst=op.burst, stream=stream, on_end=on_end)
+        return peer.post_recv(op.wire, op.tag, burst=op.burst, stream=stream, on_end=on_end)
+
+    def _handle_over(self, op: Op, posted: Posted) -> None:
+        self._posted_done(op, posted.future)
 
     def settle(self, op: Op) -> None:
         """Finish ``op`` now if its posted handle completed (lock held): a waiter that sees the
