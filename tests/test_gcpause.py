@@ -7,6 +7,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -131,5 +132,48 @@ async def test_a_burst_of_messages_pauses_it_and_leaves_it_on() -> None:
         assert gcpause.holds > before
         assert gc.isenabled() and gcpause._hold is None
         assert not ran_during_hold
+        await a.close()
+        await b.close()
+
+
+async def test_every_operation_ends_once_and_leaves_no_count() -> None:
+    """``on_end`` runs exactly once for each operation, however it ends (completed, eager or not;
+    refused; withdrawn unmatched; a send withdrawn before its receiver answered), with its future
+    done by then; and the collector's in-flight count is back to zero afterwards (a leaked count
+    would keep every later hold from starting)."""
+    ended: dict[int, int] = {}
+    seen_done: list[bool] = []
+
+    def on_end(p: Any) -> None:
+        ended[id(p)] = ended.get(id(p), 0) + 1
+        seen_done.append(p.future.done())
+
+    async with await aiomooncake.listen("127.0.0.1", 0) as lst:
+        a = await aiomooncake.connect("127.0.0.1", lst.port)
+        b = await asyncio.wait_for(lst.accept(), 30)
+        before = gcpause._inflight
+        sizes = [8, 100_000, 3000, 300_000] * 4
+        out = [torch.full((n,), i % 251, dtype=torch.uint8) for i, n in enumerate(sizes)]
+        got = [torch.empty_like(x) for x in out]
+        handles: list[Any] = [a.post_send(x, tag=1, on_end=on_end) for x in out]
+        handles += [b.post_recv(y, tag=1, on_end=on_end) for y in got]
+        # refused: the size differs (both ends fail)
+        handles.append(a.post_send(torch.zeros(64, dtype=torch.uint8), tag=2, on_end=on_end))
+        handles.append(b.post_recv(torch.zeros(65, dtype=torch.uint8), tag=2, on_end=on_end))
+        # withdrawn: a receive nobody sends to, and a send nobody receives
+        lonely_recv = b.post_recv(torch.zeros(300_000, dtype=torch.uint8), tag=3, on_end=on_end)
+        lonely_send = a.post_send(torch.zeros(300_000, dtype=torch.uint8), tag=4, on_end=on_end)
+        handles += [lonely_recv, lonely_send]
+        await asyncio.wait([h.future for h in handles[:-2]], timeout=60)
+        assert all(torch.equal(x, y) for x, y in zip(out, got, strict=True))
+        await lonely_recv.cancel()
+        lonely_send.withdraw()
+        for _ in range(50):
+            if len(ended) == len(handles):
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(ended.values()) == [1] * len(handles), "every operation ends exactly once"
+        assert all(seen_done)
+        assert gcpause._inflight == before
         await a.close()
         await b.close()

@@ -413,6 +413,7 @@ class Peer:
             if p.job is not None:
                 p.job.stop()
         elif p.op.state is SendState.FAILED:  # withdrawn before any copy: over now
+            _set_exc(p.future, TransferCancelled(f"the send (tag {p.op.tag}) was withdrawn"))
             self._ended(p)
         self._flush()
 
