@@ -26,13 +26,11 @@ one the user disables during a hold is enabled again when the hold ends.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import logging
 import os
 import threading
 import time
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +68,9 @@ def begin() -> None:
                 _watchdog.start()
 
 
-def track(future: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> None:
-    """Count the operation whose result ``future`` carries as in flight until it completes."""
-    begin()
-    future.add_done_callback(end)
-
-
-def end(_: object = None) -> None:
-    """One operation fewer in flight (takes and ignores a future: usable as a done-callback).
+def end() -> None:
+    """One operation fewer in flight (the peer calls it as each operation ends: no future callback,
+    which would cost a loop-turn hop per operation).
 
     When none is left, the hold ends ``GRACE_S`` later (at once outside an event loop): the next
     burst of a loop of bursts usually starts within it (its tasks are made before the first
@@ -146,4 +139,4 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-__all__ = ["BURST", "MAX_HOLD_S", "begin", "end", "track"]
+__all__ = ["BURST", "MAX_HOLD_S", "begin", "end"]
