@@ -214,8 +214,8 @@ class Peer:
         ``on_end(handle)``: called once, on the loop, as soon as the operation is over (its future
         is done then, unless the caller cancelled it): an adapter that waits for hundreds of
         operations counts them there instead of paying a future callback, a loop-turn hop, for
-        each (what the torch backend does). It may run before
-        ``post_send`` returns; it must not raise."""
+        each (what the torch backend does). It may run before ``post_send`` returns; it must not
+        raise."""
         if burst:
             self._hold_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
         return self._post_send(tensor, tag, stream, on_end)

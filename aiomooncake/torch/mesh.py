@@ -237,7 +237,6 @@ class Mesh:
         """Start ``op`` (lock held; called in submission order)."""
         if _trace.on:
             _trace.mark("mesh:submit")
-        op.mesh = self
         if self._closed is not None:
             self._finish(op, error=self._closed)
             return
@@ -282,7 +281,7 @@ class Mesh:
         try:
             posted: Posted
             s = self._order_after_caller(op) if op.tensor is not None and op.tensor.is_cuda else None
-            posted = self._post(op, peer, s, functools.partial(self._handle_over, op))
+            posted = self._post(op, peer, s, functools.partial(self._posted_done, op))
         except BaseException as e:
             self._finish(op, error=e)
             return
@@ -298,30 +297,10 @@ class Mesh:
             return peer.post_send(op.wire, op.tag, burst=op.burst, stream=stream, on_end=on_end)
         return peer.post_recv(op.wire, op.tag, burst=op.burst, stream=stream, on_end=on_end)
 
-    def _handle_over(self, op: Op, posted: Posted) -> None:
-        self._posted_done(op, posted.future)
-
-    def settle(self, op: Op) -> None:
-        """Finish ``op`` now if its posted handle completed (lock held): a waiter that sees the
-        handle done need not wait for the handle's callback, one loop turn later. Transfers posted
-        before it whose handles completed too are finished first, so completions (and their
-        callbacks) keep the order in which the core completed them, whichever thread asks."""
-        posted = op.posted
-        if posted is None or not posted.future.done():
-            return
-        earlier = []
-        for o in self._inflight:
-            if o is op:
-                break
-            p = o.posted
-            if p is not None and p.future.done():
-                earlier.append(o)
-        for o in earlier:
-            assert o.posted is not None
-            self._posted_done(o, o.posted.future)
-        self._posted_done(op, posted.future)
-
-    def _posted_done(self, op: Op, fut: asyncio.Future[Any]) -> None:
+    def _posted_done(self, op: Op, posted: Posted) -> None:
+        """The peer's word (``on_end``, lock held) that ``op``'s transfer is over: finish it, in
+        the order the core completed its operations."""
+        fut = posted.future
         if op.done or op.expired is not None:
             return  # settled already, or being withdrawn: _withdraw finishes it once its buffer is safe
         if fut.cancelled():

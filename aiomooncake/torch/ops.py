@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol, Union
+from typing import Any, Union
 
 import torch
 
@@ -21,13 +21,6 @@ from aiomooncake.tensors import recycle
 Posted = Union[PendingSend, PendingRecv]  # noqa: UP007 (a runtime alias)
 
 SEND, RECV, RECV_ANY, BARRIER = "send", "recv", "recv from any source", "barrier"
-
-
-class Settler(Protocol):
-    """What an op knows of the mesh it was submitted to (:class:`~aiomooncake.torch.mesh.Mesh`):
-    how to finish it once its posted handle completed."""
-
-    def settle(self, op: Op) -> None: ...
 
 
 class Op:
@@ -55,7 +48,6 @@ class Op:
         self.done_event: Any = None  # CUDA: after it, the received bytes are in ``tensor``
         self.callbacks: list[Callable[[Op], None]] | None = None  # run by _finish (lock held)
         # ---- loop-side state
-        self.mesh: Settler | None = None
         self.deadline = 0.0  # loop time after which the group's timeout cancels it
         self.task: asyncio.Task[int] | None = None
         self.expired: BaseException | None = None
@@ -68,13 +60,8 @@ class Op:
             recycle(self.done_event)
 
     def is_done(self) -> bool:
-        """Whether it completed (lock held). A transfer whose posted handle completed is finished
-        here, by whoever asks, instead of one loop turn later by the handle's callback."""
-        if self.done:
-            return True
-        posted = self.posted
-        if posted is not None and posted.future.done() and self.mesh is not None:
-            self.mesh.settle(self)
+        """Whether it completed (lock held). A transfer completes as the peer ends it (its
+        ``on_end``), on whichever thread runs the loop then."""
         return self.done
 
     def add_callback(self, fn: Callable[[Op], None]) -> None:
