@@ -10,6 +10,8 @@ the module attribute (``aiomooncake.tuning.POLL_SPIN_S = 0.01``): readers look i
 
 from __future__ import annotations
 
+import os
+
 # ---- bursts of frames and copies
 # A copy of at most this many bytes is held back to share an engine submission with the rest of its
 # burst (a Peer.batch(), a batch_isend_irecv, the frames of one socket read); a larger one outlasts
@@ -25,6 +27,12 @@ MAX_GROUP = 32
 # With MAX_GROUP, on the H200 (CUDA IPC, experiments/eplb_profile.py, alternating launches): 10.8-11.9
 # ms per exchange against 16.2-19.2 ms with both at 100000; 16 for either was within the noise.
 CORK_FRAMES = 64
+
+# The CUDA IPC plane queues a burst's copies with one launch of its own copy kernel
+# (planes/cuda_kernel.py) instead of one driver call per copy (~4-6 us of host time each on the H200
+# host, whichever driver call). AIOMOONCAKE_COPY_KERNEL=0 turns it off (copies then go through
+# cuMemcpyBatchAsync or cuMemcpyAsync).
+COPY_KERNEL = os.environ.get("AIOMOONCAKE_COPY_KERNEL", "1") != "0"
 
 # ---- the completion poller (aiomooncake.planes.poller)
 # It spins (yielding the loop and the core) while copies progress, backs off to sleeps of up to

@@ -48,6 +48,7 @@ from .base import Announcement, DataPlane, Job, Piece, Stats
 from .cuda_driver import batch_copy
 from .cuda_driver import driver as _driver
 from .cuda_driver import ok as _ok
+from .cuda_kernel import kernel_for
 from .poller import poller
 
 log = logging.getLogger(__name__)
@@ -612,7 +613,7 @@ class CudaIpcPlane(DataPlane):
                     sizes.append(n)
         burst = _Burst(None, len(jobs))
         try:
-            self._copy(d, stream, dsts, srcs, sizes)
+            self._copy(dev, d, stream, dsts, srcs, sizes)
             ev = burst.event = self._event()
             _ok(d.cuEventRecord(ev, stream), "cuEventRecord")
         except TransferFailed as e:
@@ -623,7 +624,19 @@ class CudaIpcPlane(DataPlane):
             j.burst = burst
             j.next = len(j.pieces)
 
-    def _copy(self, d: Any, stream: Any, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
+    def _copy(self, dev: int, d: Any, stream: Any, dsts: list[int], srcs: list[int],
+              sizes: list[int]) -> None:
+        if not sizes:
+            return
+        # A lone copy goes through the driver: a launch of the kernel costs more host time than one
+        # cuMemcpyAsync (11 against 7 us) and copies 100 MiB slower (1.42 against 1.69 TB/s).
+        kernel = kernel_for(dev) if len(sizes) > 1 else None
+        if kernel is not None:
+            try:
+                kernel.launch(dsts, srcs, sizes, int(stream))
+            except RuntimeError as e:
+                raise TransferFailed(f"the CUDA copy kernel could not start: {e}") from None
+            return
         if len(sizes) > 1 and self._batch_fn is not None and batch_copy(dsts, srcs, sizes, int(stream)):
             return
         if len(sizes) > 1 and self._batch_fn is not None:
