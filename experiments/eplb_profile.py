@@ -17,6 +17,7 @@ import cProfile
 import gc
 import io
 import multiprocessing as mp
+import os
 import pstats
 import statistics
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 import aiomooncake
-from aiomooncake import planes
+from aiomooncake import _trace, planes
 from aiomooncake.bench.common import eplb_tensors
 
 
@@ -56,14 +57,20 @@ async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.iters):
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        _trace.take()  # the timeline keeps the last exchange only
         t0, c0 = time.perf_counter(), time.process_time()
+        if _trace.on:
+            _trace.mark("x:start")
         if args.top:
             prof.enable()
         await _exchange(peer, outs, ins)
         if args.top:
             prof.disable()
+        if _trace.on:
+            _trace.mark("x:end")
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+    marks = _trace.take()
     link = "cuda" if dev.type == "cuda" else "cpu"
     copies = sum(p.stats().writes_submitted for p in planes.existing() if p.kind == peer.transports[link])
     text = io.StringIO()
@@ -73,7 +80,24 @@ async def _rank(rank: int, q: Any, args: argparse.Namespace) -> dict[str, Any]:
     med = statistics.median(times)
     return {"rank": rank, "data_path": peer.data_path, "median_ms": med * 1e3,
             "cpu_ms": statistics.median(cpu) * 1e3,
-            "gbps": nbytes / med / 1e9, "copies": copies, "profile": text.getvalue()}
+            "gbps": nbytes / med / 1e9, "copies": copies, "profile": text.getvalue(), "marks": marks}
+
+
+def _timeline(results: list[dict[str, Any]]) -> str:
+    """Each rank's marks of the last exchange: how many, first and last, in ms from the earlier
+    rank's start (perf_counter is one clock for the processes of a host)."""
+    starts = [t for r in results for name, t in r.get("marks", []) if name == "x:start"]
+    if not starts:
+        return ""
+    t0 = min(starts)
+    lines = ["timeline of the last exchange (ms from the first start): mark count first last"]
+    for r in sorted(results, key=lambda r: r["rank"]):
+        seen: dict[str, list[float]] = {}
+        for name, t in r.get("marks", []):
+            seen.setdefault(name, []).append((t - t0) * 1e3)
+        for name, ts in sorted(seen.items(), key=lambda kv: kv[1][0]):
+            lines.append(f"  rank {r['rank']} {name:16s} {len(ts):5d} {ts[0]:8.2f} {ts[-1]:8.2f}")
+    return "\n".join(lines)
 
 
 def _torch_rank(rank: int, port: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -125,9 +149,14 @@ def _torch_rank(rank: int, port: int, args: argparse.Namespace) -> dict[str, Any
 
 
 def _options(args: argparse.Namespace) -> aiomooncake.Options:
-    if not args.rendezvous:
-        return aiomooncake.Options()
-    return aiomooncake.Options(eager_threshold=0, shm_eager_threshold=0)
+    extra: dict[str, Any] = {}
+    for item in args.option:  # NAME=VALUE: an Options field (bool, int or float)
+        name, _, value = item.partition("=")
+        kind = type(getattr(aiomooncake.Options(), name))
+        extra[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(float(value))
+    if args.rendezvous:
+        extra.update(eager_threshold=0, shm_eager_threshold=0)
+    return aiomooncake.Options(**extra)
 
 
 def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
@@ -161,7 +190,14 @@ def main() -> None:
                    help="the garbage collector in both ranks: as usual, disabled, or gc.freeze() first")
     p.add_argument("--api", default="core", choices=("core", "torch"),
                    help="core: Peer.batch(); torch: batch_isend_irecv through the backend")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an aiomooncake.Options field for both ranks (repeatable), e.g. one_copier=0")
+    p.add_argument("--timeline", action="store_true",
+                   help="trace the hot path (AIOMOONCAKE_TRACE) and print when each mark first and "
+                        "last fired in the last exchange (core API)")
     args = p.parse_args()
+    if args.timeline:
+        os.environ["AIOMOONCAKE_TRACE"] = "1"  # read at import by the spawned ranks
     if args.api == "torch":
         from _pair import free_port
         args.port = free_port()
@@ -178,6 +214,8 @@ def main() -> None:
         print(f"== rank {r['rank']} ({role}, {r['data_path']}): median {r['median_ms']:.2f} ms per "
               f"exchange ({r['cpu_ms']:.2f} ms of CPU), {r['gbps']:.0f} GB/s both ways, {r['copies']} copies")
         print(r["profile"])
+    if args.timeline:
+        print(_timeline(results))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .. import tuning
+from .. import _trace, tuning
 from ..core.session import RecvOp, RecvState, SendOp, SendState
 from ..errors import TransferCancelled
 from ..planes.base import DataPlane, Job
@@ -102,6 +102,8 @@ class Gather:
                 # (a receive withdrawn while queued was failed and released by its withdrawal)
             if not copies:
                 continue
+            if _trace.on:
+                _trace.mark("copy:submit")
             try:
                 job = plane.copy_all(routed, lane)
             except Exception as e:
@@ -116,5 +118,7 @@ class Gather:
             job.then(functools.partial(self._done, job, plane, copies))
 
     def _done(self, job: Job, plane: DataPlane, copies: list[Copy]) -> None:
+        if _trace.on:
+            _trace.mark("copy:done")
         self._jobs.discard(job)
         self._settle(job, plane, copies, None)

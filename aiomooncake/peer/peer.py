@@ -549,6 +549,8 @@ class Peer:
                 stream = current_stream(dest.get_device())
             ready = record_ready(dest, stream)
         p = PendingRecv(self, self._loop.create_future(), dest, device, ready, stream, on_end)
+        if _trace.on:
+            _trace.mark("recv:post")
         if self._busy is not None:
             self._busy.kick()
         # post_recv may match at once; its events are only handled in _flush, after the handle is
@@ -702,6 +704,8 @@ class Peer:
         """Complete a matched receive whose pull ended; if the copy failed, fall back to the CTS,
         so the sender writes instead."""
         if error is None:
+            if _trace.on:
+                _trace.mark("recv:pulled")
             self._session.pulled(op)
         else:
             log.debug("pull from %s failed (%s); asking the sender to write", self.address, error)
