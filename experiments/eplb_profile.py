@@ -160,6 +160,9 @@ def _options(args: argparse.Namespace) -> aiomooncake.Options:
 
 
 def _child(rank: int, q: Any, out: Any, args: argparse.Namespace) -> None:
+    if args.cpus:  # one core set per rank ("0,1;8,9"): a rank on a core's SMT sibling runs slower
+        cpus = args.cpus.split(";")[rank]
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     if args.gc == "off":
         gc.disable()
     elif args.gc == "freeze":  # after torch's import: its objects leave the collections' scans
@@ -192,6 +195,8 @@ def main() -> None:
                    help="core: Peer.batch(); torch: batch_isend_irecv through the backend")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="an aiomooncake.Options field for both ranks (repeatable), e.g. one_copier=0")
+    p.add_argument("--cpus", default="",
+                   help="pin the ranks: rank 0's cores, then rank 1's, e.g. '0,1;4,5' (default: not)")
     p.add_argument("--timeline", action="store_true",
                    help="trace the hot path (AIOMOONCAKE_TRACE) and print when each mark first and "
                         "last fired in the last exchange (core API)")

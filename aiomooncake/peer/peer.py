@@ -214,8 +214,8 @@ class Peer:
         ``on_end(handle)``: called once, on the loop, as soon as the operation is over (its future
         is done then, unless the caller cancelled it): an adapter that waits for hundreds of
         operations counts them there instead of paying a future callback, a loop-turn hop, for
-        each (what the torch backend does). It may run before ``post_send`` returns; it must not
-        raise."""
+        each (what :class:`~aiomooncake.Batch` and the torch backend do). It may run before
+        ``post_send`` returns; it must not raise."""
         if burst:
             self._hold_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
         return self._post_send(tensor, tag, stream, on_end)
@@ -645,11 +645,15 @@ class Peer:
         local = "cpu" if p.work.is_cpu else "cuda"
         link = self._links[link_for(local, msg.device, self._links)]
         # The sender offered its source and this side copies on that link: pull it (else CTS).
-        then = self._pull if msg.src and link.pulls and msg.device == link.name else self._accept
-        if _ready_now(p):
-            then(op, p)
+        if msg.src and link.pulls and msg.device == link.name:
+            if _ready_now(p):
+                self._pull(op, p, link)
+            else:
+                self._spawn(self._when_ready(op, p, lambda: self._pull(op, p, link)))
+        elif _ready_now(p):
+            self._accept(op, p)
         else:
-            self._spawn(self._when_ready(op, p, lambda: then(op, p)))
+            self._spawn(self._when_ready(op, p, lambda: self._accept(op, p)))
 
     async def _when_ready(self, op: RecvOp, p: PendingRecv, then: Callable[[], None]) -> None:
         """Run ``then`` (accept or pull) once earlier work on the caller's stream, which may still
@@ -661,22 +665,21 @@ class Peer:
                 then()
             self._flush()
 
-    def _pull(self, op: RecvOp, p: PendingRecv) -> None:
-        """Copy the source the sender offered straight into the destination (sizes were checked on
-        match); if the plane fails, fall back to the CTS, so the sender writes instead."""
+    def _pull(self, op: RecvOp, p: PendingRecv, link: Link) -> None:
+        """Copy the source the sender offered (on ``link``) straight into the destination (sizes
+        were checked on match); if the plane fails, fall back to the CTS, so the sender writes."""
         if _trace.on:
             _trace.mark("pull:start")
         msg = op.msg
         work = p.work
         assert isinstance(msg, Rts) and work is not None
-        link = self._links[link_for("cpu" if work.is_cpu else "cuda", msg.device, self._links)]
         plane = link.plane
         try:
             p.region = (plane, plane.prepare_local(work))
             target = plane.target(link.remote_segment, Announcement(msg.epoch, msg.gen, msg.desc))
-            chunk = self.options.chunk_for(link.transport)
-            pieces = plan_copies(work.data_ptr(), msg.src, work.nbytes, chunk)
-            if plane.gathers(work.nbytes):
+            n = msg.nbytes  # (== work.nbytes: checked on match)
+            pieces = plan_copies(work.data_ptr(), msg.src, n, self.options.chunk_for(link.transport))
+            if plane.gathers(n):
                 self._gather.add(plane, work.get_device(), plane.route(target, pieces, True), PullCopy(op, p))
                 return
             job = plane.pull(target, pieces, self.options.window, work.get_device())
@@ -840,13 +843,13 @@ class Peer:
         elif t is RecvComplete:
             self._completed(ev.op)  # type: ignore[attr-defined]
             self._ended(ev.op.context)  # type: ignore[attr-defined]
+        elif t is WriteRequested:
+            self._start_write(ev.op)  # type: ignore[attr-defined]
         elif isinstance(ev, SendFailed):
             fp: PendingSend = ev.op.context  # type: ignore[assignment]
             _drop_held(fp)
             _set_exc(fp.future, ev.error)
             self._ended(fp)
-        elif isinstance(ev, WriteRequested):
-            self._start_write(ev.op)
         elif isinstance(ev, StopWriting):
             wp: PendingSend = ev.op.context  # type: ignore[assignment]
             wp.stop = True

@@ -53,11 +53,12 @@ class Stats:
     batches_submitted: int = 0  # plane calls that carried several requests at once
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Announcement:
     """What a remote needs to reach memory we exposed: the plane's registration state (``epoch``
     changes with every registration, ``gen`` with every unregistration; see the TE plane) and a
-    plane-specific descriptor (``desc``: a CUDA IPC handle; None elsewhere)."""
+    plane-specific descriptor (``desc``: a CUDA IPC handle; None elsewhere). Treat it as immutable
+    (not ``frozen``: the copier builds one per message, and a frozen one costs 4x to build)."""
 
     epoch: int = 0
     gen: int = 0

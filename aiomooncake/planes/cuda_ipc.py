@@ -306,7 +306,8 @@ class CudaIpcPlane(DataPlane):
         self._vmm_exports = cuda_vmm.Exports()
         self._broker: cuda_vmm.Broker | None = None
         self._peers_of: dict[str, int] = {}  # remote process (its segment) -> attached peers
-        self._known: dict[bytes, tuple[str, _Mapping]] = {}  # descriptor bytes -> its mapping
+        # descriptor bytes -> (remote process, its mapping, mappings_closed when it was cached)
+        self._known: dict[bytes, tuple[str, _Mapping, int]] = {}
         self._streams: dict[int, Any] = {}
         self._events: list[Any] = []
         self._ctx: dict[int, Any] = {}
@@ -459,8 +460,12 @@ class CudaIpcPlane(DataPlane):
         """This process's mapping of the remote memory ``announced`` describes (each part opened
         once per remote process)."""
         hit = self._known.get(announced.desc)
-        if hit is not None and hit[0] == segment and hit[1].live:
-            return hit[1]
+        if hit is not None and hit[0] == segment:
+            if hit[2] == self.mappings_closed:  # no part of any mapping closed since: still live
+                return hit[1]
+            if hit[1].live:
+                self._known[announced.desc] = (segment, hit[1], self.mappings_closed)
+                return hit[1]
         pid = self._remote_of(segment)
         desc = unpack_desc(announced.desc)
         parts = self._parts.get(pid)
@@ -493,7 +498,7 @@ class CudaIpcPlane(DataPlane):
         m = _Mapping(desc, pid, got, [(p.base, p.size, p.local) for p in got])
         if len(self._known) > 4096:
             self._known.clear()
-        self._known[announced.desc] = (segment, m)
+        self._known[announced.desc] = (segment, m, self.mappings_closed)
         return m
 
     def _open(self, parts: dict[tuple[int, int], _Part], desc: Desc, cbase: int, csize: int, ident: int,
