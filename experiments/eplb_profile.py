@@ -153,7 +153,10 @@ def _options(args: argparse.Namespace) -> aiomooncake.Options:
     for item in args.option:  # NAME=VALUE: an Options field (bool, int or float)
         name, _, value = item.partition("=")
         kind = type(getattr(aiomooncake.Options(), name))
-        extra[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(float(value))
+        if kind in (bool, type(None)):  # (None: an automatic choice, e.g. inline_cuda)
+            extra[name] = value.lower() in ("1", "true", "yes")
+        else:
+            extra[name] = kind(float(value))
     if args.rendezvous:
         extra.update(eager_threshold=0, shm_eager_threshold=0)
     return aiomooncake.Options(**extra)
