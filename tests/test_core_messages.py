@@ -22,8 +22,10 @@ SAMPLES: list[m.Message] = [
     m.Rts(9, 1, "uint8", (64,), 64, "cuda", 0x7F00_0000_2000, 5, 2),  # a pull offer over the engine
     m.Cts(7, 0x7F00_0000_1000, 2 * 1024 * 1024, "cpu", 12, 3),  # registration epoch and gen
     m.Ack(3),
+    m.Acks([3, 4, 2**64 - 1]),
     m.Nack(4, Code.MISMATCH, "dtype differs"),
     m.Done(5),
+    m.Dones([5, 6]),
     m.Abort(6, Code.CANCELLED, "the sender cancelled this message"),
     m.RCancel(8),
     m.Ping(1234.5),
@@ -278,3 +280,29 @@ def test_decode_never_crashes(kind: Any, fields: list[Any]) -> None:
         return
     # what was accepted is well-formed: it survives its own round trip
     assert decode(encode(msg)) == msg
+
+
+# ----------------------------------------------------------------------- coalesced completions
+def test_coalesce_turns_runs_of_acks_and_dones_into_one_message_each_in_order() -> None:
+    rts = m.Rts(9, 1, "uint8", (64,), 64, "cpu")
+    msgs: list[m.Message] = [m.Ack(1), m.Ack(2), m.Ack(3), rts, m.Done(4), m.Done(5), m.Ack(6),
+                             m.Done(7), m.Done(8)]
+    assert m.coalesce(msgs) == [m.Acks([1, 2, 3]), rts, m.Dones([4, 5]), m.Ack(6), m.Dones([7, 8])]
+    assert m.coalesce([m.Ack(1), rts, m.Done(2)]) == [m.Ack(1), rts, m.Done(2)]  # no run: unchanged
+    assert m.coalesce([]) == []
+
+
+def test_coalesce_caps_a_message_at_max_coalesced_ids() -> None:
+    n = m.MAX_COALESCED + 5
+    out = m.coalesce([m.Ack(i) for i in range(n)])
+    assert out == [m.Acks(list(range(m.MAX_COALESCED))), m.Acks(list(range(m.MAX_COALESCED, n)))]
+    assert [decode(wire(x)) for x in out] == out
+
+
+@pytest.mark.parametrize("body", [[Kind.ACKS, []], [Kind.ACKS, [1, "x"]], [Kind.DONES, [-1]],
+                                  [Kind.DONES, 5], [Kind.ACKS, [2**64]],
+                                  [Kind.ACKS, list(range(m.MAX_COALESCED + 1))]],
+                         ids=["empty", "not-an-int", "negative", "not-a-list", "too-large", "too-many"])
+def test_malformed_coalesced_completions_are_protocol_errors(body: list[Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(body)

@@ -1297,3 +1297,41 @@ def test_rejected_done_before_cts_changes_nothing(pair: tuple[Session, Session])
     assert r.state is RecvState.MATCHED and rx.pending == 1
     rx.close()
     assert events(rx) == [RecvFailed(r, rx.closed)]  # type: ignore[arg-type]
+
+
+# ============================================================ coalesced completions (ACKS, DONES)
+def test_acks_complete_a_burst_of_pulled_sends_in_order(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    sends = [tx.post_send(i, "float32", (BIG // 4,), BIG, "cpu", None, src=0x1000 * (i + 1))
+             for i in range(3)]
+    recvs = [rx.post_recv(i, spec_for(BIG)) for i in range(3)]
+    deliver(tx, rx)
+    assert types(events(rx)) == ["RecvMatched"] * 3
+    for r in recvs:
+        rx.pulled(r)
+    frames, rx.outbox = rx.outbox, []
+    (acks,) = m.coalesce(frames)
+    assert acks == m.Acks([s.id for s in sends])
+    tx.receive(wire(acks))
+    done = events(tx)
+    assert types(done) == ["SendComplete"] * 3 and [e.op for e in done] == sends
+    assert tx.pending == 0 and rx.pending == 0
+
+
+def test_dones_complete_a_burst_of_written_receives_refusing_as_alone(pair: tuple[Session, Session]) -> None:
+    tx, rx = pair
+    writes = [rendezvous_to_writing(tx, rx) for _ in range(3)]
+    for s, _ in writes:
+        tx.write_finished(s)
+    frames, tx.outbox = tx.outbox, []
+    (dones,) = m.coalesce(frames)
+    assert dones == m.Dones([s.id for s, _ in writes])
+    rx.receive(wire(dones))
+    ev = events(rx)
+    assert types(ev) == ["RecvComplete"] * 3 and [e.op for e in ev] == [r for _, r in writes]
+    # a DONES naming a message that was never accepted is refused, as a lone DONE is
+    send_rts(tx)
+    deliver(tx, rx)
+    events(rx)
+    with pytest.raises(ProtocolError):
+        rx.receive(wire(m.Dones([tx._next_send - 1])))

@@ -250,6 +250,18 @@ def test_a_burst_travels_as_one_batch_frame_and_comes_back_in_order() -> None:
     assert FrameDecoder(CAP).feed(b"".join(small)) == burst
 
 
+def test_a_burst_of_completions_travels_as_one_acks_and_one_dones_message() -> None:
+    from aiomooncake.transport.framing import pack_batch_into
+
+    burst: list[m.Message] = [m.Ack(i) for i in range(1, 257)]
+    burst += [m.Done(i) for i in range(300, 556)]
+    parts: list[bytes] = []
+    pack_batch_into(parts, burst, CAP)
+    got = FrameDecoder(CAP).feed(b"".join(parts))
+    assert got == [m.Acks(list(range(1, 257))), m.Dones(list(range(300, 556)))]
+    assert len(b"".join(parts)) < 4 * len(burst), "an id costs a few bytes, not a message"
+
+
 def test_a_message_larger_than_the_batch_limit_goes_alone() -> None:
     from aiomooncake.transport.framing import pack_batch_into
 

@@ -17,8 +17,9 @@ from typing import Any, Union
 
 from ..errors import ProtocolError
 
-# 2: CTS carries the receiver's registration epoch and generation; 3: RTS may offer a pull source
-PROTOCOL_VERSION = 5
+# 2: CTS carries the receiver's registration epoch and generation; 3: RTS may offer a pull source;
+# 6: ACKS and DONES (a burst's completions in one message)
+PROTOCOL_VERSION = 6
 
 
 class Kind(IntEnum):
@@ -35,6 +36,8 @@ class Kind(IntEnum):
     PONG = 10
     BYE = 11
     # 12 is the framing layer's BATCH (several of these in one frame: transport/framing.py)
+    ACKS = 13  # several consecutive ACKs: their message ids (see coalesce)
+    DONES = 14  # several consecutive DONEs
     # handshake messages
     HELLO = 20
     WELCOME = 21
@@ -102,6 +105,20 @@ class Done:
     op: int
 
 
+@dataclass(slots=True)
+class Acks:
+    """The ACKs of several messages, in order (what :func:`coalesce` makes of consecutive ones)."""
+
+    ops: list[int]
+
+
+@dataclass(slots=True)
+class Dones:
+    """The DONEs of several messages, in order."""
+
+    ops: list[int]
+
+
 @dataclass(slots=True, unsafe_hash=True)
 class Abort:
     op: int
@@ -154,7 +171,8 @@ class Refuse:
 
 
 Message = Union[  # noqa: UP007 (a runtime alias; X | Y needs 3.10 objects)
-    Eager, Rts, Cts, Ack, Nack, Done, Abort, RCancel, Ping, Pong, Bye, Hello, Welcome, Ready, Refuse
+    Eager, Rts, Cts, Ack, Acks, Nack, Done, Dones, Abort, RCancel, Ping, Pong, Bye, Hello, Welcome, Ready,
+    Refuse
 ]
 
 MAX_SHAPE_DIMS = 64
@@ -177,6 +195,10 @@ def encode(msg: Message) -> list[Any]:
         return [Kind.CTS, msg.op, msg.addr, msg.capacity, msg.link, msg.epoch, msg.gen, msg.desc]
     if isinstance(msg, Ack):
         return [Kind.ACK, msg.op]
+    if isinstance(msg, Acks):
+        return [Kind.ACKS, msg.ops]
+    if isinstance(msg, Dones):
+        return [Kind.DONES, msg.ops]
     if isinstance(msg, Nack):
         return [Kind.NACK, msg.op, int(msg.code), msg.reason]
     if isinstance(msg, Done):
@@ -200,6 +222,39 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, Refuse):
         return [Kind.REFUSE, msg.reason]
     raise TypeError(f"not a message: {msg!r}")
+
+
+MAX_COALESCED = 4096  # ids in one ACKS or DONES message
+
+
+def coalesce(msgs: list[Message]) -> list[Message]:
+    """``msgs`` with every run of consecutive ACKs (DONEs) turned into one ACKS (DONES) message,
+    order kept: a burst's completions then cost the receiver one message to decode and dispatch,
+    not one per operation."""
+    out: list[Message] = []
+    run: list[int] = []
+    kind: type | None = None
+    for m in msgs:
+        t = type(m)
+        if t is kind and len(run) < MAX_COALESCED:
+            run.append(m.op)  # type: ignore[union-attr]
+            continue
+        if kind is not None:
+            out.append(_run(kind, run))
+            kind, run = None, []
+        if t is Ack or t is Done:
+            kind, run = t, [m.op]  # type: ignore[union-attr]
+        else:
+            out.append(m)
+    if kind is not None:
+        out.append(_run(kind, run))
+    return out
+
+
+def _run(kind: type, ops: list[int]) -> Message:
+    if len(ops) == 1:
+        return Ack(ops[0]) if kind is Ack else Done(ops[0])
+    return Acks(ops) if kind is Ack else Dones(ops)
 
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
@@ -241,6 +296,15 @@ MAX_DESC = 16384  # a CUDA IPC descriptor of a tensor spanning hundreds of virtu
 def _desc(v: Any) -> bytes:
     if type(v) is not bytes or len(v) > MAX_DESC:
         raise ProtocolError(f"bad plane descriptor: {v!r:.80}")
+    return v
+
+
+def _ids(v: Any) -> list[int]:
+    if type(v) is not list or not 0 < len(v) <= MAX_COALESCED:
+        raise ProtocolError(f"bad list of message ids: {v!r:.80}")
+    for i in v:
+        if type(i) is not int or not 0 <= i <= _U64:
+            raise ProtocolError(f"bad message id {i!r:.40}")
     return v
 
 
@@ -309,6 +373,8 @@ _DECODERS: dict[int, tuple[int, Any]] = {
     Kind.RTS: (10, lambda f: _rts(*f)),
     Kind.CTS: (7, lambda f: _cts(*f)),
     Kind.ACK: (1, lambda f: Ack(_int(f[1], "op"))),
+    Kind.ACKS: (1, lambda f: Acks(_ids(f[1]))),
+    Kind.DONES: (1, lambda f: Dones(_ids(f[1]))),
     Kind.NACK: (3, lambda f: Nack(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),
     Kind.DONE: (1, lambda f: Done(_int(f[1], "op"))),
     Kind.ABORT: (3, lambda f: Abort(_int(f[1], "op"), _code(f[2]), _str(f[3], "reason", MAX_REASON))),

@@ -45,9 +45,11 @@ from .messages import (
     MAX_SHAPE_DIMS,
     Abort,
     Ack,
+    Acks,
     Code,
     Cts,
     Done,
+    Dones,
     Eager,
     Message,
     Nack,
@@ -391,10 +393,13 @@ class Session:
         elif isinstance(msg, Cts):
             self._on_cts(msg)
         elif isinstance(msg, Ack):
-            s = self._sends.get(msg.op)
-            if s is not None and (s.state is SendState.EAGER_SENT
-                                  or (s.state is SendState.RTS_SENT and s.src)):
-                self._finish_send(s, None)
+            self._on_ack(msg.op)
+        elif isinstance(msg, Acks):  # a burst's ACKs, in order
+            for op in msg.ops:
+                self._on_ack(op)
+        elif isinstance(msg, Dones):  # a burst's DONEs, in order (a refused one raises, as alone)
+            for op in msg.ops:
+                self._on_sender_final(Done(op))
         elif isinstance(msg, Nack):
             s = self._sends.get(msg.op)
             if s is not None and s.state in (SendState.EAGER_SENT, SendState.RTS_SENT):
@@ -409,6 +414,11 @@ class Session:
                 self.events.append(StopWriting(s))
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} frame after the handshake")
+
+    def _on_ack(self, op: int) -> None:
+        s = self._sends.get(op)
+        if s is not None and (s.state is SendState.EAGER_SENT or (s.state is SendState.RTS_SENT and s.src)):
+            self._finish_send(s, None)
 
     def _on_cts(self, msg: Cts) -> None:
         s = self._sends.get(msg.op)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from ..core.messages import Message, decode, encode
+from ..core.messages import Message, coalesce, decode, encode
 from ..errors import ProtocolError
 
 _HDR = struct.Struct(">I")
@@ -41,8 +41,9 @@ def pack_into(parts: list[bytes], msg: Message) -> None:
 
 def pack_batch_into(parts: list[bytes], msgs: list[Message], limit: int) -> None:
     """Append ``msgs`` as BATCH frames of at most ``limit`` bytes each (a message that alone exceeds
-    it, such as a large eager payload, goes as a frame of its own)."""
-    _pack_encoded(parts, [encode(m) for m in msgs], limit)
+    it, such as a large eager payload, goes as a frame of its own); consecutive ACKs and DONEs
+    travel as one ACKS or DONES message each (:func:`~aiomooncake.core.messages.coalesce`)."""
+    _pack_encoded(parts, [encode(m) for m in coalesce(msgs)], limit)
 
 
 def _pack_encoded(parts: list[bytes], encs: list[list[Any]], limit: int) -> None:
