@@ -14,6 +14,9 @@ is the plan, pure and unit-tested). 16-byte loads and stores where source and de
 their alignment, bytes otherwise.
 
 Every address was checked by the caller against what the remote announced; the kernel trusts them.
+Memory of another GPU is reachable from the kernel wherever the plane could map it: CUDA IPC maps
+another device's memory only with peer access between the two (``cuIpcOpenMemHandle`` with lazy
+peer access), and a virtual-memory chunk is mapped with access granted to the local device.
 Where NVRTC is missing or compiling fails, :func:`kernel_for` answers None once (with an INFO line)
 and the plane queues copies through the driver as before.
 """
