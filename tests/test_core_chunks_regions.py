@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from aiomooncake.core.chunks import Chunk, check_write, plan_chunks
+from aiomooncake.core.chunks import Chunk, check_write, plan_chunks, plan_copies
 from aiomooncake.core.regions import Region, RegionCache
 from aiomooncake.errors import MessageMismatch
 
@@ -288,3 +288,21 @@ def test_overlapping_against_brute_force(adds: list[tuple[int, int]], queries: l
         assert cache.overlapping(base, size) == want
     for k in kept:
         assert cache.find(k.base, k.size, k.ident) is k
+
+
+# =============================================================================== plan_copies
+def test_plan_copies_of_one_piece_checks_the_announced_capacity() -> None:
+    assert plan_copies(0x10, 0x2000, 100, 1 << 20, 100) == [(0x10, 0x2000, 100)]
+    assert plan_copies(0x10, 0x2000, 100, 1 << 20) == [(0x10, 0x2000, 100)]  # a pull: nothing to check
+    assert plan_copies(0x10, 0x2000, 0, 1 << 20, 0) == []
+    with pytest.raises(MessageMismatch, match="holds only 99 B"):
+        plan_copies(0x10, 0x2000, 100, 1 << 20, 99)
+
+
+def test_plan_copies_in_chunks_cover_the_message_and_stay_inside_the_destination() -> None:
+    n, chunk = 10 * 4096 + 7, 4 * 4096
+    pieces = plan_copies(0x1000, 0x8000, n, chunk, n)
+    assert sum(k for _, _, k in pieces) == n and all(k <= chunk for _, _, k in pieces)
+    assert all(remote - 0x8000 == local - 0x1000 for local, remote, _ in pieces)
+    with pytest.raises(MessageMismatch):
+        plan_copies(0x1000, 0x8000, n, chunk, n - 1)

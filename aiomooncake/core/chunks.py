@@ -40,8 +40,8 @@ def plan_copies(local: int, remote: int, nbytes: int, chunk_bytes: int,
     most ``chunk_bytes``; with ``capacity`` (the destination the receiver announced at ``remote``)
     every piece is checked against it (:func:`check_write`). One piece needs no chunk objects."""
     if nbytes <= chunk_bytes:
-        if capacity is not None:
-            check_write(remote, capacity, Chunk(0, nbytes))
+        if capacity is not None and not 0 <= nbytes <= capacity:  # (no Chunk on the hot path)
+            check_write(remote, capacity, Chunk(0, nbytes))  # raises, saying why
         return [(local, remote, nbytes)] if nbytes else []
     chunks = plan_chunks(nbytes, chunk_bytes)
     if capacity is None:

@@ -50,7 +50,7 @@ from ..errors import (
     TransferFailed,
 )
 from ..options import Options
-from ..planes.base import Announcement, DataPlane, Job
+from ..planes.base import NOTHING, Announcement, DataPlane, Job
 from ..planes.negotiate import Agreement, Link
 from ..planes.poller import poller
 from ..tensors import (
@@ -353,7 +353,7 @@ class Peer:
         # same holds for offering the source to a receiver that pulls: only once it is ready.
         payload = None
         pull_src = 0
-        offered = Announcement()
+        offered = NOTHING
         held = None
         if nbytes <= s.eager_threshold and (ready is None or nbytes == 0):
             payload = to_bytes(src) if ready is None else b""
