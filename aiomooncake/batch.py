@@ -71,7 +71,9 @@ class Batch:
         self._done = False
         # Counted by the peer's on_end calls, not by a callback per future: each of those costs a
         # loop-turn hop (~2 us an operation on the 2-core VM, 512 of them per EPLB exchange).
-        self._left = 0  # operations posted and not over
+        # Operations posted and not over. One may end before its post returns: the count then dips
+        # below its due for that moment, while nothing waits on it (wait() closes the batch first).
+        self._left = 0
         self._failed: asyncio.Future[Any] | None = None  # the first that failed (or was cancelled)
         self._wake: asyncio.Future[None] | None = None  # wait() sleeps on it
 
@@ -79,39 +81,25 @@ class Batch:
         """Post a send of ``tensor`` now; the future completes once its bytes are in the
         receiver's tensor (as :meth:`Peer.send` returns)."""
         self._check_open()
-        self._left += 1  # first: the operation may be over before the post returns
-        try:
-            posted = self._peer.post_send(tensor, tag, burst=True, on_end=self._ended)
-        except BaseException:
-            self._left -= 1
-            raise
-        self._sends.append(posted)
-        return posted.future
+        return self._counted(self._sends, self._peer.post_send(tensor, tag, burst=True, on_end=self._ended))
 
     def recv(self, tensor: torch.Tensor, tag: int = 0) -> asyncio.Future[torch.Tensor]:
         """Post a receive into ``tensor`` now (as :meth:`Peer.recv`); the future gives ``tensor``."""
         self._check_open()
-        self._left += 1
-        try:
-            posted = self._peer.post_recv(tensor, tag, burst=True, on_end=self._ended)
-        except BaseException:
-            self._left -= 1
-            raise
-        self._recvs.append(posted)
-        return posted.future
+        return self._counted(self._recvs, self._peer.post_recv(tensor, tag, burst=True, on_end=self._ended))
 
     def recv_tensor(self, tag: int = 0,
                     device: torch.device | str | None = None) -> asyncio.Future[torch.Tensor]:
         """Post a receive into a new tensor of the sender's shape and dtype (as
         :meth:`Peer.recv_tensor`); the future gives that tensor."""
         self._check_open()
+        return self._counted(self._recvs,
+                             self._peer.post_recv_tensor(tag, device, burst=True, on_end=self._ended))
+
+    def _counted(self, into: list[Posted], posted: Posted) -> asyncio.Future[Any]:
+        """Keep a posted operation and count it as not over until its ``_ended``."""
         self._left += 1
-        try:
-            posted = self._peer.post_recv_tensor(tag, device, burst=True, on_end=self._ended)
-        except BaseException:
-            self._left -= 1
-            raise
-        self._recvs.append(posted)
+        into.append(posted)
         return posted.future
 
     def _ended(self, posted: Posted) -> None:
