@@ -196,8 +196,6 @@ def _compile(arch: tuple[int, int]) -> bytes:
     _nv(nvrtc, err, "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture=sm_{arch[0]}{arch[1]}".encode(), b"-default-device"]
-        if os.environ.get("AIOMOONCAKE_KERNEL_LINEINFO"):
-            opts.append(b"-lineinfo")
         err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, n = nvrtc.nvrtcGetProgramLogSize(prog)
