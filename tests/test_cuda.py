@@ -250,6 +250,30 @@ async def test_receiver_orders_with_its_streams(either_peer: aiomooncake.Peer, n
     assert int(after) == 5 * nbytes
 
 
+@pytest.mark.parametrize("nbytes", [4096, 16 * MiB])
+async def test_a_batch_orders_on_the_stream_current_at_each_call(either_peer: aiomooncake.Peer,
+                                                                  nbytes: int) -> None:
+    """A batch is posted at the end of the loop turn, when another stream may be current: each
+    operation still orders on the stream that was current at its call (the send reads the bytes
+    its producer wrote there, the receive lands after the work queued there before it)."""
+    x = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    buf = torch.full((nbytes,), 1, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    b = either_peer.batch()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~100+ ms of GPU time before the fill runs
+        x.fill_(42)
+        before = buf.clone()  # queued behind the sleep: must still read the old bytes
+        b.send(x, tag=0)
+        b.recv(buf, tag=0)
+    await b.wait()  # posted (at the end of the turn) and done with the default stream current
+    side.synchronize()
+    torch.cuda.synchronize()
+    assert int(before.max()) == 1, "the remote wrote before the receiver's earlier work was done"
+    assert int(buf.min()) == 42 and int(buf.max()) == 42, "stale bytes went out"
+
+
 def _spy_inline(peer: aiomooncake.Peer) -> list[bool]:
     """Record, per send posted on ``peer``, whether it went inline (an EAGER frame with its bytes)."""
     session = peer._session

@@ -192,6 +192,10 @@ class DataPlane:
     def release(self, r: Region, pin: bool = False) -> None:
         """One user of ``r`` is done."""
 
+    def retain(self, r: Region) -> None:
+        """One more user of ``r``, which :meth:`acquire` handed out and nobody released yet: the
+        tensors of a burst that share one allocation look it up once (see ``peer.burst``)."""
+
     def prepare_local(self, t: torch.Tensor) -> Region:
         """Make ``t``'s memory usable by this process's own copies (the source of a write, the
         destination of a pull); :meth:`release` it after. Planes whose remote copies need nothing of
@@ -281,6 +285,11 @@ class Exposures:
             else:
                 r.inflight += 1
             return r
+
+    def retain(self, r: Region) -> None:
+        """One more transfer uses ``r`` (held by another one right now)."""
+        with self.lock:
+            r.inflight += 1
 
     def release(self, r: Region, pin: bool = False) -> None:
         """One user of ``r`` is done."""

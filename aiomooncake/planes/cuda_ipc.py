@@ -425,6 +425,10 @@ class CudaIpcPlane(DataPlane):
         if r is not base.NO_REGION:
             self._exposed.release(r, pin)
 
+    def retain(self, r: Region) -> None:
+        if r is not base.NO_REGION:
+            self._exposed.retain(r)
+
     def unpin(self, t: torch.Tensor) -> None:
         self._exposed.unpin(t)
 
