@@ -14,6 +14,8 @@ from aiomooncake.planes.base import DataPlane
 class Counting(DataPlane):
     """Exposes a storage whole (``per_tensor``: just the tensor's bytes), counting the calls."""
 
+    exposes = True
+
     def __init__(self, per_tensor: bool = False) -> None:
         super().__init__()
         self.per_tensor = per_tensor

@@ -22,15 +22,17 @@ from ..tensors import SETTLED, ReadyMark, current_stream, record_ready
 
 
 class Shared:
-    """The lookups the operations of one burst share (see the module docstring). Valid while the
-    burst is being posted: the tensors it holds keep their storages, hence their allocations,
-    alive; nothing of the caller's runs in between (the burst is posted in one go, on the loop)."""
+    """The lookups the operations of one burst share (see the module docstring), for as long as
+    the burst is being posted or its frames handled, in one go on the loop: nothing of the
+    caller's runs in between, and the tensors it looked up stay alive (it holds them)."""
 
     __slots__ = ("idle", "regions")
 
     def __init__(self) -> None:
         self.idle: dict[int, Any] = {}  # id(stream) -> the stream, found idle
-        self.regions: dict[tuple[int, int], Region] = {}  # (id(plane), storage address) -> region
+        # (id(plane), storage address) -> the region, and a tensor that keeps the storage alive
+        # meanwhile (so that its address cannot come back as another allocation's)
+        self.regions: dict[tuple[int, int], tuple[Region, torch.Tensor]] = {}
 
     def mark(self, t: torch.Tensor, stream: Any = None) -> ReadyMark | None:
         """:func:`~aiomooncake.tensors.record_ready`, asking the device only once per idle stream:
@@ -49,11 +51,13 @@ class Shared:
     def acquire(self, plane: DataPlane, t: torch.Tensor) -> Region:
         """``plane.acquire(t)``, or one more user of the region an earlier tensor of the same
         storage acquired, if that region covers ``t`` (a per-tensor region need not)."""
+        if not plane.exposes:
+            return plane.acquire(t)
         key = (id(plane), t.untyped_storage().data_ptr())
-        r = self.regions.get(key)
-        if r is not None and r.covers(t.data_ptr(), t.nbytes):
-            plane.retain(r)
-            return r
+        hit = self.regions.get(key)
+        if hit is not None and hit[0].covers(t.data_ptr(), t.nbytes):
+            plane.retain(hit[0])
+            return hit[0]
         r = plane.acquire(t)
-        self.regions[key] = r
+        self.regions[key] = (r, t)
         return r

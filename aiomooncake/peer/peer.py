@@ -111,6 +111,7 @@ class Peer:
         # burst posts waiting for the end of the loop turn (see post_send and _post_queued)
         self._queue: list[tuple[PendingSend | PendingRecv, str, int]] = []
         self._queue_due = False
+        self._shared: Shared | None = None  # while a burst's events are handled (see _flush)
         self._jobs: set[Job] = set()  # copies to or from the remote in flight from this peer
         self._gather = Gather(self._loop, self._jobs, self._gathered_done)
         self._planes = {id(link.plane): link for link in self._links.values()}
@@ -491,7 +492,11 @@ class Peer:
                 # end, so that nothing overtakes the rest of the burst
                 out, session.outbox = session.outbox, []
                 self._conn.send_many(out)
-        self._flush()
+        outer, self._shared = self._shared, shared  # the burst's matches reuse its lookups
+        try:
+            self._flush()
+        finally:
+            self._shared = outer
 
     def _withdraw_send(self, p: PendingSend) -> None:
         """The caller gave up on a send: abort it, or stop its copies (idempotent)."""
@@ -837,8 +842,9 @@ class Peer:
             work = p.work = torch.empty(work.shape, dtype=work.dtype)  # staged through host memory
         link = self._links[link_name]
         plane = link.plane
+        shared = self._shared
         try:
-            region = plane.acquire(work)
+            region = plane.acquire(work) if shared is None else shared.acquire(plane, work)
         except AiomooncakeError as e:
             self._session.refuse(op, e)
             return
@@ -933,8 +939,14 @@ class Peer:
                 self._conn.send_many(out)
             if s.events:
                 events, s.events = s.events, []
-                for ev in events:
-                    self._dispatch(ev)
+                outer = self._shared
+                if outer is None and len(events) > 1:  # a burst's: one lookup per allocation
+                    self._shared = Shared()
+                try:
+                    for ev in events:
+                        self._dispatch(ev)
+                finally:
+                    self._shared = outer
 
     def _dispatch(self, ev: object) -> None:
         t = type(ev)

@@ -164,6 +164,7 @@ class DataPlane:
 
     kind: str = ""
     in_order: bool = False  # copies from one thread complete in submission order per device lane
+    exposes: bool = False  # acquire() counts users of regions (else it hands out NO_REGION)
     segment: str = ""  # how the remote addresses this plane (sent in the handshake)
 
     def __init__(self) -> None:

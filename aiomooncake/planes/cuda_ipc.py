@@ -293,6 +293,7 @@ class CudaIpcPlane(DataPlane):
 
     kind = KIND
     in_order = True  # one stream per device: copies complete in submission order
+    exposes = True  # IPC exports, one per allocation segment
 
     def __init__(self) -> None:
         super().__init__()

@@ -106,6 +106,7 @@ def _has_rdma_hca() -> bool:
 class TePlane(DataPlane):
     """One TransferEngine instance serving every peer of this process that uses its transport."""
 
+    exposes = True  # registrations, one per allocation
 
     def __init__(self, kind: str, host: str) -> None:
         super().__init__()
