@@ -21,6 +21,7 @@ class Counting(DataPlane):
         self.per_tensor = per_tensor
         self.acquired: list[Region] = []
         self.retained: list[Region] = []
+        self.dropped: list[Region] = []  # trimmed meanwhile: retain() refuses them
 
     def acquire(self, t: torch.Tensor, pin: bool = False) -> Region:
         if self.per_tensor:
@@ -31,8 +32,11 @@ class Counting(DataPlane):
         self.acquired.append(r)
         return r
 
-    def retain(self, r: Region) -> None:
+    def retain(self, r: Region) -> bool:
+        if r in self.dropped:
+            return False
         self.retained.append(r)
+        return True
 
 
 def test_views_of_one_storage_acquire_it_once() -> None:
@@ -57,3 +61,13 @@ def test_a_region_that_does_not_cover_the_tensor_is_looked_up_anew() -> None:
 
 def test_host_tensors_have_no_stream_mark() -> None:
     assert Shared().mark(torch.zeros(4)) is None
+
+
+def test_a_region_dropped_meanwhile_is_acquired_again() -> None:
+    weights = torch.zeros(4, 256)
+    plane, shared = Counting(), Shared()
+    first = shared.acquire(plane, weights[0])
+    plane.dropped.append(first)  # e.g. trimmed by another thread while the burst was handled
+    again = shared.acquire(plane, weights[1])
+    assert again is not first and len(plane.acquired) == 2 and plane.retained == []
+    assert shared.acquire(plane, weights[2]) is again and plane.retained == [again]

@@ -46,6 +46,10 @@ class RegionCache:
             return r
         return None
 
+    def holds(self, region: Region) -> bool:
+        """Whether ``region`` itself is cached (not evicted or trimmed since it was found)."""
+        return self._regions.get(region.base) is region
+
     def overlapping(self, base: int, size: int) -> list[Region]:
         """Cached regions that overlap ``[base, base + size)``."""
         end = base + max(size, 1)

@@ -55,8 +55,7 @@ class Shared:
             return plane.acquire(t)
         key = (id(plane), t.untyped_storage().data_ptr())
         hit = self.regions.get(key)
-        if hit is not None and hit[0].covers(t.data_ptr(), t.nbytes):
-            plane.retain(hit[0])
+        if hit is not None and hit[0].covers(t.data_ptr(), t.nbytes) and plane.retain(hit[0]):
             return hit[0]
         r = plane.acquire(t)
         self.regions[key] = (r, t)

@@ -111,7 +111,8 @@ class Peer:
         # burst posts waiting for the end of the loop turn (see post_send and _post_queued)
         self._queue: list[tuple[PendingSend | PendingRecv, str, int]] = []
         self._queue_due = False
-        self._shared: Shared | None = None  # while a burst's events are handled (see _flush)
+        self._shared: Shared | None = None  # while a burst is posted or its frames handled
+        self._read_shared: Shared | None = None  # the one a socket read set up (see _read_begin)
         self._jobs: set[Job] = set()  # copies to or from the remote in flight from this peer
         self._gather = Gather(self._loop, self._jobs, self._gathered_done)
         self._planes = {id(link.plane): link for link in self._links.values()}
@@ -134,12 +135,13 @@ class Peer:
         batch_bytes = options.max_frame
         if isinstance(remote_cap, int) and remote_cap > 1024:
             batch_bytes = min(batch_bytes, remote_cap)
-        hooks = None
+        self._poller_hooks = None
         if any(link.plane.in_order for link in self._planes.values()):
             # The copies that the RTS and CTS frames of one socket read start go to their plane in
             # batches: on the NVLink transport about half the cost per request of lone submits.
             p = poller()
-            hooks = (p.hold, p.release)
+            self._poller_hooks = (p.hold, p.release)
+        hooks = (self._read_begin, self._read_end)
         conn.start(self._on_message, self._on_lost, options.heartbeat_interval, options.heartbeat_timeout,
                    Policy(busy=self._busy,
                           ack_now=not options.hold_acks or (isinstance(remote_busy, (int, float))
@@ -908,6 +910,21 @@ class Peer:
             plane.release(region)
 
     # ============================================================ plumbing
+    def _read_begin(self) -> None:
+        """A socket read brought several messages (a burst's frames): the receives they match look
+        up each allocation once (see :mod:`.burst`), and the plane takes their copies together."""
+        if self._poller_hooks is not None:
+            self._poller_hooks[0]()
+        if self._shared is None:
+            self._shared = self._read_shared = Shared()
+
+    def _read_end(self) -> None:
+        if self._read_shared is not None and self._shared is self._read_shared:
+            self._shared = None
+        self._read_shared = None
+        if self._poller_hooks is not None:
+            self._poller_hooks[1]()
+
     def _on_message(self, msg: Message) -> None:
         self._session.receive(msg)
         self._flush()

@@ -193,9 +193,11 @@ class DataPlane:
     def release(self, r: Region, pin: bool = False) -> None:
         """One user of ``r`` is done."""
 
-    def retain(self, r: Region) -> None:
-        """One more user of ``r``, which :meth:`acquire` handed out and nobody released yet: the
-        tensors of a burst that share one allocation look it up once (see ``peer.burst``)."""
+    def retain(self, r: Region) -> bool:
+        """One more user of ``r``, which :meth:`acquire` handed out (the tensors of a burst that
+        share one allocation look it up once: see ``peer.burst``); False, counting nothing, if the
+        plane dropped it meanwhile (then :meth:`acquire` again)."""
+        return True
 
     def prepare_local(self, t: torch.Tensor) -> Region:
         """Make ``t``'s memory usable by this process's own copies (the source of a write, the
@@ -287,10 +289,13 @@ class Exposures:
                 r.inflight += 1
             return r
 
-    def retain(self, r: Region) -> None:
-        """One more transfer uses ``r`` (held by another one right now)."""
+    def retain(self, r: Region) -> bool:
+        """One more transfer uses ``r``, if it is still cached (False: it was dropped meanwhile)."""
         with self.lock:
+            if not self.regions.holds(r):
+                return False
             r.inflight += 1
+            return True
 
     def release(self, r: Region, pin: bool = False) -> None:
         """One user of ``r`` is done."""

@@ -426,9 +426,8 @@ class CudaIpcPlane(DataPlane):
         if r is not base.NO_REGION:
             self._exposed.release(r, pin)
 
-    def retain(self, r: Region) -> None:
-        if r is not base.NO_REGION:
-            self._exposed.retain(r)
+    def retain(self, r: Region) -> bool:
+        return r is not base.NO_REGION and self._exposed.retain(r)
 
     def unpin(self, t: torch.Tensor) -> None:
         self._exposed.unpin(t)
