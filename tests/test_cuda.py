@@ -253,9 +253,9 @@ async def test_receiver_orders_with_its_streams(either_peer: aiomooncake.Peer, n
 @pytest.mark.parametrize("nbytes", [4096, 16 * MiB])
 async def test_a_batch_orders_on_the_stream_current_at_each_call(either_peer: aiomooncake.Peer,
                                                                   nbytes: int) -> None:
-    """A batch is posted at the end of the loop turn, when another stream may be current: each
-    operation still orders on the stream that was current at its call (the send reads the bytes
-    its producer wrote there, the receive lands after the work queued there before it)."""
+    """A batch's operations complete after the block left the stream they were posted on: each
+    still orders on the stream that was current at its call (the send reads the bytes its producer
+    wrote there, the receive lands after the work queued there before it)."""
     x = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
     buf = torch.full((nbytes,), 1, dtype=torch.uint8, device="cuda")
     side = torch.cuda.Stream()
@@ -267,7 +267,7 @@ async def test_a_batch_orders_on_the_stream_current_at_each_call(either_peer: ai
         before = buf.clone()  # queued behind the sleep: must still read the old bytes
         b.send(x, tag=0)
         b.recv(buf, tag=0)
-    await b.wait()  # posted (at the end of the turn) and done with the default stream current
+    await b.wait()  # the frames leave, and the copies run, with the default stream current
     side.synchronize()
     torch.cuda.synchronize()
     assert int(before.max()) == 1, "the remote wrote before the receiver's earlier work was done"

@@ -1,6 +1,5 @@
 """The lookups a burst's operations share (``aiomooncake.peer.burst.Shared``): one exposure per
-storage while it covers the tensor, one stream check per idle stream. CPU tensors and a counting
-plane; the CUDA half runs in the CUDA tests (a batch ordered on each call's stream)."""
+storage while it covers the tensor and the plane still caches it. CPU tensors, a counting plane."""
 
 from __future__ import annotations
 
@@ -57,10 +56,6 @@ def test_a_region_that_does_not_cover_the_tensor_is_looked_up_anew() -> None:
     assert shared.acquire(plane, weights[0]) is first and plane.retained == [first]
     second = shared.acquire(plane, weights[1])  # outside the first tensor's region
     assert second is not first and len(plane.acquired) == 2
-
-
-def test_host_tensors_have_no_stream_mark() -> None:
-    assert Shared().mark(torch.zeros(4)) is None
 
 
 def test_a_region_dropped_meanwhile_is_acquired_again() -> None:

@@ -506,8 +506,7 @@ async def test_a_receive_withdrawn_before_its_shared_job_starts_gets_no_byte() -
         await asyncio.sleep(0.05)
         dests = [torch.full((n,), 0xA5, dtype=torch.uint8) for n in sizes]
         posted = [b.post_recv(d, 4, burst=True) for d in dests]
-        # right after the burst is posted (at the end of this turn): matched, its pull queued
-        asyncio.get_running_loop().call_soon(posted[2].withdraw)
+        posted[2].withdraw()  # matched, its pull queued for the end of this turn
         futs = [p.future for p in posted] + [s.future for s in sends]
         results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
         await posted[2].cancel()
@@ -531,11 +530,7 @@ async def test_a_long_bursts_copies_start_a_group_at_a_time(monkeypatch: pytest.
         await asyncio.sleep(0.05)
         dests = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
         posted = [b.post_recv(d, 6, burst=True) for d in dests]
-        seen: list[list[int]] = []
-        # right after the burst is posted (at the end of this turn): two full groups started
-        asyncio.get_running_loop().call_soon(lambda: seen.append(list(calls)))
-        await asyncio.sleep(0)
-        assert seen == [[4, 4]], seen
+        assert calls == [4, 4], calls  # two full groups started while posting
         await asyncio.wait_for(asyncio.gather(*(p.future for p in posted), *(s.future for s in sends)), 30)
     assert calls == [4, 4, 2], calls
     assert all(same_bytes(d, s) for d, s in zip(dests, srcs, strict=True))

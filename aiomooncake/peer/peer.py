@@ -108,10 +108,10 @@ class Peer:
         self._staging = Staging(eager)
         self._closing = False
         self._flush_due = False
-        # burst posts waiting for the end of the loop turn (see post_send and _post_queued)
-        self._queue: list[tuple[PendingSend | PendingRecv, str, int]] = []
-        self._queue_due = False
-        self._shared: Shared | None = None  # while a burst is posted or its frames handled
+        # The exposure lookups that the operations of a burst share (see .burst): those of a
+        # burst's posts (until the end of the loop turn), of one socket read's messages, or of one
+        # round of the session's events, whichever set it up first.
+        self._shared: Shared | None = None
         self._read_shared: Shared | None = None  # the one a socket read set up (see _read_begin)
         self._jobs: set[Job] = set()  # copies to or from the remote in flight from this peer
         self._gather = Gather(self._loop, self._jobs, self._gathered_done)
@@ -222,16 +222,10 @@ class Peer:
         is done then, unless the caller cancelled it): an adapter that waits for hundreds of
         operations counts them there instead of paying a future callback, a loop-turn hop, for
         each (what :class:`~aiomooncake.Batch` and the torch backend do). It may run before
-        ``post_send`` returns; it must not raise.
-
-        A ``burst`` post is checked now (a bad argument raises here) and posted with the rest of
-        its burst at the end of the loop turn, in call order and before any later post on this
-        peer: the burst then looks up each stream and allocation once (see :mod:`.burst`). Its
-        CUDA bytes are read after the work queued on the stream by then (at the latest)."""
+        ``post_send`` returns; it must not raise."""
         if burst:
-            return self._queue_send(tensor, tag, stream, on_end)
-        if self._queue:
-            self._post_queued()
+            self._hold_frames(tensor.nbytes if isinstance(tensor, torch.Tensor) else 0)
+            self._lookups()  # the burst's sends look up each allocation once
         return self._post_send(tensor, tag, stream, on_end)
 
     def post_recv(self, tensor: torch.Tensor, tag: int = 0, *, burst: bool = False,
@@ -240,25 +234,20 @@ class Peer:
         """Post a receive into ``tensor`` now (as :meth:`recv`); await the handle for the tensor.
         ``stream`` (CUDA): the stream to order against instead of the current one (as for
         :meth:`post_send`; the copies that finish a staged receive go on it too). ``on_end``: as
-        for :meth:`post_send` (a withdrawn receive is over once no byte can land in it); so is
-        ``burst``."""
+        for :meth:`post_send` (a withdrawn receive is over once no byte can land in it)."""
         self._check_recv_dest(tensor)
         if burst:
-            return self._queue_recv(tensor, None, tag, stream, on_end)
-        if self._queue:
-            self._post_queued()
+            self._hold_frames(tensor.nbytes)
         return self._post_recv(tensor, None, tag, stream, on_end)
 
     def post_recv_tensor(self, tag: int = 0, device: torch.device | str | None = None, *,
                          burst: bool = False,
                          on_end: Callable[[PendingRecv], object] | None = None) -> PendingRecv:
         """Post a receive into a new tensor of the sender's shape and dtype (as :meth:`recv_tensor`)."""
-        dev = torch.device(device) if device is not None else None
         if burst:
-            return self._queue_recv(None, dev, tag, None, on_end)
-        if self._queue:
-            self._post_queued()
-        return self._post_recv(None, dev, tag, on_end=on_end)
+            self._hold_frames(0)
+        return self._post_recv(None, torch.device(device) if device is not None else None, tag,
+                               on_end=on_end)
 
     def batch(self, *, timeout: float | None = None) -> Batch:
         """Post many sends and receives together and wait for them together (``async with
@@ -287,14 +276,12 @@ class Peer:
     @property
     def pending(self) -> int:
         """Operations posted on this peer and not finished yet (diagnostics)."""
-        return self._session.pending + len(self._queue)
+        return self._session.pending
 
     async def close(self) -> None:
         """Close the connection; pending operations fail with PeerClosed. Idempotent."""
         if not self._closing:
             self._closing = True
-            if self._queue:  # (they fail with the connection, as if posted before the close)
-                self._post_queued()
             await self._stop_writing()
             self._conn.close(None, reason="the peer closed the connection")
         elif self._jobs:
@@ -361,21 +348,8 @@ class Peer:
     def _post_send(self, tensor: torch.Tensor, tag: int, stream: Any = None,
                    on_end: Callable[[PendingSend], object] | None = None) -> PendingSend:
         dev = self._check_tensor(tensor, "send")
-        p = PendingSend(self, self._loop.create_future(), tensor, None, None, on_end)
-        self._start_send(p, dev, tag, stream, None)
-        self._flush()
-        return p
-
-    def _start_send(self, p: PendingSend, dev: str, tag: int, stream: Any, shared: Shared | None) -> None:
-        """Post the send ``p`` holds (its tensor in ``p.src``); ``shared``: a burst's lookups."""
-        tensor = p.src
         src = tensor if tensor.is_contiguous() else tensor.contiguous()
-        if dev != "cuda":
-            ready = None
-        elif shared is None:
-            ready = record_ready(src, stream)
-        else:
-            ready = shared.mark(src, stream)
+        ready = record_ready(src, stream) if dev == "cuda" else None
         nbytes = src.nbytes
         s = self._session
         link = self._links.get(dev)
@@ -400,6 +374,7 @@ class Peer:
         elif link is not None and link.offers and (ready is None or _settled(ready)):
             ready = None
             plane = link.plane
+            shared = self._shared
             try:
                 region = plane.acquire(src) if shared is None else shared.acquire(plane, src)
             except AiomooncakeError as e:  # memory the plane cannot expose: the receiver asks us to write
@@ -407,6 +382,7 @@ class Peer:
             else:
                 held = (plane, region)
                 pull_src, offered = src.data_ptr(), plane.announce(region)
+        fut: asyncio.Future[None] = self._loop.create_future()
         if _trace.on:
             _trace.mark("send:post")
         if self._busy is not None:
@@ -420,93 +396,25 @@ class Peer:
             recycle(ready)
             raise
         gcpause.begin()  # counted once posted: _ended ends it, whatever happens next
-        p.src, p.ready, p.held = src, ready, held
+        p = PendingSend(self, fut, src, ready, held, on_end)
         op.context = p
         p.op = op
-
-    # ---------------------------------------------------------- burst posts
-    def _queue_send(self, tensor: torch.Tensor, tag: int, stream: Any,
-                    on_end: Callable[[PendingSend], object] | None) -> PendingSend:
-        """Check a burst's send now, post it at the end of the loop turn (see :meth:`post_send`)."""
-        dev = self._check_tensor(tensor, "send")
-        self._session.check_post(tag, tensor.dim())
-        if tensor.nbytes > tuning.HOLD_BYTES:
-            # Its copy outlasts the parsing of the rest of the burst: announce it at once, after what
-            # is queued (holding its RTS only idles the device).
-            self._post_queued()
-            self._conn.uncork_turn()
-            return self._post_send(tensor, tag, stream, on_end)
-        if dev == "cuda" and stream is None:  # the caller's current stream now, not the poster's later
-            stream = current_stream(tensor.get_device())
-        # (a copy made now, on that stream, after the work that produces the tensor)
-        src = tensor if tensor.is_contiguous() else tensor.contiguous()
-        p = PendingSend(self, self._loop.create_future(), src, None, None, on_end)
-        p.queued, p.stream = True, stream
-        self._enqueue(p, dev, tag)
+        self._flush()
         return p
 
-    def _queue_recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int, stream: Any,
-                    on_end: Callable[[PendingRecv], object] | None) -> PendingRecv:
-        """Check a burst's receive now (the caller checked ``dest``), post it at the end of the turn."""
-        self._session.check_post(tag)
-        if dest is not None and dest.nbytes > tuning.HOLD_BYTES:
-            self._post_queued()
+    def _hold_frames(self, nbytes: int) -> None:
+        """Before posting one operation of a burst (``Peer.batch``, a ``batch_isend_irecv``): its
+        frames wait for the end of this loop turn and leave with the rest of the burst, in one
+        write; the remote then handles them in one read and submits their copies together. A
+        message above ``tuning.HOLD_BYTES`` is announced at once, with what is queued: its copy
+        outlasts the burst's parsing, and holding its RTS only idles the device."""
+        if nbytes <= tuning.HOLD_BYTES:
+            self._conn.cork_turn()
+        else:
             self._conn.uncork_turn()
-            return self._post_recv(dest, device, tag, stream, on_end)
-        if stream is None and dest is not None and dest.is_cuda:  # the caller's current stream now
-            stream = current_stream(dest.get_device())
-        p = PendingRecv(self, self._loop.create_future(), dest, device, None, stream, on_end)
-        p.queued = True
-        self._enqueue(p, "", tag)
-        return p
-
-    def _enqueue(self, p: PendingSend | PendingRecv, dev: str, tag: int) -> None:
-        if not self._queue_due:
-            self._queue_due = True
-            self._loop.call_soon(self._post_queued)
-            self._conn.cork_turn()  # the burst's frames and the rest of the turn's leave together
-        self._queue.append((p, dev, tag))
-
-    def _post_queued(self) -> None:
-        """Post the queued burst, in call order, with one lookup per stream and allocation, and
-        its frames in writes of ``tuning.CORK_FRAMES`` (the remote starts on the head while the
-        rest is posted). What was withdrawn meanwhile is skipped; a post that fails now (the
-        connection closed meanwhile) fails its handle."""
-        self._queue_due = False
-        queue, self._queue = self._queue, []
-        session = self._session
-        shared = Shared()
-        for n, (p, dev, tag) in enumerate(queue, 1):
-            if not p.queued:
-                continue  # withdrawn while queued: over already
-            p.queued = False
-            try:
-                if isinstance(p, PendingSend):
-                    self._start_send(p, dev, tag, p.stream, shared)
-                else:
-                    self._start_recv(p, tag, shared)
-            except Exception as e:
-                _set_exc(p.future, e if isinstance(e, AiomooncakeError)
-                         else TransferFailed(f"could not post the operation: {type(e).__name__}: {e}"))
-                _end_unposted(p)
-            if n % tuning.CORK_FRAMES == 0 and session.outbox:
-                # frames only: events (and the callbacks they run, which may post) wait for the
-                # end, so that nothing overtakes the rest of the burst
-                out, session.outbox = session.outbox, []
-                self._conn.send_many(out)
-        outer, self._shared = self._shared, shared  # the burst's matches reuse its lookups
-        try:
-            self._flush()
-        finally:
-            self._shared = outer
 
     def _withdraw_send(self, p: PendingSend) -> None:
         """The caller gave up on a send: abort it, or stop its copies (idempotent)."""
-        if p.queued:  # not posted yet: over now
-            p.queued = False
-            _set_exc(p.future, TransferCancelled("the send was withdrawn before it was posted"))
-            _end_unposted(p)
-            return
         if p.op is None:  # it is over
             return
         if self._session.cancel_send(p.op):
@@ -640,23 +548,16 @@ class Peer:
     def _post_recv(self, dest: torch.Tensor | None, device: torch.device | None, tag: int,
                    stream: Any = None, on_end: Callable[[PendingRecv], object] | None = None) -> PendingRecv:
         """Post a receive now (no task, no await); ``dest`` was checked by the caller."""
-        p = PendingRecv(self, self._loop.create_future(), dest, device, None, stream, on_end)
-        self._start_recv(p, tag, None)
-        self._flush()
-        return p
-
-    def _start_recv(self, p: PendingRecv, tag: int, shared: Shared | None) -> None:
-        """Post the receive ``p`` describes; ``shared``: a burst's lookups."""
-        dest = p.dest
         if dest is None:
-            spec, ready, p.stream = _ANY, None, None
+            spec, ready, stream = _ANY, None, None
         elif dest.is_cpu:
-            spec, ready, p.stream = RecvSpec(dtype_name(dest.dtype), dest.numel()), None, None
+            spec, ready, stream = RecvSpec(dtype_name(dest.dtype), dest.numel()), None, None
         else:
             spec = RecvSpec(dtype_name(dest.dtype), dest.numel())
-            if p.stream is None:
-                p.stream = current_stream(dest.get_device())
-            ready = record_ready(dest, p.stream) if shared is None else shared.mark(dest, p.stream)
+            if stream is None:
+                stream = current_stream(dest.get_device())
+            ready = record_ready(dest, stream)
+        p = PendingRecv(self, self._loop.create_future(), dest, device, ready, stream, on_end)
         if _trace.on:
             _trace.mark("recv:post")
         if self._busy is not None:
@@ -668,19 +569,14 @@ class Peer:
         except BaseException:
             recycle(ready)
             raise
-        p.ready = ready
         op.context = p
         p.op = op
-        gcpause.begin()  # counted once posted (see _start_send)
+        gcpause.begin()  # counted once posted (see _post_send)
+        self._flush()
+        return p
 
     def _withdraw_recv(self, p: PendingRecv) -> None:
         """Withdraw a receive (no await, idempotent): see :meth:`PendingRecv.withdraw`."""
-        if p.queued:  # not posted yet: over now
-            p.queued = False
-            p.withdrawn = True
-            p.future.cancel()
-            _end_unposted(p)
-            return
         if p.withdrawn or p.op is None or (p.future.done() and not p.future.cancelled()):
             return
         p.withdrawn = True
@@ -910,6 +806,16 @@ class Peer:
             plane.release(region)
 
     # ============================================================ plumbing
+    def _lookups(self) -> None:
+        """Share exposure lookups until the end of this loop turn (a burst is being posted)."""
+        if self._shared is None:
+            shared = self._shared = Shared()
+            self._loop.call_soon(self._drop_lookups, shared)
+
+    def _drop_lookups(self, shared: Shared) -> None:
+        if self._shared is shared:
+            self._shared = None
+
     def _read_begin(self) -> None:
         """A socket read brought several messages (a burst's frames): the receives they match look
         up each allocation once (see :mod:`.burst`), and the plane takes their copies together."""
@@ -956,14 +862,17 @@ class Peer:
                 self._conn.send_many(out)
             if s.events:
                 events, s.events = s.events, []
-                outer = self._shared
-                if outer is None and len(events) > 1:  # a burst's: one lookup per allocation
-                    self._shared = Shared()
+                if self._shared is not None or len(events) == 1:
+                    for ev in events:
+                        self._dispatch(ev)
+                    continue
+                shared = self._shared = Shared()  # a burst's matches: one lookup per allocation
                 try:
                     for ev in events:
                         self._dispatch(ev)
                 finally:
-                    self._shared = outer
+                    if self._shared is shared:
+                        self._shared = None
 
     def _dispatch(self, ev: object) -> None:
         t = type(ev)
@@ -1093,15 +1002,6 @@ async def _ready(p: PendingSend | PendingRecv) -> None:
     await wait_event(ev)
     p.ready = None
     recycle(ev)
-
-
-def _end_unposted(p: PendingSend | PendingRecv) -> None:
-    """A burst's operation ended before it was posted (withdrawn, or its post failed): its
-    ``on_end`` runs (no collector pause was counted for it)."""
-    cb = p.on_end
-    if cb is not None:
-        p.on_end = None
-        cb(p)  # type: ignore[arg-type]
 
 
 def _drop_held(p: PendingSend) -> None:

@@ -37,8 +37,7 @@ class Owner(Protocol):
 class PendingSend:
     """A posted send: awaiting it returns once its bytes are in the receiver's tensor (or raises)."""
 
-    __slots__ = ("future", "held", "job", "on_end", "op", "peer", "queued", "ready", "retries", "src", "stop",
-                 "stream")
+    __slots__ = ("future", "held", "job", "on_end", "op", "peer", "ready", "retries", "src", "stop")
 
     def __init__(self, peer: Owner, future: asyncio.Future[None], src: torch.Tensor,
                  ready: ReadyMark | None, held: tuple[DataPlane, Region] | None,
@@ -53,8 +52,6 @@ class PendingSend:
         self.job: Job | None = None
         self.stop = False
         self.retries = 0
-        self.queued = False  # a burst's post waiting for the end of the loop turn (Peer._post_queued)
-        self.stream: Any = None  # while queued: the stream to order against (None: the current one)
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.future.__await__()
@@ -78,8 +75,8 @@ class PendingSend:
 class PendingRecv:
     """A posted receive: awaiting it gives the filled tensor (or raises)."""
 
-    __slots__ = ("dest", "device", "device_work", "future", "on_end", "op", "peer", "pull", "queued",
-                 "ready", "region", "released", "stream", "withdrawn", "work")
+    __slots__ = ("dest", "device", "device_work", "future", "on_end", "op", "peer", "pull", "ready",
+                 "region", "released", "stream", "withdrawn", "work")
 
     def __init__(self, peer: Owner, future: asyncio.Future[torch.Tensor], dest: torch.Tensor | None,
                  device: torch.device | None, ready: ReadyMark | None, stream: Any,
@@ -98,7 +95,6 @@ class PendingRecv:
         self.released: asyncio.Future[None] | None = None
         self.pull: Job | None = None  # a pull into ``work`` still copying
         self.withdrawn = False
-        self.queued = False  # a burst's post waiting for the end of the loop turn (Peer._post_queued)
 
     def __await__(self) -> Generator[Any, None, torch.Tensor]:
         return self.wait().__await__()
