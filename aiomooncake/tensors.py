@@ -53,13 +53,6 @@ def to_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
-# ctypes.memmove releases the GIL for the call; for the few bytes of an eager payload that only
-# invites another thread in, and getting the GIL back can take up to the switch interval (5 ms)
-# while that thread runs. This one keeps it.
-_memmove_held = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
-    ctypes.cast(ctypes.memmove, ctypes.c_void_p).value or 0)
-
-
 def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
     """Copy an eager payload into a contiguous destination (CPU: one memcpy). CUDA: queued on the
     current stream, without waiting for it; the driver stages the host bytes before returning."""
@@ -68,7 +61,7 @@ def fill_from_bytes(dest: torch.Tensor, data: bytes) -> None:
     if dest.is_cpu:
         if len(data) != dest.nbytes:
             raise ValueError("payload size differs from the destination's")
-        _memmove_held(dest.data_ptr(), data, len(data))
+        ctypes.memmove(dest.data_ptr(), data, len(data))
         return
     src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     byte_view(dest).copy_(src, non_blocking=True)

@@ -213,9 +213,9 @@ def slow_pulls(monkeypatch: pytest.MonkeyPatch, delay: float) -> list[float]:
     landed: list[float] = []
     real = shm.copy_from
 
-    def slow(pid: int, src: int, dst: int, n: int, held: bool = False) -> None:
+    def slow(pid: int, src: int, dst: int, n: int) -> None:
         time.sleep(delay)
-        real(pid, src, dst, n, held)
+        real(pid, src, dst, n)
         landed.append(time.monotonic())
 
     monkeypatch.setattr(shm, "copy_from", slow)
@@ -259,7 +259,7 @@ async def test_eperm_fails_the_send_with_advice(monkeypatch: pytest.MonkeyPatch,
     """If the kernel refuses the copies at run time (an LSM, changed credentials), the receiver's
     pull falls back to the sender's write, which fails with TransferFailed naming the way out (and a
     logged warning); the receive fails, its destination untouched."""
-    def refuse(pid: int, src: int, dst: int, n: int, held: bool = False) -> None:
+    def refuse(pid: int, src: int, dst: int, n: int) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(shm, "copy_to", refuse)

@@ -63,10 +63,6 @@ class _Sys:
     writev: Any
     readv: Any
     prctl: Any
-    # the same two calls keeping the GIL: for the loop's own small copies, where letting another
-    # thread in costs more than the copy (getting the GIL back can take up to the switch interval)
-    writev_held: Any = None
-    readv_held: Any = None
 
 
 _sys: _Sys | None = None
@@ -80,19 +76,17 @@ def _syscalls() -> _Sys:
     global _sys
     if _sys is None:
         libc = ctypes.CDLL(None, use_errno=True)
-        held = ctypes.PyDLL(None, use_errno=True)
         fns = []
-        for lib in (libc, held):
-            for name in ("process_vm_writev", "process_vm_readv"):
-                fn = lib[name]
-                fn.restype = ctypes.c_ssize_t
-                fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-                               ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
-                fns.append(fn)
+        for name in ("process_vm_writev", "process_vm_readv"):
+            fn = libc[name]
+            fn.restype = ctypes.c_ssize_t
+            fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                           ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
+            fns.append(fn)
         prctl = libc["prctl"]
         prctl.restype = ctypes.c_int
         prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _sys = _Sys(fns[0], fns[1], prctl, fns[2], fns[3])
+        _sys = _Sys(fns[0], fns[1], prctl)
     return _sys
 
 
@@ -111,21 +105,14 @@ def _rw(fn: Any, pid: int, local: int, remote: int, n: int) -> None:
         done += k
 
 
-_HELD_BYTES = 64 * 1024  # the loop's copies up to this size keep the GIL (a few microseconds)
+def copy_to(pid: int, src: int, dst: int, n: int) -> None:
+    """Copy ``n`` bytes from ``src`` in this process to ``dst`` in process ``pid`` (blocking)."""
+    _rw(_syscalls().writev, pid, src, dst, n)
 
 
-def copy_to(pid: int, src: int, dst: int, n: int, held: bool = False) -> None:
-    """Copy ``n`` bytes from ``src`` in this process to ``dst`` in process ``pid`` (blocking;
-    ``held``: keeping the GIL, for a small copy on the loop)."""
-    s = _syscalls()
-    _rw(s.writev_held if held else s.writev, pid, src, dst, n)
-
-
-def copy_from(pid: int, src: int, dst: int, n: int, held: bool = False) -> None:
-    """Copy ``n`` bytes from ``src`` in process ``pid`` to ``dst`` in this process (blocking;
-    ``held`` as for :func:`copy_to`)."""
-    s = _syscalls()
-    _rw(s.readv_held if held else s.readv, pid, dst, src, n)
+def copy_from(pid: int, src: int, dst: int, n: int) -> None:
+    """Copy ``n`` bytes from ``src`` in process ``pid`` to ``dst`` in this process (blocking)."""
+    _rw(_syscalls().readv, pid, dst, src, n)
 
 
 def unavailable() -> str | None:
@@ -274,9 +261,7 @@ class ShmPlane(DataPlane):
         if total <= tuning.SHM_INLINE_BYTES:
             try:
                 for src, dst, n in job.pieces:
-                    # on the loop: a small copy keeps the GIL (see _Sys); a longer one lets other
-                    # threads (a torch caller posting) run meanwhile
-                    copy(job.pid, src, dst, n, n <= _HELD_BYTES)
+                    copy(job.pid, src, dst, n)
                     job.copies += 1
             except OSError as e:
                 job.error = _explain(e, job.pid)
