@@ -213,7 +213,11 @@ class Session:
         A rendezvous may offer ``src``, the source's address, for the receiver to pull from (a
         same-host link; over the engine with the sender's registration ``epoch`` and ``gen``): it
         then answers with ACK (pulled) or, as usual, CTS or NACK."""
-        self.check_post(tag, len(shape))
+        self._check_open()
+        _check_tag(tag)
+        if len(shape) > MAX_SHAPE_DIMS:
+            raise ConfigurationError(f"cannot send a tensor of {len(shape)} dimensions; the protocol "
+                                     f"carries at most {MAX_SHAPE_DIMS}")
         eager = payload is not None
         if payload is not None and len(payload) != nbytes:
             raise ValueError("eager payload length differs from nbytes")
@@ -227,16 +231,6 @@ class Session:
             self.outbox.append(Rts(op.id, tag, dtype, shape, nbytes, device, op.src, epoch, gen,
                                    desc if op.src else b""))
         return op
-
-    def check_post(self, tag: int, ndim: int = 0) -> None:
-        """Raise what :meth:`post_send` (of a tensor of ``ndim`` dimensions) or :meth:`post_recv`
-        would raise for these arguments now: an adapter that posts later (a burst, at the end of
-        its loop turn) still refuses a bad call at once."""
-        self._check_open()
-        _check_tag(tag)
-        if ndim > MAX_SHAPE_DIMS:
-            raise ConfigurationError(f"cannot send a tensor of {ndim} dimensions; the protocol "
-                                     f"carries at most {MAX_SHAPE_DIMS}")
 
     def is_eager(self, nbytes: int) -> bool:
         return nbytes <= self.eager_threshold

@@ -109,8 +109,8 @@ class Peer:
         self._closing = False
         self._flush_due = False
         # The exposure lookups that the operations of a burst share (see .burst): those of a
-        # burst's posts (until the end of the loop turn), of one socket read's messages, or of one
-        # round of the session's events, whichever set it up first.
+        # burst's posts (until the end of the loop turn) or of one socket read's messages,
+        # whichever set it up first.
         self._shared: Shared | None = None
         self._read_shared: Shared | None = None  # the one a socket read set up (see _read_begin)
         self._jobs: set[Job] = set()  # copies to or from the remote in flight from this peer
@@ -862,17 +862,8 @@ class Peer:
                 self._conn.send_many(out)
             if s.events:
                 events, s.events = s.events, []
-                if self._shared is not None or len(events) == 1:
-                    for ev in events:
-                        self._dispatch(ev)
-                    continue
-                shared = self._shared = Shared()  # a burst's matches: one lookup per allocation
-                try:
-                    for ev in events:
-                        self._dispatch(ev)
-                finally:
-                    if self._shared is shared:
-                        self._shared = None
+                for ev in events:
+                    self._dispatch(ev)
 
     def _dispatch(self, ev: object) -> None:
         t = type(ev)

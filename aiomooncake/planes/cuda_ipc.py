@@ -427,7 +427,7 @@ class CudaIpcPlane(DataPlane):
             self._exposed.release(r, pin)
 
     def retain(self, r: Region) -> bool:
-        return r is not base.NO_REGION and self._exposed.retain(r)
+        return self._exposed.retain(r)  # (NO_REGION is never cached: False)
 
     def unpin(self, t: torch.Tensor) -> None:
         self._exposed.unpin(t)
